@@ -1,0 +1,211 @@
+//! The commands that travel through the Raft log and the outcomes of applying them.
+//!
+//! Commands are decided at apply time, not when they are proposed: that is what keeps
+//! optimistic concurrency and idempotency correct across leader changes and retries
+//! (SPEC §3, "The append path"). Everything a command needs that is not deterministic
+//! (event ids the client left out, the creation timestamp) is filled in by the leader
+//! before proposing.
+
+use serde::{Deserialize, Serialize};
+
+/// One Raft entry's worth of application commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Appends batched by the leader's group commit: applied in order, each decided alone.
+    Appends(Vec<AppendCommand>),
+}
+
+/// The expected version of an append (SPEC §3 item 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedVersion {
+    Any,
+    NoStream,
+    StreamExists,
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream whose last version is `head` (None = no stream) satisfies this.
+    pub fn admits(self, head: Option<u64>) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => head.is_none(),
+            ExpectedVersion::StreamExists => head.is_some(),
+            ExpectedVersion::Exact(version) => head == Some(version),
+        }
+    }
+
+    /// Where an idempotent replay of events first written at `first_version` must have put
+    /// them for this expectation: an exact expectation pins the place, the others do not.
+    pub fn admits_replay_at(self, first_version: u64) -> bool {
+        match self {
+            ExpectedVersion::Any | ExpectedVersion::StreamExists => true,
+            ExpectedVersion::NoStream => first_version == 0,
+            ExpectedVersion::Exact(version) => version.checked_add(1) == Some(first_version),
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no_stream"),
+            ExpectedVersion::StreamExists => f.write_str("stream_exists"),
+            ExpectedVersion::Exact(version) => write!(f, "{version}"),
+        }
+    }
+}
+
+/// An event as proposed, already validated and with its id fixed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub id: [u8; 16],
+    pub event_type: String,
+    pub content_type: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub data: Vec<u8>,
+    #[serde(with = "serde_bytes_compat")]
+    pub metadata: Vec<u8>,
+}
+
+/// One client append.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendCommand {
+    pub stream: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    /// Chosen by the leader when proposing, so every node stores the same value.
+    pub created_unix_ms: i64,
+}
+
+/// What an append wrote (or, for an idempotent replay, had written before).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendSuccess {
+    pub first_version: u64,
+    pub last_version: u64,
+    pub first_position: u64,
+    pub last_position: u64,
+    pub idempotent_replay: bool,
+}
+
+/// Why an append wrote nothing. Definite failures: retrying unchanged gives the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum AppendFailure {
+    #[error("wrong expected version: stream=`{stream}` expected=`{expected}` actual=`{}`", display_head(*.actual))]
+    WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual: Option<u64> },
+    #[error("idempotency conflict: {reason} stream=`{stream}` event_id=`{event_id}`")]
+    IdempotencyConflict { stream: String, event_id: String, reason: String },
+}
+
+fn display_head(head: Option<u64>) -> String {
+    head.map_or_else(|| "no_stream".to_string(), |v| v.to_string())
+}
+
+pub type AppendOutcome = Result<AppendSuccess, AppendFailure>;
+
+/// An applied event as stored under its position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub id: [u8; 16],
+    pub stream: String,
+    pub version: u64,
+    pub position: u64,
+    pub event_type: String,
+    pub content_type: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub data: Vec<u8>,
+    #[serde(with = "serde_bytes_compat")]
+    pub metadata: Vec<u8>,
+    pub created_unix_ms: i64,
+}
+
+impl StoredEvent {
+    /// Whether this stored event is the same event as `proposed` (for idempotent replays).
+    pub fn same_content_as(&self, proposed: &NewEvent) -> bool {
+        self.id == proposed.id
+            && self.event_type == proposed.event_type
+            && self.content_type == proposed.content_type
+            && self.data == proposed.data
+            && self.metadata == proposed.metadata
+    }
+}
+
+/// Byte vectors as one length-prefixed blob (bincode writes `Vec<u8>` element by element
+/// otherwise, which is several times slower to encode and decode).
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_version_admits_heads() {
+        assert!(ExpectedVersion::Any.admits(None));
+        assert!(ExpectedVersion::Any.admits(Some(3)));
+        assert!(ExpectedVersion::NoStream.admits(None));
+        assert!(!ExpectedVersion::NoStream.admits(Some(0)));
+        assert!(ExpectedVersion::StreamExists.admits(Some(0)));
+        assert!(!ExpectedVersion::StreamExists.admits(None));
+        assert!(ExpectedVersion::Exact(4).admits(Some(4)));
+        assert!(!ExpectedVersion::Exact(4).admits(Some(5)));
+        assert!(!ExpectedVersion::Exact(0).admits(None));
+    }
+
+    #[test]
+    fn replay_placement_follows_the_expectation() {
+        assert!(ExpectedVersion::NoStream.admits_replay_at(0));
+        assert!(!ExpectedVersion::NoStream.admits_replay_at(1));
+        assert!(ExpectedVersion::Exact(4).admits_replay_at(5));
+        assert!(!ExpectedVersion::Exact(4).admits_replay_at(4));
+        assert!(!ExpectedVersion::Exact(u64::MAX).admits_replay_at(0));
+        assert!(ExpectedVersion::Any.admits_replay_at(17));
+    }
+
+    #[test]
+    fn stored_event_round_trips_through_bincode() {
+        let event = StoredEvent {
+            id: [7; 16],
+            stream: "orders-1".into(),
+            version: 3,
+            position: 99,
+            event_type: "OrderPlaced".into(),
+            content_type: "application/json".into(),
+            data: b"{\"a\":1}".to_vec(),
+            metadata: vec![],
+            created_unix_ms: 1_700_000_000_000,
+        };
+        let bytes = bincode::serialize(&event).unwrap();
+        assert_eq!(bincode::deserialize::<StoredEvent>(&bytes).unwrap(), event);
+    }
+}

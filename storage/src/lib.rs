@@ -1,0 +1,47 @@
+//! Strata's local store: bytes on disk, on sled.
+//!
+//! Two parts share one sled database in the node's data dir:
+//! - [`RaftLogStore`]: the Raft log and the small Raft metadata (vote, committed, purged,
+//!   current snapshot), stored as opaque checksummed bytes. It knows nothing of openraft;
+//!   `strata-raft` adapts it. [`RaftLogStore::flush`] is the durability point: an fsync.
+//! - [`EventState`]: the applied state (events by position, the stream index
+//!   `(stream, version) → position`, the event-id index, stream heads) and the
+//!   deterministic apply of append commands, which decides optimistic concurrency and
+//!   idempotency. Every node applies the same commands in the same order and gets the
+//!   same state.
+//!
+//! Every stored value is a [`record`]: a CRC32C over key and payload, verified on every
+//! read; a mismatch is [`StorageError::Corrupt`], never a silently wrong answer.
+
+mod command;
+mod error;
+mod keys;
+mod log_store;
+mod record;
+mod snapshot;
+mod state;
+
+pub use command::{
+    AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, ExpectedVersion, NewEvent,
+    StoredEvent,
+};
+pub use error::StorageError;
+pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
+pub use snapshot::{verify_snapshot, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
+pub use state::{EventState, ReadAllOptions, StreamHead};
+
+use std::path::Path;
+
+/// Memory sled may use for its page cache. Sized for a small node: the hot tier is small.
+pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Opens (or creates) the node's sled database under `data_dir/sled`.
+pub fn open_database(data_dir: &Path) -> Result<sled::Db, StorageError> {
+    std::fs::create_dir_all(data_dir)?;
+    let db = sled::Config::new()
+        .path(data_dir.join("sled"))
+        .cache_capacity(SLED_CACHE_BYTES)
+        .mode(sled::Mode::HighThroughput)
+        .open()?;
+    Ok(db)
+}
