@@ -1,1 +1,62 @@
+//! Agreement: openraft wired onto Strata's storage and a tonic transport.
+//!
+//! - [`TypeConfig`]: the one openraft type declaration (aliases below hide the generics);
+//! - [`LogStore`] / [`StateMachine`]: openraft's storage traits over `strata-storage`;
+//! - [`Network`]: openraft's network over the internal `RaftTransport` gRPC service, which
+//!   [`RaftTransportService`] serves;
+//! - [`raft_config`]: timing and snapshot settings, as named constants.
 
+mod codec;
+mod config;
+mod log_store;
+mod network;
+mod state_machine;
+mod transport_service;
+
+pub use config::{
+    raft_config, ELECTION_TIMEOUT_MS_MAX, ELECTION_TIMEOUT_MS_MIN, HEARTBEAT_INTERVAL_MS, RAFT_RPC_MESSAGE_BYTES_MAX,
+    SNAPSHOT_LOGS_SINCE_LAST, SNAPSHOT_CHUNK_BYTES,
+};
+pub use log_store::LogStore;
+pub use network::{Network, PeerChannels};
+pub use state_machine::{AppliedWatch, SnapshotFile, StateMachine};
+pub use transport_service::RaftTransportService;
+
+use std::io::Cursor;
+
+use strata_storage::{AppendOutcome, Command};
+
+openraft::declare_raft_types!(
+    /// Strata's openraft types: commands are append batches, nodes are gRPC addresses.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = openraft::impls::BasicNode,
+);
+
+// Cursor is only named to keep the macro's default SnapshotData import quiet.
+#[allow(dead_code)]
+type UnusedCursor = Cursor<Vec<u8>>;
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type Membership = openraft::Membership<NodeId, openraft::impls::BasicNode>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub type Snapshot = openraft::Snapshot<
+    <openraft::alias::LeaderIdOf<TypeConfig> as openraft::vote::RaftLeaderId>::Committed,
+    NodeId,
+    openraft::impls::BasicNode,
+    SnapshotFile,
+>;
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+
+/// The result of applying one entry: one outcome per append, in the entry's order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommandResponse {
+    pub outcomes: Vec<AppendOutcome>,
+}

@@ -1,0 +1,212 @@
+//! openraft's network: Raft RPCs to peers over the internal `RaftTransport` gRPC service.
+//!
+//! Messages are bincode inside protobuf bytes. Snapshots stream from their file in
+//! [`SNAPSHOT_CHUNK_BYTES`] chunks, so memory stays bounded whatever the snapshot size.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::impls::BasicNode;
+use openraft::OptionalSend;
+use openraft::type_config::TypeConfigExt;
+use strata_proto::v1::raft::raft_transport_client::RaftTransportClient;
+use strata_proto::v1::raft::{RaftMessage, SnapshotChunk};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::codec::{decode, encode};
+use crate::config::{RAFT_RPC_MESSAGE_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
+use crate::{NodeId, Snapshot, SnapshotFile, TypeConfig, Vote};
+
+/// How long a connection attempt to a peer may take before it counts as unreachable.
+pub const PEER_CONNECT_TIMEOUT_MS: u64 = 500;
+/// Snapshot chunks queued towards the transport: one being sent, one being read.
+const SNAPSHOT_CHUNKS_IN_FLIGHT_MAX: usize = 2;
+
+/// Lazily connected gRPC channels by peer address, shared by Raft and request forwarding.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    /// The channel to `addr` (host:port), created on first use; reconnects by itself.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().expect("peer channel map is never poisoned");
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Creates one [`Connection`] per peer for openraft.
+#[derive(Clone)]
+pub struct Network {
+    channels: PeerChannels,
+}
+
+impl Network {
+    pub fn new(channels: PeerChannels) -> Self {
+        Self { channels }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        Connection { target, addr: node.addr.clone(), channels: self.channels.clone() }
+    }
+}
+
+/// Raft RPCs towards one peer.
+pub struct Connection {
+    target: NodeId,
+    addr: String,
+    channels: PeerChannels,
+}
+
+type RpcError = RPCError<TypeConfig>;
+
+impl Connection {
+    fn client(&self) -> Result<RaftTransportClient<Channel>, RpcError> {
+        let channel = self.channels.get(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        Ok(RaftTransportClient::new(channel)
+            .max_decoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX))
+    }
+
+    fn request(&self, payload: Vec<u8>, option: &RPCOption) -> tonic::Request<RaftMessage> {
+        let mut request = tonic::Request::new(RaftMessage { payload });
+        request.set_timeout(option.hard_ttl());
+        request
+    }
+}
+
+/// A transport failure: unreachable when no connection could be made (openraft backs off),
+/// a network error otherwise (it retries at once).
+fn status_error(target: NodeId, status: tonic::Status) -> RpcError {
+    tracing::debug!(target_node = target, error = %status, "raft rpc failed");
+    match status.code() {
+        tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+fn decode_reply<T: serde::de::DeserializeOwned>(what: &str, reply: tonic::Response<RaftMessage>) -> Result<T, RpcError> {
+    decode(what, &reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
+
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RpcError> {
+        let request = self.request(encode(&rpc), &option);
+        let reply = self.client()?.append_entries(request).await.map_err(|s| status_error(self.target, s))?;
+        decode_reply("append entries response", reply)
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RpcError> {
+        let request = self.request(encode(&rpc), &option);
+        let reply = self.client()?.vote(request).await.map_err(|s| status_error(self.target, s))?;
+        decode_reply("vote response", reply)
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RpcError> {
+        let request = self.request(encode(&rpc), &option);
+        let reply = self.client()?.pre_vote(request).await.map_err(|s| status_error(self.target, s))?;
+        decode_reply("pre-vote response", reply)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RpcError> {
+        let request = self.request(encode(&req), &option);
+        let reply = self.client()?.transfer_leader(request).await.map_err(|s| status_error(self.target, s))?;
+        decode_reply("transfer leader response", reply)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client().map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::new(&other)),
+        })?;
+        let mut file = tokio::fs::File::open(&snapshot.snapshot.path).await.map_err(|e| {
+            StreamingError::StorageError(openraft::StorageError::read_snapshot(None, TypeConfig::err_from_error(&e)))
+        })?;
+        let (chunks, outgoing) = tokio::sync::mpsc::channel::<SnapshotChunk>(SNAPSHOT_CHUNKS_IN_FLIGHT_MAX);
+        let meta = encode(&(vote, snapshot.meta.clone()));
+        let reader = tokio::spawn(async move {
+            if chunks.send(SnapshotChunk { meta, data: Vec::new() }).await.is_err() {
+                return Ok(());
+            }
+            loop {
+                let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                let mut filled = 0;
+                while filled < data.len() {
+                    let read = file.read(&mut data[filled..]).await?;
+                    if read == 0 {
+                        break;
+                    }
+                    filled += read;
+                }
+                if filled == 0 {
+                    return Ok::<(), std::io::Error>(());
+                }
+                data.truncate(filled);
+                if chunks.send(SnapshotChunk { meta: Vec::new(), data }).await.is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(outgoing);
+        let call = client.install_snapshot(stream);
+        let reply = tokio::select! {
+            reply = call => reply,
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+        };
+        let reply = reply.map_err(|s| StreamingError::Network(NetworkError::new(&s)))?;
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(StreamingError::StorageError(openraft::StorageError::read_snapshot(
+                    None,
+                    TypeConfig::err_from_error(&e),
+                )))
+            }
+            Err(e) => return Err(StreamingError::Network(NetworkError::new(&e))),
+        }
+        decode(&"snapshot response", &reply.into_inner().payload).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+    }
+}

@@ -1,0 +1,237 @@
+//! openraft's state machine over [`strata_storage::EventState`].
+//!
+//! Each entry is applied in one atomic storage batch together with the applied log id and
+//! membership, so what `applied_state` reports always matches the data. Snapshots are files
+//! of the events below the applied position (see `strata_storage::snapshot`); building
+//! one fixes its cutoff on the state-machine task (no apply runs concurrently) and writes
+//! the file without blocking later applies.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use strata_storage::{EventState, RaftLogStore};
+use tokio::sync::watch;
+
+use crate::codec::{decode, encode};
+use crate::{CommandResponse, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+
+const META_CURRENT_SNAPSHOT: &str = "current_snapshot";
+
+/// A snapshot's data: a file in the node's snapshot directory.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+/// The last applied log index, for readers that wait for a commit token or a read index.
+pub type AppliedWatch = watch::Receiver<u64>;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AppliedMeta {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CurrentSnapshot {
+    meta: SnapshotMeta,
+    file_name: String,
+}
+
+/// The state machine of one node; cheap to clone (all handles).
+#[derive(Clone)]
+pub struct StateMachine {
+    state: Arc<EventState>,
+    raft_meta: RaftLogStore,
+    snapshot_dir: PathBuf,
+    applied: watch::Sender<u64>,
+}
+
+impl StateMachine {
+    pub fn new(state: Arc<EventState>, raft_meta: RaftLogStore, snapshot_dir: &Path) -> Result<Self, io::Error> {
+        std::fs::create_dir_all(snapshot_dir)?;
+        let machine = Self {
+            state,
+            raft_meta,
+            snapshot_dir: snapshot_dir.to_path_buf(),
+            applied: watch::Sender::new(0),
+        };
+        let applied_index = machine.read_applied()?.last_applied.map_or(0, |id| id.index());
+        machine.applied.send_replace(applied_index);
+        Ok(machine)
+    }
+
+    /// The applied state shared with readers.
+    pub fn events(&self) -> &Arc<EventState> {
+        &self.state
+    }
+
+    /// Watches the last applied log index.
+    pub fn applied_watch(&self) -> AppliedWatch {
+        self.applied.subscribe()
+    }
+
+    fn read_applied(&self) -> Result<AppliedMeta, io::Error> {
+        match self.state.applied_meta()? {
+            None => Ok(AppliedMeta { last_applied: None, last_membership: StoredMembership::default() }),
+            Some(bytes) => decode("applied metadata", &bytes),
+        }
+    }
+
+    fn current_snapshot(&self) -> Result<Option<CurrentSnapshot>, io::Error> {
+        match self.raft_meta.get_meta(META_CURRENT_SNAPSHOT)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(decode("current snapshot", &bytes)?)),
+        }
+    }
+
+    /// Records `file_name` as the current snapshot and deletes the older snapshot files.
+    fn set_current_snapshot(&self, meta: &SnapshotMeta, file_name: &str) -> Result<(), io::Error> {
+        let record = CurrentSnapshot { meta: meta.clone(), file_name: file_name.to_string() };
+        self.raft_meta.put_meta(META_CURRENT_SNAPSHOT, &encode(&record), true)?;
+        for entry in std::fs::read_dir(&self.snapshot_dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name != file_name && name.starts_with("snapshot-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh path for an incoming snapshot transfer.
+    pub fn incoming_snapshot_path(&self) -> PathBuf {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        self.snapshot_dir.join(format!("incoming-{nanos}.bin"))
+    }
+}
+
+fn snapshot_file_name(last_applied: &Option<LogId>) -> String {
+    match last_applied {
+        Some(id) => format!("snapshot-{:020}.bin", id.index()),
+        None => "snapshot-empty.bin".to_string(),
+    }
+}
+
+/// Writes the snapshot fixed by [`StateMachine::try_create_snapshot_builder`].
+pub struct SnapshotBuilder {
+    machine: StateMachine,
+    meta: SnapshotMeta,
+    cutoff_position: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let file_name = snapshot_file_name(&self.meta.last_log_id);
+        let path = self.machine.snapshot_dir.join(&file_name);
+        let machine = self.machine.clone();
+        let cutoff = self.cutoff_position;
+        let export_path = path.clone();
+        let summary = tokio::task::spawn_blocking(move || machine.state.export_snapshot(&export_path, cutoff))
+            .await
+            .map_err(io::Error::other)??;
+        self.machine.set_current_snapshot(&self.meta, &file_name)?;
+        tracing::info!(
+            log_index = self.meta.last_log_id.as_ref().map_or(0, |id| id.index()),
+            events = summary.events,
+            bytes = summary.bytes,
+            "raft snapshot built"
+        );
+        Ok(Snapshot { meta: self.meta.clone(), snapshot: SnapshotFile { path } })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied = self.read_applied()?;
+        Ok((applied.last_applied, applied.last_membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut applied = self.read_applied()?;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id();
+            applied.last_applied = Some(log_id.clone());
+            let command = match &entry.payload {
+                EntryPayload::Normal(command) => Some(command),
+                EntryPayload::Membership(membership) => {
+                    applied.last_membership = StoredMembership::new(Some(log_id.clone()), membership.clone());
+                    None
+                }
+                EntryPayload::Blank => None,
+            };
+            let outcomes = self.state.apply(command, &encode(&applied))?;
+            self.applied.send_replace(log_id.index());
+            if let Some(responder) = responder {
+                responder.send(CommandResponse { outcomes });
+            }
+        }
+        Ok(())
+    }
+
+    async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<Self::SnapshotBuilder> {
+        Some(self.get_snapshot_builder().await)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Runs on the state-machine task: no entry is being applied, so the applied log id
+        // and the cutoff position describe the same state.
+        let applied = self.read_applied().expect("applied metadata is readable");
+        SnapshotBuilder {
+            machine: self.clone(),
+            meta: SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.last_membership },
+            cutoff_position: self.state.next_position(),
+        }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        let file_name = snapshot_file_name(&meta.last_log_id);
+        let path = self.snapshot_dir.join(&file_name);
+        let incoming = snapshot.path.parent() == Some(self.snapshot_dir.as_path())
+            && snapshot.path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("incoming-"));
+        if incoming {
+            std::fs::rename(&snapshot.path, &path)?;
+        } else if snapshot.path != path {
+            std::fs::copy(&snapshot.path, &path)?;
+        }
+        let applied = AppliedMeta { last_applied: meta.last_log_id.clone(), last_membership: meta.last_membership.clone() };
+        let state = self.state.clone();
+        let install_path = path.clone();
+        let applied_bytes = encode(&applied);
+        let summary = tokio::task::spawn_blocking(move || state.install_snapshot(&install_path, &applied_bytes))
+            .await
+            .map_err(io::Error::other)??;
+        self.set_current_snapshot(meta, &file_name)?;
+        self.applied.send_replace(meta.last_log_id.as_ref().map_or(0, |id| id.index()));
+        tracing::info!(
+            log_index = meta.last_log_id.as_ref().map_or(0, |id| id.index()),
+            events = summary.events,
+            "raft snapshot installed"
+        );
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(current) = self.current_snapshot()? else {
+            return Ok(None);
+        };
+        let path = self.snapshot_dir.join(&current.file_name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        Ok(Some(Snapshot { meta: current.meta, snapshot: SnapshotFile { path } }))
+    }
+}

@@ -1,0 +1,109 @@
+//! The server side of the Raft transport: decodes peer RPCs and hands them to openraft,
+//! answers read-index requests (leader reads for followers) and bootstrap probes.
+
+use std::io::Write;
+
+use openraft::raft::ReadPolicy;
+use strata_proto::v1::raft::raft_transport_server::RaftTransport;
+use strata_proto::v1::raft::{ProbeRequest, ProbeResponse, RaftMessage, ReadIndexRequest, ReadIndexResponse, SnapshotChunk};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::codec::{decode, encode};
+use crate::{LogStore, NodeId, Raft, Snapshot, SnapshotFile, SnapshotMeta, StateMachine, Vote};
+
+/// Serves `RaftTransport` for one node.
+pub struct RaftTransportService {
+    node_id: NodeId,
+    raft: Raft,
+    log_store: LogStore,
+    state_machine: StateMachine,
+}
+
+impl RaftTransportService {
+    pub fn new(node_id: NodeId, raft: Raft, log_store: LogStore, state_machine: StateMachine) -> Self {
+        Self { node_id, raft, log_store, state_machine }
+    }
+}
+
+fn bad_request(e: std::io::Error) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn raft_failure(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("raft rejected the rpc: {e}"))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    Ok(Response::new(RaftMessage { payload: encode(value) }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftTransportService {
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc = decode("append entries request", &request.into_inner().payload).map_err(bad_request)?;
+        let response = self.raft.append_entries(rpc).await.map_err(raft_failure)?;
+        reply(&response)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc = decode("vote request", &request.into_inner().payload).map_err(bad_request)?;
+        let response = self.raft.vote(rpc).await.map_err(raft_failure)?;
+        reply(&response)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc = decode("pre-vote request", &request.into_inner().payload).map_err(bad_request)?;
+        let response = self.raft.pre_vote(rpc).await.map_err(raft_failure)?;
+        reply(&response)
+    }
+
+    async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc = decode("transfer leader request", &request.into_inner().payload).map_err(bad_request)?;
+        let response = self.raft.handle_transfer_leader(rpc).await.map_err(raft_failure)?;
+        reply(&response)
+    }
+
+    async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let (vote, meta): (Vote, SnapshotMeta) = decode("snapshot meta", &first.meta).map_err(bad_request)?;
+        let path = self.state_machine.incoming_snapshot_path();
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Status::internal(e.to_string()))?);
+        let mut received = 0u64;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            received += chunk.data.len() as u64;
+            file.write_all(&chunk.data).map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let file = file.into_inner().map_err(|e| Status::internal(e.to_string()))?;
+        file.sync_all().map_err(|e| Status::internal(e.to_string()))?;
+        // A transfer cut short leaves a file that fails verification on install; check it
+        // here too so a broken transfer is refused before openraft commits to it.
+        let checked_path = path.clone();
+        let verified = tokio::task::spawn_blocking(move || strata_storage::verify_snapshot(&checked_path))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Err(e) = verified {
+            let _ = std::fs::remove_file(&path);
+            return Err(Status::data_loss(format!("snapshot transfer is damaged: {e} bytes=`{received}`")));
+        }
+        let snapshot = Snapshot { meta, snapshot: SnapshotFile { path } };
+        let response = self.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_failure)?;
+        reply(&response)
+    }
+
+    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        let linearizer = self
+            .raft
+            .get_read_linearizer(ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| Status::unavailable(format!("not the leader: {e}")))?;
+        Ok(Response::new(ReadIndexResponse { read_index: linearizer.read_log_id().index() }))
+    }
+
+    async fn probe(&self, _request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let initialized = !self.log_store.is_pristine().map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ProbeResponse { node_id: self.node_id, initialized }))
+    }
+}
