@@ -1,1 +1,24 @@
+//! The `strata` server and its tools.
+//!
+//! - [`server`]: wiring of storage, Raft, the gRPC services and HTTP; start-up and shutdown.
+//! - [`api`]: the public gRPC services (`Streams`, `Cluster`).
+//! - [`batcher`]: group commit: concurrent appends share one Raft entry.
+//! - [`routing`]: leader forwarding and read consistency (linearizable, local, session).
+//! - [`error`]: the one place typed errors become gRPC status codes (SPEC §4).
+//! - [`limits`]: every limit as a named constant (SPEC §8).
+//! - [`cli`], [`dev`], [`bench`]: the client commands, the local dev cluster, the benchmark.
 
+pub mod api;
+pub mod batcher;
+pub mod bench;
+pub mod bootstrap;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod routing;
+pub mod server;

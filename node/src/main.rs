@@ -1,1 +1,92 @@
-fn main(){}
+//! The `strata` binary: server, local dev cluster, client commands, benchmark.
+
+use clap::{Parser, Subcommand};
+use strata_node::bench::BenchArgs;
+use strata_node::cli::{self, AppendArgs, ClientOptions, ClusterCommand, ReadAllArgs, ReadArgs, StreamInfoArgs, StreamsArgs};
+use strata_node::config::NodeConfig;
+use strata_node::dev::DevArgs;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Strata: a Raft-replicated event store")]
+struct Cli {
+    #[command(flatten)]
+    client: ClientOptions,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve(NodeConfig),
+    /// Run a local cluster of N nodes on 127.0.0.1 until Ctrl-C.
+    Dev(DevArgs),
+    /// Append events to a stream.
+    Append(AppendArgs),
+    /// Read a stream.
+    Read(ReadArgs),
+    /// Read $all, the global order.
+    ReadAll(ReadAllArgs),
+    /// List streams.
+    Streams(StreamsArgs),
+    /// Show a stream's head, count and timestamps.
+    StreamInfo(StreamInfoArgs),
+    /// Cluster manager.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Benchmark the append/read workload of the peer harness against any endpoints.
+    Bench(BenchArgs),
+}
+
+fn init_tracing(json: bool, default_level: &str) {
+    let filter = EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    let options = cli.client.clone();
+    let result: Result<(), cli::CliError> = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(config) => {
+                init_tracing(config.log_format == "json", "info,openraft=warn,sled=warn");
+                strata_node::server::serve(config).await.map_err(|e| cli::CliError::Usage(format!("{e:#}")))
+            }
+            Command::Dev(args) => strata_node::dev::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
+            Command::Bench(args) => strata_node::bench::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
+            command => {
+                init_tracing(false, "warn");
+                match command {
+                    Command::Append(args) => cli::append(&options, args).await,
+                    Command::Read(args) => cli::read(&options, args).await,
+                    Command::ReadAll(args) => cli::read_all(&options, args).await,
+                    Command::Streams(args) => cli::streams(&options, args).await,
+                    Command::StreamInfo(args) => cli::stream_info(&options, args).await,
+                    Command::Cluster(command) => cli::cluster(&options, command).await,
+                    Command::Serve(_) | Command::Dev(_) | Command::Bench(_) => unreachable!("handled above"),
+                }
+            }
+        }
+    });
+    if let Err(e) = result {
+        match (cli.client.json, e.to_json()) {
+            (true, Some(json)) => println!("{json}"),
+            _ => eprintln!("strata: {e}"),
+        }
+        std::process::exit(e.exit_code());
+    }
+}

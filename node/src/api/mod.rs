@@ -1,0 +1,24 @@
+//! The public gRPC services.
+
+pub mod cluster;
+pub mod streams;
+pub mod validate;
+
+use std::sync::Arc;
+
+use strata_storage::EventState;
+
+use crate::batcher::Batcher;
+use crate::metrics::Metrics;
+use crate::routing::Router;
+
+/// What every service needs: routing, the applied state, the batcher, metrics, settings.
+pub struct NodeContext {
+    pub router: Router,
+    pub events: Arc<EventState>,
+    pub batcher: Batcher,
+    pub metrics: Arc<Metrics>,
+    pub max_event_bytes: usize,
+    pub grpc_addr: String,
+    pub http_addr: String,
+}

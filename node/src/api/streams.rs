@@ -1,0 +1,357 @@
+//! `strata.v1.Streams`: append, read, inspect.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use prost::Message;
+use strata_proto::v1::streams_client::StreamsClient;
+use strata_proto::v1::streams_server::Streams;
+use strata_proto::v1::{
+    AppendRequest, AppendResponse, Direction, ListStreamsRequest, ListStreamsResponse, ReadAllRequest, ReadResponse,
+    ReadStreamRequest, RecordedEvent, StreamInfoRequest, StreamInfoResponse, StreamSummary,
+};
+use strata_storage::{ReadAllOptions, StoredEvent};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::validate;
+use super::NodeContext;
+use crate::clock::now_unix_ms;
+use crate::error::{detail_of, ApiError};
+use crate::limits::*;
+use crate::routing::{commit_token, is_forwarded, mark_forwarded, Route};
+
+pub struct StreamsService {
+    ctx: Arc<NodeContext>,
+}
+
+impl StreamsService {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        Self { ctx }
+    }
+
+    async fn append_local(&self, request: AppendRequest, request_bytes: usize) -> Result<AppendResponse, ApiError> {
+        let stream = request.stream.clone();
+        let command = validate::append_command(request, request_bytes, self.ctx.max_event_bytes, now_unix_ms())?;
+        let payload_bytes: usize = command.events.iter().map(|e| e.data.len() + e.metadata.len()).sum();
+        let event_count = command.events.len() as u64;
+        let applied = self.ctx.batcher.append(command).await?;
+        let success = applied.outcome.map_err(ApiError::from)?;
+        if !success.idempotent_replay {
+            self.ctx.metrics.events_appended_total.inc_by(event_count);
+            self.ctx.metrics.appended_bytes_total.inc_by(payload_bytes as u64);
+        }
+        Ok(AppendResponse {
+            stream,
+            first_version: success.first_version,
+            last_version: success.last_version,
+            first_position: success.first_position,
+            last_position: success.last_position,
+            commit_token: commit_token(applied.log_index),
+            idempotent_replay: success.idempotent_replay,
+        })
+    }
+}
+
+/// A forwarded call's failure: our own typed errors pass through unchanged; a transport
+/// failure after the request left may have committed it, so it is indeterminate.
+fn forwarded_failure(status: Status) -> Status {
+    if detail_of(&status).is_some() {
+        return status;
+    }
+    ApiError::Indeterminate { reason: format!("forwarding to the leader failed: {}", status.message()), deadline: false }
+        .into_status()
+}
+
+fn outcome_label(result: &Result<AppendResponse, ApiError>) -> &'static str {
+    match result {
+        Ok(response) if response.idempotent_replay => "replay",
+        Ok(_) => "ok",
+        Err(e) => e.kind(),
+    }
+}
+
+pub fn recorded_event(event: StoredEvent) -> RecordedEvent {
+    RecordedEvent {
+        id: uuid::Uuid::from_bytes(event.id).to_string(),
+        stream: event.stream,
+        version: event.version,
+        position: event.position,
+        r#type: event.event_type,
+        data: event.data,
+        metadata: event.metadata,
+        content_type: event.content_type,
+        created_unix_ms: event.created_unix_ms,
+    }
+}
+
+type ReadStreamOut = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+/// Sends `events` as response messages of at most `READ_PAGE_BYTES_MAX` bytes each.
+/// Returns false when the client went away.
+async fn send_events(
+    sender: &mpsc::Sender<Result<ReadResponse, Status>>,
+    events: Vec<StoredEvent>,
+    token: &str,
+) -> bool {
+    let mut message = ReadResponse { events: Vec::new(), commit_token: token.to_string() };
+    let mut bytes = 0usize;
+    for event in events {
+        bytes += event.data.len() + event.metadata.len() + event.stream.len() + 64;
+        message.events.push(recorded_event(event));
+        if bytes >= READ_PAGE_BYTES_MAX {
+            let full = std::mem::replace(&mut message, ReadResponse { events: Vec::new(), commit_token: token.to_string() });
+            if sender.send(Ok(full)).await.is_err() {
+                return false;
+            }
+            bytes = 0;
+        }
+    }
+    if !message.events.is_empty() && sender.send(Ok(message)).await.is_err() {
+        return false;
+    }
+    true
+}
+
+/// A compiled `$all` filter.
+struct AllFilter {
+    stream_prefix: String,
+    event_types: std::collections::HashSet<String>,
+    stream_regex: Option<regex::Regex>,
+}
+
+impl AllFilter {
+    fn new(filter: Option<strata_proto::v1::ReadFilter>) -> Result<Self, ApiError> {
+        let filter = filter.unwrap_or_default();
+        if filter.event_types.len() > FILTER_EVENT_TYPES_MAX {
+            return Err(ApiError::OverLimit {
+                field: "filter.event_types".into(),
+                limit_name: "FILTER_EVENT_TYPES_MAX",
+                limit_value: FILTER_EVENT_TYPES_MAX as u64,
+                actual: filter.event_types.len() as u64,
+            });
+        }
+        if filter.stream_regex.len() > STREAM_REGEX_BYTES_MAX {
+            return Err(ApiError::OverLimit {
+                field: "filter.stream_regex".into(),
+                limit_name: "STREAM_REGEX_BYTES_MAX",
+                limit_value: STREAM_REGEX_BYTES_MAX as u64,
+                actual: filter.stream_regex.len() as u64,
+            });
+        }
+        let stream_regex = if filter.stream_regex.is_empty() {
+            None
+        } else {
+            Some(
+                regex::RegexBuilder::new(&filter.stream_regex)
+                    .size_limit(STREAM_REGEX_COMPILED_BYTES_MAX)
+                    .build()
+                    .map_err(|e| ApiError::InvalidArgument { field: "filter.stream_regex".into(), reason: e.to_string() })?,
+            )
+        };
+        Ok(Self { stream_prefix: filter.stream_prefix, event_types: filter.event_types.into_iter().collect(), stream_regex })
+    }
+
+    fn matches(&self, event: &StoredEvent) -> bool {
+        event.stream.starts_with(&self.stream_prefix)
+            && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+            && self.stream_regex.as_ref().is_none_or(|r| r.is_match(&event.stream))
+    }
+}
+
+fn limit_of(max_count: u64) -> u64 {
+    if max_count == 0 { u64::MAX } else { max_count }
+}
+
+fn blocking_failure(e: tokio::task::JoinError) -> ApiError {
+    ApiError::Internal { reason: format!("read task failed: {e}") }
+}
+
+#[tonic::async_trait]
+impl Streams for StreamsService {
+    async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
+        let started = Instant::now();
+        let forwarded = is_forwarded(&request);
+        let request = request.into_inner();
+        let request_bytes = request.encoded_len();
+        let route = match self.ctx.router.route_write(forwarded).await {
+            Ok(route) => route,
+            Err(unavailable) => {
+                // Bad input is reported as such even while there is no leader.
+                validate::append_command(request, request_bytes, self.ctx.max_event_bytes, 0)?;
+                return Err(unavailable.into());
+            }
+        };
+        match route {
+            Route::Leader { channel, .. } => {
+                let response = StreamsClient::new(channel)
+                    .max_decoding_message_size(GRPC_ENCODE_BYTES_MAX)
+                    .max_encoding_message_size(GRPC_DECODE_BYTES_MAX)
+                    .append(mark_forwarded(request))
+                    .await
+                    .map_err(forwarded_failure)?;
+                Ok(response)
+            }
+            Route::Local => {
+                let result = self.append_local(request, request_bytes).await;
+                self.ctx.metrics.appends_total.with_label_values(&[outcome_label(&result)]).inc();
+                self.ctx.metrics.append_latency_seconds.observe(started.elapsed().as_secs_f64());
+                Ok(Response::new(result?))
+            }
+        }
+    }
+
+    type ReadStreamStream = ReadStreamOut;
+
+    async fn read_stream(&self, request: Request<ReadStreamRequest>) -> Result<Response<Self::ReadStreamStream>, Status> {
+        let request = request.into_inner();
+        validate::stream_name_shape("stream", &request.stream)?;
+        self.ctx.metrics.reads_total.with_label_values(&["stream"]).inc();
+        let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
+        let events = self.ctx.events.clone();
+        let head = events
+            .stream_head(&request.stream)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::StreamNotFound { stream: request.stream.clone() })?;
+        let backwards = request.direction == Direction::Backward as i32;
+        let mut from = if request.from_end { head.last_version } else { request.from_version };
+        let mut remaining = limit_of(request.max_count);
+        let (sender, receiver) = mpsc::channel(READ_STREAM_BUFFER_MESSAGES);
+        let metrics = self.ctx.metrics.clone();
+        tokio::spawn(async move {
+            while remaining > 0 {
+                let page_limit = remaining.min(READ_PAGE_EVENTS_MAX as u64) as usize;
+                let (reader, stream) = (events.clone(), request.stream.clone());
+                let page = tokio::task::spawn_blocking(move || reader.read_stream(&stream, from, backwards, page_limit)).await;
+                let page = match page.map_err(blocking_failure).and_then(|r| r.map_err(ApiError::from)) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = sender.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let Some(last) = page.last() else { return };
+                let last_version = last.version;
+                remaining -= page.len() as u64;
+                metrics.events_read_total.inc_by(page.len() as u64);
+                if !send_events(&sender, page, &token).await {
+                    return;
+                }
+                from = match (backwards, last_version) {
+                    (true, 0) => return,
+                    (true, v) => v - 1,
+                    (false, v) => v + 1,
+                };
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    type ReadAllStream = ReadStreamOut;
+
+    async fn read_all(&self, request: Request<ReadAllRequest>) -> Result<Response<Self::ReadAllStream>, Status> {
+        let request = request.into_inner();
+        let filter = Arc::new(AllFilter::new(request.filter)?);
+        self.ctx.metrics.reads_total.with_label_values(&["all"]).inc();
+        let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
+        let events = self.ctx.events.clone();
+        let backwards = request.direction == Direction::Backward as i32;
+        let mut from = if request.from_end { events.next_position().saturating_sub(1) } else { request.from_position };
+        if request.from_end && !backwards {
+            from = events.next_position();
+        }
+        let mut remaining = limit_of(request.max_count);
+        let (sender, receiver) = mpsc::channel(READ_STREAM_BUFFER_MESSAGES);
+        let metrics = self.ctx.metrics.clone();
+        tokio::spawn(async move {
+            while remaining > 0 {
+                let page_limit = remaining.min(READ_PAGE_EVENTS_MAX as u64) as usize;
+                let (reader, filter) = (events.clone(), filter.clone());
+                let page = tokio::task::spawn_blocking(move || {
+                    let matches = |event: &StoredEvent| filter.matches(event);
+                    reader.read_all(&ReadAllOptions {
+                        from_position: from,
+                        backwards,
+                        limit: page_limit,
+                        scan_limit: READ_SCAN_EVENTS_MAX,
+                        filter: &matches,
+                    })
+                })
+                .await;
+                let (page, next) = match page.map_err(blocking_failure).and_then(|r| r.map_err(ApiError::from)) {
+                    Ok(result) => result,
+                    Err(e) => {
+                        let _ = sender.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                remaining -= page.len() as u64;
+                metrics.events_read_total.inc_by(page.len() as u64);
+                if !send_events(&sender, page, &token).await {
+                    return;
+                }
+                match next {
+                    Some(next) => from = next,
+                    None => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn stream_info(&self, request: Request<StreamInfoRequest>) -> Result<Response<StreamInfoResponse>, Status> {
+        let request = request.into_inner();
+        validate::stream_name_shape("stream", &request.stream)?;
+        let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
+        let head = self
+            .ctx
+            .events
+            .stream_head(&request.stream)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::StreamNotFound { stream: request.stream.clone() })?;
+        Ok(Response::new(StreamInfoResponse {
+            stream: request.stream,
+            head_version: head.last_version,
+            event_count: head.event_count,
+            created_unix_ms: head.created_unix_ms,
+            updated_unix_ms: head.updated_unix_ms,
+            first_position: head.first_position,
+            last_position: head.last_position,
+            tiered: false,
+            commit_token: token,
+        }))
+    }
+
+    async fn list_streams(&self, request: Request<ListStreamsRequest>) -> Result<Response<ListStreamsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = match request.limit as usize {
+            0 => LIST_STREAMS_PAGE_DEFAULT,
+            n if n > LIST_STREAMS_PAGE_MAX => {
+                return Err(ApiError::OverLimit {
+                    field: "limit".into(),
+                    limit_name: "LIST_STREAMS_PAGE_MAX",
+                    limit_value: LIST_STREAMS_PAGE_MAX as u64,
+                    actual: n as u64,
+                }
+                .into())
+            }
+            n => n,
+        };
+        self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
+        let page = self.ctx.events.list_streams(&request.prefix, &request.page_token, limit).map_err(ApiError::from)?;
+        let next_page_token = if page.len() == limit { page.last().map(|(name, _)| name.clone()).unwrap_or_default() } else { String::new() };
+        let streams = page
+            .into_iter()
+            .map(|(stream, head)| StreamSummary {
+                stream,
+                head_version: head.last_version,
+                event_count: head.event_count,
+                updated_unix_ms: head.updated_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(ListStreamsResponse { streams, next_page_token }))
+    }
+}

@@ -1,0 +1,562 @@
+//! The client commands of the `strata` binary (SPEC §5): append, read, read-all, streams,
+//! stream-info, cluster status/snapshot. Every command takes `--endpoints` (any node: the
+//! server forwards to the leader) and `--json`.
+//!
+//! Exit status: 0 success, 1 usage or connection error, 3 wrong expected version,
+//! 4 not found.
+
+use std::io::Read as _;
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+use serde_json::json;
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::streams_client::StreamsClient;
+use strata_proto::v1::{
+    AppendRequest, Consistency, Direction, ExpectedVersionKind, ListStreamsRequest, ProposedEvent, ReadAllRequest, ReadFilter,
+    ReadStreamRequest, RecordedEvent, StatusRequest, StreamInfoRequest, TriggerSnapshotRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::detail_of;
+use crate::limits::GRPC_DECODE_BYTES_MAX;
+
+/// How long the client waits to connect to one endpoint before trying the next.
+const CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Largest response message the client accepts (a read page).
+const CLIENT_DECODE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Options every client command takes.
+#[derive(Args, Debug, Clone)]
+pub struct ClientOptions {
+    /// Nodes to talk to, tried in order until one answers.
+    #[arg(long, env = "STRATA_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7701", global = true)]
+    pub endpoints: Vec<String>,
+    /// Print machine-readable JSON (one object, or one line per event).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// A failed client command, with its exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach any endpoint: {0}")]
+    Connection(String),
+    #[error("wrong expected version: stream `{stream}` expected {expected}, actual {actual}")]
+    WrongExpectedVersion { stream: String, expected: String, actual: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("server error ({code:?}): {message}")]
+    Server { code: tonic::Code, message: String },
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::WrongExpectedVersion { .. } => 3,
+            CliError::NotFound(_) => 4,
+            _ => 1,
+        }
+    }
+
+    /// The `--json` form of the error, where SPEC §5 fixes one.
+    pub fn to_json(&self) -> Option<serde_json::Value> {
+        match self {
+            CliError::WrongExpectedVersion { stream, expected, actual } => Some(json!({
+                "error": "wrong_expected_version", "stream": stream, "expected": expected,
+                "actual_version": actual.parse::<u64>().map_or_else(|_| json!(actual), |v| json!(v)),
+            })),
+            CliError::NotFound(message) => Some(json!({"error": "not_found", "message": message})),
+            _ => None,
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(status: tonic::Status) -> Self {
+        let detail = detail_of(&status);
+        match (status.code(), detail) {
+            (tonic::Code::FailedPrecondition, Some(d)) if d.kind == "wrong_expected_version" => CliError::WrongExpectedVersion {
+                stream: d.stream,
+                expected: d.expected,
+                actual: d.actual_version.map_or_else(|| "no_stream".to_string(), |v| v.to_string()),
+            },
+            (tonic::Code::NotFound, _) => CliError::NotFound(status.message().to_string()),
+            (tonic::Code::Unavailable, None) if status.message().contains("connect") => {
+                CliError::Connection(status.message().to_string())
+            }
+            (code, _) => CliError::Server { code, message: status.message().to_string() },
+        }
+    }
+}
+
+/// Connects to the first endpoint that answers.
+pub async fn connect(endpoints: &[String]) -> Result<Channel, CliError> {
+    let mut failures = Vec::new();
+    for endpoint in endpoints {
+        let url = if endpoint.starts_with("http") { endpoint.clone() } else { format!("http://{endpoint}") };
+        let attempt = Endpoint::from_shared(url)
+            .map_err(|e| CliError::Usage(format!("bad endpoint `{endpoint}`: {e}")))?
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true)
+            .connect()
+            .await;
+        match attempt {
+            Ok(channel) => return Ok(channel),
+            Err(e) => failures.push(format!("{endpoint}: {e}")),
+        }
+    }
+    Err(CliError::Connection(failures.join("; ")))
+}
+
+pub fn streams_client(channel: Channel) -> StreamsClient<Channel> {
+    StreamsClient::new(channel)
+        .max_decoding_message_size(CLIENT_DECODE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_DECODE_BYTES_MAX)
+}
+
+/// `--expected-version`: any | no-stream | exists | <n>.
+pub fn parse_expected_version(value: &str) -> Result<(ExpectedVersionKind, u64), String> {
+    match value {
+        "any" => Ok((ExpectedVersionKind::Any, 0)),
+        "no-stream" | "no_stream" => Ok((ExpectedVersionKind::NoStream, 0)),
+        "exists" | "stream-exists" | "stream_exists" => Ok((ExpectedVersionKind::StreamExists, 0)),
+        n => n
+            .parse::<u64>()
+            .map(|v| (ExpectedVersionKind::Exact, v))
+            .map_err(|_| format!("expected any, no-stream, exists or a version number, got `{value}`")),
+    }
+}
+
+/// `--consistency`: linearizable | local | session.
+pub fn parse_consistency(value: &str) -> Result<Consistency, String> {
+    match value {
+        "linearizable" => Ok(Consistency::Linearizable),
+        "local" => Ok(Consistency::Local),
+        "session" => Ok(Consistency::Session),
+        _ => Err(format!("expected linearizable, local or session, got `{value}`")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct AppendArgs {
+    pub stream: String,
+    /// any | no-stream | exists | <version>
+    #[arg(long, default_value = "any", value_parser = parse_expected_version)]
+    pub expected_version: (ExpectedVersionKind, u64),
+    /// Event type (required unless --events-file).
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    /// Event data: JSON text, @file, or - for standard input.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Event metadata (JSON text).
+    #[arg(long)]
+    pub metadata: Option<String>,
+    /// Event id (UUID); generated by the server when omitted.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Content type; default application/json when the data is JSON.
+    #[arg(long)]
+    pub content_type: Option<String>,
+    /// Several events, one JSON object per line: {"type", "data", "metadata"?, "id"?}.
+    #[arg(long, conflicts_with_all = ["event_type", "data", "id"])]
+    pub events_file: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    pub stream: String,
+    /// First version to read (default: the start, or the end with --backwards).
+    #[arg(long)]
+    pub from: Option<u64>,
+    #[arg(long)]
+    pub backwards: bool,
+    #[arg(long)]
+    pub limit: Option<u64>,
+    #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
+    pub consistency: Consistency,
+    /// Commit token for --consistency session.
+    #[arg(long, default_value = "")]
+    pub session_token: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ReadAllArgs {
+    /// First position to read (default: the start, or the end with --backwards).
+    #[arg(long)]
+    pub from: Option<u64>,
+    #[arg(long)]
+    pub backwards: bool,
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Only these event types (repeatable).
+    #[arg(long = "type")]
+    pub event_types: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub stream_prefix: String,
+    #[arg(long, default_value = "")]
+    pub stream_regex: String,
+    #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
+    pub consistency: Consistency,
+    #[arg(long, default_value = "")]
+    pub session_token: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamsArgs {
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Streams to list at most.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamInfoArgs {
+    pub stream: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Every node: address, role, term, applied index, lag, liveness, and who leads.
+    Status,
+    /// Build a Raft snapshot on the node now and purge the log below it.
+    Snapshot,
+}
+
+fn read_data_argument(value: &str) -> Result<Vec<u8>, CliError> {
+    if value == "-" {
+        let mut data = Vec::new();
+        std::io::stdin().read_to_end(&mut data).map_err(|e| CliError::Usage(format!("cannot read stdin: {e}")))?;
+        return Ok(data);
+    }
+    if let Some(path) = value.strip_prefix('@') {
+        return std::fs::read(path).map_err(|e| CliError::Usage(format!("cannot read `{path}`: {e}")));
+    }
+    Ok(value.as_bytes().to_vec())
+}
+
+fn content_type_for(data: &[u8], explicit: &Option<String>) -> String {
+    match explicit {
+        Some(content_type) => content_type.clone(),
+        None if data.is_empty() || serde_json::from_slice::<serde_json::Value>(data).is_ok() => "application/json".into(),
+        None => "application/octet-stream".into(),
+    }
+}
+
+fn events_from_file(path: &str) -> Result<Vec<ProposedEvent>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("cannot read `{path}`: {e}")))?;
+    let mut events = Vec::new();
+    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| CliError::Usage(format!("{path}:{}: not JSON: {e}", number + 1)))?;
+        let event_type = value["type"]
+            .as_str()
+            .ok_or_else(|| CliError::Usage(format!("{path}:{}: missing \"type\"", number + 1)))?;
+        let data = match &value["data"] {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::String(s) => s.as_bytes().to_vec(),
+            other => other.to_string().into_bytes(),
+        };
+        let metadata = match &value["metadata"] {
+            serde_json::Value::Null => Vec::new(),
+            other => other.to_string().into_bytes(),
+        };
+        events.push(ProposedEvent {
+            id: value["id"].as_str().unwrap_or_default().to_string(),
+            r#type: event_type.to_string(),
+            content_type: content_type_for(&data, &None),
+            data,
+            metadata,
+        });
+    }
+    Ok(events)
+}
+
+pub async fn append(options: &ClientOptions, args: AppendArgs) -> Result<(), CliError> {
+    let events = match &args.events_file {
+        Some(path) => events_from_file(path)?,
+        None => {
+            let event_type = args.event_type.clone().ok_or_else(|| CliError::Usage("--type is required".into()))?;
+            let data = match &args.data {
+                Some(value) => read_data_argument(value)?,
+                None => Vec::new(),
+            };
+            vec![ProposedEvent {
+                id: args.id.clone().unwrap_or_default(),
+                r#type: event_type,
+                content_type: content_type_for(&data, &args.content_type),
+                data,
+                metadata: args.metadata.clone().unwrap_or_default().into_bytes(),
+            }]
+        }
+    };
+    let (kind, version) = args.expected_version;
+    let request = AppendRequest { stream: args.stream.clone(), expected_kind: kind as i32, expected_version: version, events };
+    let response = streams_client(connect(&options.endpoints).await?).append(request).await?.into_inner();
+    if options.json {
+        println!(
+            "{}",
+            json!({
+                "stream": response.stream, "first_version": response.first_version, "last_version": response.last_version,
+                "first_position": response.first_position, "last_position": response.last_position,
+                "commit_token": response.commit_token, "idempotent_replay": response.idempotent_replay,
+            })
+        );
+    } else {
+        println!(
+            "appended to {} versions {}..{} positions {}..{}{} (commit token {})",
+            response.stream,
+            response.first_version,
+            response.last_version,
+            response.first_position,
+            response.last_position,
+            if response.idempotent_replay { " [idempotent replay: already written]" } else { "" },
+            response.commit_token
+        );
+    }
+    Ok(())
+}
+
+/// One event as JSON (SPEC §5 shape): data embedded as JSON when it is JSON, else base64.
+pub fn event_json(event: &RecordedEvent) -> serde_json::Value {
+    let as_json = |bytes: &[u8]| -> serde_json::Value {
+        if bytes.is_empty() {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_slice(bytes).unwrap_or_else(|_| json!(base64::engine::general_purpose::STANDARD.encode(bytes)))
+    };
+    let data = if event.content_type.contains("json") {
+        as_json(&event.data)
+    } else {
+        json!(base64::engine::general_purpose::STANDARD.encode(&event.data))
+    };
+    json!({
+        "stream": event.stream, "version": event.version, "position": event.position, "id": event.id,
+        "type": event.r#type, "data": data, "metadata": as_json(&event.metadata),
+        "created": format_unix_ms(event.created_unix_ms),
+    })
+}
+
+fn print_event(event: &RecordedEvent, as_json: bool) {
+    if as_json {
+        println!("{}", event_json(event));
+        return;
+    }
+    let data = String::from_utf8(event.data.clone())
+        .unwrap_or_else(|_| format!("<{} bytes, base64 {}>", event.data.len(), base64::engine::general_purpose::STANDARD.encode(&event.data)));
+    println!(
+        "{}@{}  #{}  {}  {}  {}  {}",
+        event.stream,
+        event.version,
+        event.position,
+        format_unix_ms(event.created_unix_ms),
+        event.r#type,
+        event.id,
+        data
+    );
+}
+
+pub async fn read(options: &ClientOptions, args: ReadArgs) -> Result<(), CliError> {
+    let request = ReadStreamRequest {
+        stream: args.stream,
+        from_version: args.from.unwrap_or(0),
+        from_end: args.backwards && args.from.is_none(),
+        direction: if args.backwards { Direction::Backward } else { Direction::Forward } as i32,
+        max_count: args.limit.unwrap_or(0),
+        consistency: args.consistency as i32,
+        session_token: args.session_token,
+    };
+    let mut stream = streams_client(connect(&options.endpoints).await?).read_stream(request).await?.into_inner();
+    while let Some(message) = stream.message().await? {
+        for event in &message.events {
+            print_event(event, options.json);
+        }
+    }
+    Ok(())
+}
+
+pub async fn read_all(options: &ClientOptions, args: ReadAllArgs) -> Result<(), CliError> {
+    let request = ReadAllRequest {
+        from_position: args.from.unwrap_or(0),
+        from_end: args.backwards && args.from.is_none(),
+        direction: if args.backwards { Direction::Backward } else { Direction::Forward } as i32,
+        max_count: args.limit.unwrap_or(0),
+        filter: Some(ReadFilter { stream_prefix: args.stream_prefix, event_types: args.event_types, stream_regex: args.stream_regex }),
+        consistency: args.consistency as i32,
+        session_token: args.session_token,
+    };
+    let mut stream = streams_client(connect(&options.endpoints).await?).read_all(request).await?.into_inner();
+    while let Some(message) = stream.message().await? {
+        for event in &message.events {
+            print_event(event, options.json);
+        }
+    }
+    Ok(())
+}
+
+pub async fn streams(options: &ClientOptions, args: StreamsArgs) -> Result<(), CliError> {
+    let mut client = streams_client(connect(&options.endpoints).await?);
+    let mut page_token = String::new();
+    let mut listed = 0u32;
+    while listed < args.limit {
+        let request = ListStreamsRequest {
+            prefix: args.prefix.clone(),
+            page_token: page_token.clone(),
+            limit: (args.limit - listed).min(1000),
+            consistency: Consistency::Linearizable as i32,
+            session_token: String::new(),
+        };
+        let page = client.list_streams(request).await?.into_inner();
+        for stream in &page.streams {
+            if options.json {
+                println!("{}", json!({"stream": stream.stream, "head_version": stream.head_version, "event_count": stream.event_count, "updated": format_unix_ms(stream.updated_unix_ms)}));
+            } else {
+                println!("{}  head={}  events={}", stream.stream, stream.head_version, stream.event_count);
+            }
+        }
+        listed += page.streams.len() as u32;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    Ok(())
+}
+
+pub async fn stream_info(options: &ClientOptions, args: StreamInfoArgs) -> Result<(), CliError> {
+    let request = StreamInfoRequest { stream: args.stream, consistency: Consistency::Linearizable as i32, session_token: String::new() };
+    let info = streams_client(connect(&options.endpoints).await?).stream_info(request).await?.into_inner();
+    if options.json {
+        println!(
+            "{}",
+            json!({
+                "stream": info.stream, "head_version": info.head_version, "event_count": info.event_count,
+                "created": format_unix_ms(info.created_unix_ms), "updated": format_unix_ms(info.updated_unix_ms),
+                "first_position": info.first_position, "last_position": info.last_position, "tiered": info.tiered,
+            })
+        );
+    } else {
+        println!("stream:       {}", info.stream);
+        println!("head version: {}", info.head_version);
+        println!("events:       {}", info.event_count);
+        println!("created:      {}", format_unix_ms(info.created_unix_ms));
+        println!("updated:      {}", format_unix_ms(info.updated_unix_ms));
+        println!("positions:    {}..{}", info.first_position, info.last_position);
+        println!("tier:         {}", if info.tiered { "tiered" } else { "hot" });
+    }
+    Ok(())
+}
+
+pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result<(), CliError> {
+    let mut client = ClusterClient::new(connect(&options.endpoints).await?);
+    match command {
+        ClusterCommand::Status => {
+            let status = client.status(StatusRequest { local_only: false }).await?.into_inner();
+            if options.json {
+                let members: Vec<_> = status
+                    .members
+                    .iter()
+                    .map(|m| json!({"id": m.id, "grpc_addr": m.grpc_addr, "role": m.role, "membership": m.membership, "term": m.term, "applied_index": m.applied_index, "alive": m.alive}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({
+                        "node_id": status.node_id, "role": status.role, "term": status.term, "leader_id": status.leader_id,
+                        "leader_addr": status.leader_addr, "last_log_index": status.last_log_index,
+                        "committed_index": status.committed_index, "applied_index": status.applied_index,
+                        "snapshot_index": status.snapshot_index, "purged_index": status.purged_index,
+                        "head_position": status.head_position, "grpc_addr": status.grpc_addr, "http_addr": status.http_addr,
+                        "version": status.version, "members": members,
+                    })
+                );
+                return Ok(());
+            }
+            let leader = if status.leader_id == 0 { "none".to_string() } else { format!("{} ({})", status.leader_id, status.leader_addr) };
+            println!(
+                "node {} at {} is {}, term {}; leader {}; log last={} committed={} applied={} snapshot={}; $all has {} events",
+                status.node_id, status.grpc_addr, status.role, status.term, leader, status.last_log_index,
+                status.committed_index, status.applied_index, status.snapshot_index, status.head_position
+            );
+            let leader_applied = status.members.iter().find(|m| m.id == status.leader_id).map_or(status.applied_index, |m| m.applied_index);
+            println!("{:<4} {:<22} {:<10} {:<10} {:>6} {:>10} {:>8}  {}", "ID", "ADDRESS", "ROLE", "MEMBER", "TERM", "APPLIED", "LAG", "ALIVE");
+            for m in &status.members {
+                let lag = if m.alive { leader_applied.saturating_sub(m.applied_index).to_string() } else { "-".into() };
+                println!(
+                    "{:<4} {:<22} {:<10} {:<10} {:>6} {:>10} {:>8}  {}{}",
+                    m.id, m.grpc_addr, m.role, m.membership, m.term, m.applied_index, lag,
+                    if m.alive { "yes" } else { "NO" },
+                    if m.id == status.leader_id { "  <- leader" } else { "" }
+                );
+            }
+        }
+        ClusterCommand::Snapshot => {
+            let reply = client.trigger_snapshot(TriggerSnapshotRequest {}).await?.into_inner();
+            if options.json {
+                println!("{}", json!({"snapshot_index": reply.snapshot_index}));
+            } else {
+                println!("snapshot built at log index {}", reply.snapshot_index);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// RFC 3339 UTC with milliseconds, from Unix milliseconds (no time-zone database needed).
+pub fn format_unix_ms(unix_ms: i64) -> String {
+    let seconds = unix_ms.div_euclid(1000);
+    let millis = unix_ms.rem_euclid(1000);
+    let days = seconds.div_euclid(86_400);
+    let second_of_day = seconds.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        second_of_day / 3600,
+        (second_of_day % 3600) / 60,
+        second_of_day % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_format_as_rfc3339() {
+        assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_unix_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn expected_versions_parse() {
+        assert_eq!(parse_expected_version("any").unwrap().0, ExpectedVersionKind::Any);
+        assert_eq!(parse_expected_version("no-stream").unwrap().0, ExpectedVersionKind::NoStream);
+        assert_eq!(parse_expected_version("exists").unwrap().0, ExpectedVersionKind::StreamExists);
+        assert_eq!(parse_expected_version("7").unwrap(), (ExpectedVersionKind::Exact, 7));
+        assert!(parse_expected_version("latest").is_err());
+    }
+
+    #[test]
+    fn wrong_expected_version_status_maps_to_exit_3() {
+        let status = crate::error::ApiError::WrongExpectedVersion { stream: "s".into(), expected: "0".into(), actual: Some(4) }.into_status();
+        let error = CliError::from(status);
+        assert_eq!(error.exit_code(), 3);
+        assert_eq!(error.to_json().unwrap()["actual_version"], 4);
+        let missing = CliError::from(crate::error::ApiError::StreamNotFound { stream: "s".into() }.into_status());
+        assert_eq!(missing.exit_code(), 4);
+    }
+}

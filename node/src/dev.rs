@@ -1,0 +1,130 @@
+//! `strata dev`: a local cluster of N `strata serve` processes on 127.0.0.1 in one command.
+//! Starts them, waits for a leader, prints each node's endpoints and commands to try, and
+//! stops them all cleanly on Ctrl-C (SIGTERM, then SIGKILL after a grace period).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::StatusRequest;
+
+/// How long `strata dev` waits for a leader before reporting failure.
+const LEADER_WAIT_SECS: u64 = 60;
+/// How long a node gets to stop after SIGTERM before it is killed.
+const STOP_GRACE_SECS: u64 = 10;
+/// Most nodes `strata dev` starts: it is a laptop cluster.
+const DEV_NODES_MAX: u16 = 9;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u16,
+    /// Directory for every node's data and log.
+    #[arg(long, default_value = "./strata-data")]
+    pub data_dir: PathBuf,
+    /// Node i listens on gRPC base+i, HTTP base+80+i (gossip base+90+i is reserved).
+    #[arg(long, default_value_t = 7700)]
+    pub base_port: u16,
+}
+
+struct DevNode {
+    id: u16,
+    grpc: String,
+    http: String,
+    log: PathBuf,
+    child: Child,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=DEV_NODES_MAX).contains(&args.nodes), "--nodes must be 1..={DEV_NODES_MAX}");
+    let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(&args.data_dir)?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let grpc_of = |i: u16| format!("127.0.0.1:{}", args.base_port + i);
+    let peers: Vec<String> = (1..=args.nodes).map(|i| format!("{i}={}", grpc_of(i))).collect();
+    let mut nodes = Vec::new();
+    for i in 1..=args.nodes {
+        let log = data_dir.join(format!("node-{i}.log"));
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let http = format!("127.0.0.1:{}", args.base_port + 80 + i);
+        let child = Command::new(&exe)
+            .arg("serve")
+            .args(["--node-id", &i.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir.join(format!("node-{i}")))
+            .args(["--grpc-addr", &grpc_of(i), "--http-addr", &http])
+            .args(["--peers", &peers.join(",")])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()?;
+        nodes.push(DevNode { id: i, grpc: grpc_of(i), http, log, child });
+    }
+    println!("strata dev: {} nodes on 127.0.0.1, data in {}", args.nodes, data_dir.display());
+    for node in &nodes {
+        println!("  node {}  grpc {}  http http://{}/metrics  log {}", node.id, node.grpc, node.http, node.log.display());
+    }
+    let leader = tokio::select! {
+        leader = wait_for_leader(&nodes) => leader,
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    match leader {
+        Some((leader, term)) => {
+            let client = exe.display();
+            let endpoints: Vec<&str> = nodes.iter().map(|n| n.grpc.as_str()).collect();
+            println!("leader: node {leader} (term {term})");
+            println!("try:");
+            println!("  {client} append orders-1 --type OrderPlaced --data '{{\"amount\":42}}'");
+            println!("  {client} read orders-1");
+            println!("  {client} cluster status --endpoints {}", endpoints.join(","));
+            println!("Ctrl-C stops the cluster.");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        None => eprintln!("no leader within {LEADER_WAIT_SECS} s (or interrupted); see the node logs"),
+    }
+    println!("stopping {} nodes", nodes.len());
+    stop_all(&mut nodes);
+    Ok(())
+}
+
+async fn wait_for_leader(nodes: &[DevNode]) -> Option<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(LEADER_WAIT_SECS);
+    while Instant::now() < deadline {
+        for node in nodes {
+            let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc)) else { continue };
+            let Ok(channel) = channel.connect_timeout(Duration::from_millis(500)).connect().await else { continue };
+            if let Ok(status) = ClusterClient::new(channel).status(StatusRequest { local_only: true }).await {
+                let status = status.into_inner();
+                if status.leader_id != 0 {
+                    return Some((status.leader_id, status.term));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+fn stop_all(nodes: &mut [DevNode]) {
+    for node in nodes.iter() {
+        // SAFETY: signalling a child process we spawned and have not reaped.
+        unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(STOP_GRACE_SECS);
+    for node in nodes.iter_mut() {
+        loop {
+            match node.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = node.child.kill();
+                    let _ = node.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The API's typed errors and the one mapping to gRPC status codes (SPEC §4).
+//!
+//! Every error carries an `ErrorDetail` (prost-encoded in the status details) so clients
+//! can tell a definite failure from an indeterminate one and read the actual version,
+//! the limit or the leader without parsing messages.
+
+use prost::Message;
+use strata_proto::v1::ErrorDetail;
+use tonic::{Code, Status};
+
+/// Errors of the public API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("wrong expected version: stream=`{stream}` expected=`{expected}` actual=`{}`", actual.map_or("no_stream".to_string(), |v| v.to_string()))]
+    WrongExpectedVersion { stream: String, expected: String, actual: Option<u64> },
+    #[error("idempotency conflict: {reason} stream=`{stream}` event_id=`{event_id}`")]
+    IdempotencyConflict { stream: String, event_id: String, reason: String },
+    #[error("invalid argument: {reason} field=`{field}`")]
+    InvalidArgument { field: String, reason: String },
+    /// A request field over a limit: definite, the request is malformed for this server.
+    #[error("over limit: {field} is {actual}, limit {limit_name}={limit_value}")]
+    OverLimit { field: String, limit_name: &'static str, limit_value: u64, actual: u64 },
+    /// The server will not take the request now (a queue is full): retry later.
+    #[error("overloaded: {limit_name}={limit_value} reached, retry after {retry_after_ms} ms")]
+    Overloaded { limit_name: &'static str, limit_value: u64, retry_after_ms: u64 },
+    #[error("stream not found: stream=`{stream}`")]
+    StreamNotFound { stream: String },
+    /// Nothing was proposed: safe to retry (at the leader, when known).
+    #[error("unavailable: {reason}")]
+    Unavailable { reason: String, leader_id: Option<u64>, leader_addr: Option<String> },
+    /// The append may or may not have been committed: retry with the same event ids.
+    #[error("outcome unknown: {reason}")]
+    Indeterminate { reason: String, deadline: bool },
+    #[error("internal error: {reason}")]
+    Internal { reason: String },
+}
+
+impl ApiError {
+    /// The gRPC code of SPEC §4's table. Kept exhaustive: a new variant must pick one.
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::WrongExpectedVersion { .. } => Code::FailedPrecondition,
+            ApiError::IdempotencyConflict { .. } => Code::AlreadyExists,
+            ApiError::InvalidArgument { .. } | ApiError::OverLimit { .. } => Code::InvalidArgument,
+            ApiError::Overloaded { .. } => Code::ResourceExhausted,
+            ApiError::StreamNotFound { .. } => Code::NotFound,
+            ApiError::Unavailable { .. } => Code::Unavailable,
+            ApiError::Indeterminate { deadline: true, .. } => Code::DeadlineExceeded,
+            ApiError::Indeterminate { deadline: false, .. } => Code::Unavailable,
+            ApiError::Internal { .. } => Code::Internal,
+        }
+    }
+
+    /// The stable machine-readable kind carried in `ErrorDetail.kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::WrongExpectedVersion { .. } => "wrong_expected_version",
+            ApiError::IdempotencyConflict { .. } => "idempotency_conflict",
+            ApiError::InvalidArgument { .. } => "invalid_argument",
+            ApiError::OverLimit { .. } => "limit_exceeded",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::StreamNotFound { .. } => "not_found",
+            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Indeterminate { .. } => "indeterminate",
+            ApiError::Internal { .. } => "internal",
+        }
+    }
+
+    fn detail(&self) -> ErrorDetail {
+        let mut detail = ErrorDetail { kind: self.kind().to_string(), ..Default::default() };
+        match self {
+            ApiError::WrongExpectedVersion { stream, expected, actual } => {
+                detail.stream = stream.clone();
+                detail.expected = expected.clone();
+                detail.actual_version = *actual;
+            }
+            ApiError::IdempotencyConflict { stream, .. } | ApiError::StreamNotFound { stream } => {
+                detail.stream = stream.clone();
+            }
+            ApiError::InvalidArgument { field, .. } => detail.field = field.clone(),
+            ApiError::OverLimit { field, limit_name, limit_value, .. } => {
+                detail.field = field.clone();
+                detail.limit_name = limit_name.to_string();
+                detail.limit_value = *limit_value;
+            }
+            ApiError::Overloaded { limit_name, limit_value, retry_after_ms } => {
+                detail.limit_name = limit_name.to_string();
+                detail.limit_value = *limit_value;
+                detail.retry_after_ms = *retry_after_ms;
+            }
+            ApiError::Unavailable { leader_id, leader_addr, .. } => {
+                detail.leader_id = leader_id.unwrap_or(0);
+                detail.leader_addr = leader_addr.clone().unwrap_or_default();
+            }
+            ApiError::Indeterminate { .. } => detail.indeterminate = true,
+            ApiError::Internal { .. } => {}
+        }
+        detail
+    }
+
+    pub fn into_status(self) -> Status {
+        let detail = self.detail().encode_to_vec();
+        Status::with_details(self.code(), self.to_string(), detail.into())
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        e.into_status()
+    }
+}
+
+impl From<strata_storage::StorageError> for ApiError {
+    fn from(e: strata_storage::StorageError) -> Self {
+        tracing::error!(error = %e, "storage error while serving a request");
+        ApiError::Internal { reason: e.to_string() }
+    }
+}
+
+impl From<strata_storage::AppendFailure> for ApiError {
+    fn from(failure: strata_storage::AppendFailure) -> Self {
+        match failure {
+            strata_storage::AppendFailure::WrongExpectedVersion { stream, expected, actual } => {
+                ApiError::WrongExpectedVersion { stream, expected: expected.to_string(), actual }
+            }
+            strata_storage::AppendFailure::IdempotencyConflict { stream, event_id, reason } => {
+                ApiError::IdempotencyConflict { stream, event_id, reason }
+            }
+        }
+    }
+}
+
+/// The typed detail of a status returned by a Strata server (client side).
+pub fn detail_of(status: &Status) -> Option<ErrorDetail> {
+    if status.details().is_empty() {
+        return None;
+    }
+    ErrorDetail::decode(status.details()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_errors() -> Vec<ApiError> {
+        vec![
+            ApiError::WrongExpectedVersion { stream: "s".into(), expected: "3".into(), actual: Some(5) },
+            ApiError::IdempotencyConflict { stream: "s".into(), event_id: "e".into(), reason: "r".into() },
+            ApiError::InvalidArgument { field: "stream".into(), reason: "empty".into() },
+            ApiError::OverLimit { field: "events".into(), limit_name: "EVENTS_PER_APPEND_MAX", limit_value: 1, actual: 2 },
+            ApiError::Overloaded { limit_name: "PROPOSAL_QUEUE_APPENDS_MAX", limit_value: 1, retry_after_ms: 50 },
+            ApiError::StreamNotFound { stream: "s".into() },
+            ApiError::Unavailable { reason: "no leader".into(), leader_id: Some(2), leader_addr: Some("a:1".into()) },
+            ApiError::Indeterminate { reason: "timeout".into(), deadline: true },
+            ApiError::Indeterminate { reason: "lost".into(), deadline: false },
+            ApiError::Internal { reason: "bug".into() },
+        ]
+    }
+
+    #[test]
+    fn every_error_maps_to_the_spec_code_and_round_trips_its_detail() {
+        let expected = [
+            Code::FailedPrecondition,
+            Code::AlreadyExists,
+            Code::InvalidArgument,
+            Code::InvalidArgument,
+            Code::ResourceExhausted,
+            Code::NotFound,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Unavailable,
+            Code::Internal,
+        ];
+        for (error, code) in all_errors().into_iter().zip(expected) {
+            let kind = error.kind();
+            let status = error.clone().into_status();
+            assert_eq!(status.code(), code, "{error:?}");
+            let detail = detail_of(&status).expect("detail present");
+            assert_eq!(detail.kind, kind);
+            assert_eq!(detail.indeterminate, matches!(error, ApiError::Indeterminate { .. }));
+        }
+    }
+
+    #[test]
+    fn wrong_expected_version_carries_the_actual_version() {
+        let status = ApiError::WrongExpectedVersion { stream: "s".into(), expected: "any".into(), actual: None }.into_status();
+        let detail = detail_of(&status).unwrap();
+        assert_eq!(detail.actual_version, None);
+        assert!(status.message().contains("actual=`no_stream`"));
+    }
+}

@@ -1,0 +1,72 @@
+//! Every limit of the server (SPEC §8), named, with why it has its value. Requests over a
+//! limit are answered with INVALID_ARGUMENT (a malformed request) or RESOURCE_EXHAUSTED
+//! (a well-formed request the server will not take now), naming the limit.
+
+/// Default largest event (data + metadata + type); configurable up to the hard maximum.
+pub const EVENT_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// Hard ceiling for `--max-event-bytes`: bounds one Raft entry and one snapshot frame.
+pub const EVENT_BYTES_MAX_CEILING: usize = 16 * 1024 * 1024;
+/// Events in one append: bounds one Raft entry's apply work.
+pub const EVENTS_PER_APPEND_MAX: usize = 10_000;
+/// Whole append request, encoded.
+pub const APPEND_REQUEST_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Event metadata.
+pub const METADATA_BYTES_MAX: usize = 64 * 1024;
+/// Stream name in bytes of UTF-8 (SPEC §2).
+pub const STREAM_NAME_BYTES_MAX: usize = 256;
+/// Event type in bytes of UTF-8 (SPEC §2).
+pub const EVENT_TYPE_BYTES_MAX: usize = 256;
+/// Content type string.
+pub const CONTENT_TYPE_BYTES_MAX: usize = 256;
+/// A `$all` stream-name regular expression, as text and compiled.
+pub const STREAM_REGEX_BYTES_MAX: usize = 1024;
+pub const STREAM_REGEX_COMPILED_BYTES_MAX: usize = 1024 * 1024;
+/// Event types in one read filter.
+pub const FILTER_EVENT_TYPES_MAX: usize = 256;
+
+/// gRPC decode limit for client requests: one maximal append plus framing.
+pub const GRPC_DECODE_BYTES_MAX: usize = APPEND_REQUEST_BYTES_MAX + 1024 * 1024;
+/// gRPC encode limit for responses: one read page at most (see READ_PAGE_BYTES_MAX).
+pub const GRPC_ENCODE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// HTTP/2 streams per client connection: bounds per-connection concurrency.
+pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1024;
+
+/// Appends waiting for the batcher. Beyond it: RESOURCE_EXHAUSTED with a retry-after; a
+/// bounded queue keeps latency bounded instead of letting it grow without limit.
+pub const PROPOSAL_QUEUE_APPENDS_MAX: usize = 16_384;
+/// Appends in one Raft entry, and the bytes of their events: bounds one entry.
+pub const BATCH_APPENDS_MAX: usize = 4096;
+pub const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Raft entries proposed and not yet applied. While all are in flight the batcher keeps
+/// collecting, which is what makes batches large under load (group commit).
+pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
+/// How long the leader waits for an append's entry to apply before answering
+/// DEADLINE_EXCEEDED (indeterminate).
+pub const APPEND_APPLY_TIMEOUT_MS: u64 = 10_000;
+/// Suggested back-off when the proposal queue is full.
+pub const OVERLOAD_RETRY_AFTER_MS: u64 = 50;
+
+/// Events per read response message, and their bytes.
+pub const READ_PAGE_EVENTS_MAX: usize = 2048;
+pub const READ_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Events a filtered `$all` page may scan before it yields (continues with the next page).
+pub const READ_SCAN_EVENTS_MAX: usize = 16_384;
+/// Read response messages buffered per call: the producer waits for a slow consumer.
+pub const READ_STREAM_BUFFER_MESSAGES: usize = 4;
+/// Stream names per ListStreams page by default, and at most.
+pub const LIST_STREAMS_PAGE_DEFAULT: usize = 100;
+pub const LIST_STREAMS_PAGE_MAX: usize = 10_000;
+
+/// How long a read waits for this node to apply a session token or a read index.
+pub const READ_WAIT_TIMEOUT_MS: u64 = 5_000;
+/// How long a request waits for a leader to be elected before UNAVAILABLE.
+pub const LEADER_WAIT_TIMEOUT_MS: u64 = 5_000;
+/// Timeout of one cluster status probe of a member.
+pub const MEMBER_PROBE_TIMEOUT_MS: u64 = 500;
+
+const _: () = assert!(EVENT_BYTES_MAX_DEFAULT <= EVENT_BYTES_MAX_CEILING);
+const _: () = assert!(EVENT_BYTES_MAX_CEILING <= APPEND_REQUEST_BYTES_MAX);
+const _: () = assert!(APPEND_REQUEST_BYTES_MAX < GRPC_DECODE_BYTES_MAX);
+const _: () = assert!(BATCH_BYTES_MAX <= strata_raft::RAFT_RPC_MESSAGE_BYTES_MAX);
+const _: () = assert!(READ_PAGE_BYTES_MAX + EVENT_BYTES_MAX_CEILING < GRPC_ENCODE_BYTES_MAX);
+const _: () = assert!(BATCH_APPENDS_MAX <= PROPOSAL_QUEUE_APPENDS_MAX);

@@ -1,0 +1,114 @@
+//! Prometheus metrics of one node, served at `/metrics`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the node exports.
+pub struct Metrics {
+    registry: Registry,
+    pub appends_total: IntCounterVec,
+    pub events_appended_total: IntCounter,
+    pub appended_bytes_total: IntCounter,
+    pub append_latency_seconds: Histogram,
+    pub batch_appends: Histogram,
+    pub reads_total: IntCounterVec,
+    pub events_read_total: IntCounter,
+    pub raft_term: IntGauge,
+    pub raft_last_log_index: IntGauge,
+    pub raft_commit_index: IntGauge,
+    pub raft_applied_index: IntGauge,
+    pub raft_is_leader: IntGauge,
+    pub raft_leader_changes_total: IntCounter,
+    pub events_head_position: IntGauge,
+}
+
+impl Metrics {
+    pub fn new(node_id: u64) -> Self {
+        let registry = Registry::new_custom(Some("strata".into()), Some([("node_id".to_string(), node_id.to_string())].into()))
+            .expect("valid registry prefix and labels");
+        let appends_total = IntCounterVec::new(
+            Opts::new("appends_total", "appends answered, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let events_appended_total = IntCounter::new("events_appended_total", "events written by appends (not replays)").expect("valid metric");
+        let appended_bytes_total = IntCounter::new("appended_bytes_total", "data and metadata bytes of appended events").expect("valid metric");
+        let append_latency_seconds = Histogram::with_opts(
+            HistogramOpts::new("append_latency_seconds", "time from receiving an append to answering it on the leader")
+                .buckets(prometheus::exponential_buckets(0.000_25, 2.0, 16).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let batch_appends = Histogram::with_opts(
+            HistogramOpts::new("batch_appends", "appends per raft entry (group commit size)")
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 13).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let reads_total = IntCounterVec::new(Opts::new("reads_total", "read calls, by kind"), &["kind"]).expect("valid metric");
+        let events_read_total = IntCounter::new("events_read_total", "events returned by reads").expect("valid metric");
+        let raft_term = IntGauge::new("raft_term", "current raft term").expect("valid metric");
+        let raft_last_log_index = IntGauge::new("raft_last_log_index", "last raft log index on this node").expect("valid metric");
+        let raft_commit_index = IntGauge::new("raft_commit_index", "committed raft log index known to this node").expect("valid metric");
+        let raft_applied_index = IntGauge::new("raft_applied_index", "raft log index applied to the state machine").expect("valid metric");
+        let raft_is_leader = IntGauge::new("raft_is_leader", "1 when this node is the leader").expect("valid metric");
+        let raft_leader_changes_total = IntCounter::new("raft_leader_changes_total", "times the known leader changed").expect("valid metric");
+        let events_head_position = IntGauge::new("events_head_position", "events in $all on this node").expect("valid metric");
+        let metrics = Self {
+            registry,
+            appends_total,
+            events_appended_total,
+            appended_bytes_total,
+            append_latency_seconds,
+            batch_appends,
+            reads_total,
+            events_read_total,
+            raft_term,
+            raft_last_log_index,
+            raft_commit_index,
+            raft_applied_index,
+            raft_is_leader,
+            raft_leader_changes_total,
+            events_head_position,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.appends_total.clone()),
+            Box::new(metrics.events_appended_total.clone()),
+            Box::new(metrics.appended_bytes_total.clone()),
+            Box::new(metrics.append_latency_seconds.clone()),
+            Box::new(metrics.batch_appends.clone()),
+            Box::new(metrics.reads_total.clone()),
+            Box::new(metrics.events_read_total.clone()),
+            Box::new(metrics.raft_term.clone()),
+            Box::new(metrics.raft_last_log_index.clone()),
+            Box::new(metrics.raft_commit_index.clone()),
+            Box::new(metrics.raft_applied_index.clone()),
+            Box::new(metrics.raft_is_leader.clone()),
+            Box::new(metrics.raft_leader_changes_total.clone()),
+            Box::new(metrics.events_head_position.clone()),
+        ];
+        for collector in collectors {
+            metrics.registry.register(collector).expect("metric names are unique");
+        }
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");
+        String::from_utf8(out).expect("prometheus text is utf-8")
+    }
+
+    /// Updates the Raft gauges from openraft's metrics.
+    pub fn observe_raft(&self, raft: &strata_raft::RaftMetrics, previous_leader: &mut Option<u64>) {
+        self.raft_term.set(raft.current_term as i64);
+        self.raft_last_log_index.set(raft.last_log_index.unwrap_or(0) as i64);
+        self.raft_commit_index.set(raft.local_committed.as_ref().map_or(0, |id| id.index) as i64);
+        self.raft_applied_index.set(raft.last_applied.as_ref().map_or(0, |id| id.index) as i64);
+        self.raft_is_leader.set(i64::from(raft.current_leader == Some(raft.id)));
+        if raft.current_leader.is_some() && raft.current_leader != *previous_leader {
+            self.raft_leader_changes_total.inc();
+            *previous_leader = raft.current_leader;
+        }
+    }
+}

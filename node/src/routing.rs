@@ -1,0 +1,187 @@
+//! Where a request is served: leader forwarding for writes, and read consistency.
+//!
+//! Writes go to the leader; a follower forwards them once, marked with
+//! [`FORWARDED_HEADER`] so a request is never bounced twice. Reads are served from the
+//! local applied state after the consistency level's wait:
+//! - linearizable: the leader confirms its leadership with a quorum (read index); a
+//!   follower asks the leader for that index and waits to apply it;
+//! - session: wait to apply the client's commit token;
+//! - local: no wait.
+
+use std::time::Duration;
+
+use openraft::raft::ReadPolicy;
+use openraft::async_runtime::WatchReceiver;
+use strata_proto::v1::raft::raft_transport_client::RaftTransportClient;
+use strata_proto::v1::raft::ReadIndexRequest;
+use strata_proto::v1::Consistency;
+use strata_raft::{AppliedWatch, NodeId, PeerChannels, Raft};
+use tonic::transport::Channel;
+
+use crate::error::ApiError;
+use crate::limits::{LEADER_WAIT_TIMEOUT_MS, READ_WAIT_TIMEOUT_MS};
+
+/// Marks a request forwarded by a follower.
+pub const FORWARDED_HEADER: &str = "x-strata-forwarded";
+
+/// Where to send a write.
+pub enum Route {
+    /// This node leads.
+    Local,
+    /// Forward to the leader over this channel.
+    Leader { id: NodeId, channel: Channel },
+}
+
+/// This node's view of the cluster for routing.
+#[derive(Clone)]
+pub struct Router {
+    pub node_id: NodeId,
+    pub raft: Raft,
+    pub applied: AppliedWatch,
+    pub channels: PeerChannels,
+}
+
+/// Whether a request was forwarded by another node.
+pub fn is_forwarded<T>(request: &tonic::Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED_HEADER)
+}
+
+/// Marks a request as forwarded.
+pub fn mark_forwarded<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    request
+}
+
+/// Encodes a commit token (the log index an append or read is covered by).
+pub fn commit_token(log_index: u64) -> String {
+    log_index.to_string()
+}
+
+/// Decodes a commit token.
+pub fn parse_commit_token(token: &str) -> Result<u64, ApiError> {
+    token.trim().parse().map_err(|_| ApiError::InvalidArgument {
+        field: "session_token".into(),
+        reason: format!("not a commit token: `{token}`"),
+    })
+}
+
+impl Router {
+    /// The leader's id and address, waiting up to `LEADER_WAIT_TIMEOUT_MS` for an election.
+    pub async fn leader(&self) -> Result<(NodeId, String), ApiError> {
+        let mut metrics = self.raft.metrics();
+        let wait = async {
+            loop {
+                {
+                    let current = metrics.borrow_and_update();
+                    if let Some(leader) = current.current_leader {
+                        if let Some(node) = current.membership_config.membership().get_node(&leader) {
+                            return Some((leader, node.addr.clone()));
+                        }
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_millis(LEADER_WAIT_TIMEOUT_MS), wait).await {
+            Ok(Some(leader)) => Ok(leader),
+            _ => Err(ApiError::Unavailable {
+                reason: format!("no leader elected within LEADER_WAIT_TIMEOUT_MS={LEADER_WAIT_TIMEOUT_MS}"),
+                leader_id: None,
+                leader_addr: None,
+            }),
+        }
+    }
+
+    /// Where a write must go. A forwarded request that lands on a non-leader is refused
+    /// (definite: nothing was proposed), with the leader this node believes in.
+    pub async fn route_write(&self, forwarded: bool) -> Result<Route, ApiError> {
+        let (leader, addr) = self.leader().await?;
+        if leader == self.node_id {
+            return Ok(Route::Local);
+        }
+        if forwarded {
+            return Err(ApiError::Unavailable {
+                reason: "forwarded to a node that is not the leader".into(),
+                leader_id: Some(leader),
+                leader_addr: Some(addr),
+            });
+        }
+        let channel = self.channels.get(&addr).map_err(|e| ApiError::Unavailable {
+            reason: format!("bad leader address `{addr}`: {e}"),
+            leader_id: Some(leader),
+            leader_addr: Some(addr.clone()),
+        })?;
+        Ok(Route::Leader { id: leader, channel })
+    }
+
+    /// Waits until this node has applied `log_index`.
+    pub async fn wait_applied(&self, log_index: u64, what: &str) -> Result<(), ApiError> {
+        let mut applied = self.applied.clone();
+        let wait = applied.wait_for(|index| *index >= log_index);
+        match tokio::time::timeout(Duration::from_millis(READ_WAIT_TIMEOUT_MS), wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ApiError::Unavailable {
+                reason: format!("{what} {log_index} not applied on this node within READ_WAIT_TIMEOUT_MS={READ_WAIT_TIMEOUT_MS}"),
+                leader_id: None,
+                leader_addr: None,
+            }),
+        }
+    }
+
+    /// Makes the local state fresh enough for a read at `consistency`; returns the commit
+    /// token the read is served at.
+    pub async fn prepare_read(&self, consistency: i32, session_token: &str) -> Result<String, ApiError> {
+        match Consistency::try_from(consistency) {
+            Ok(Consistency::Local) => {}
+            Ok(Consistency::Session) => {
+                let index = parse_commit_token(session_token)?;
+                self.wait_applied(index, "session token").await?;
+            }
+            Ok(Consistency::Linearizable) => self.linearize().await?,
+            Err(_) => {
+                return Err(ApiError::InvalidArgument {
+                    field: "consistency".into(),
+                    reason: format!("unknown consistency level {consistency}"),
+                })
+            }
+        }
+        Ok(commit_token(*self.applied.borrow()))
+    }
+
+    async fn linearize(&self) -> Result<(), ApiError> {
+        let (leader, addr) = self.leader().await?;
+        if leader == self.node_id {
+            self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| ApiError::Unavailable {
+                reason: format!("leadership not confirmed: {e}"),
+                leader_id: None,
+                leader_addr: None,
+            })?;
+            return Ok(());
+        }
+        let unavailable = |reason: String| ApiError::Unavailable { reason, leader_id: Some(leader), leader_addr: Some(addr.clone()) };
+        let channel = self.channels.get(&addr).map_err(|e| unavailable(e.to_string()))?;
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(Duration::from_millis(READ_WAIT_TIMEOUT_MS));
+        let read_index = RaftTransportClient::new(channel)
+            .read_index(request)
+            .await
+            .map_err(|s| unavailable(format!("read index from leader failed: {}", s.message())))?
+            .into_inner()
+            .read_index;
+        self.wait_applied(read_index, "read index").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_tokens_round_trip_and_reject_garbage() {
+        assert_eq!(parse_commit_token(&commit_token(42)).unwrap(), 42);
+        assert!(parse_commit_token("x").is_err());
+    }
+}

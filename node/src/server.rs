@@ -1,0 +1,155 @@
+//! `strata serve`: opens storage, starts Raft, serves gRPC and HTTP, bootstraps from
+//! `--peers`, and shuts down cleanly on SIGTERM or Ctrl-C.
+
+use std::sync::Arc;
+
+use openraft::storage::RaftLogStorage;
+use openraft::async_runtime::WatchReceiver;
+use strata_proto::v1::cluster_server::ClusterServer;
+use strata_proto::v1::raft::raft_transport_server::RaftTransportServer;
+use strata_proto::v1::streams_server::StreamsServer;
+use strata_raft::{raft_config, LogStore, Network, PeerChannels, Raft, RaftTransportService, StateMachine, RAFT_RPC_MESSAGE_BYTES_MAX};
+use strata_storage::{open_database, EventState, RaftLogStore};
+use tokio::sync::watch;
+
+use crate::api::cluster::{role_name, ClusterService};
+use crate::api::streams::StreamsService;
+use crate::api::NodeContext;
+use crate::batcher::Batcher;
+use crate::bootstrap::bootstrap_static;
+use crate::config::NodeConfig;
+use crate::http::{self, HttpState};
+use crate::limits::*;
+use crate::metrics::Metrics;
+use crate::routing::Router;
+
+/// Runs a node until SIGTERM or Ctrl-C.
+pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    let peers = config.parsed_peers()?;
+    tracing::info!(?config, "effective configuration");
+    let node_id = config.node_id;
+
+    let db = open_database(&config.data_dir)?;
+    let raft_store = RaftLogStore::open(&db)?;
+    let events = Arc::new(EventState::open(&db)?);
+    let mut log_store = LogStore::new(raft_store.clone());
+    let committed_at_start = log_store.read_committed().await?.map_or(0, |id| id.index);
+    let state_machine = StateMachine::new(events.clone(), raft_store.clone(), &config.data_dir.join("snapshots"))?;
+    let applied = state_machine.applied_watch();
+    let channels = PeerChannels::default();
+    let raft = Raft::new(
+        node_id,
+        raft_config(&config.cluster_name),
+        Network::new(channels.clone()),
+        log_store.clone(),
+        state_machine.clone(),
+    )
+    .await?;
+
+    let metrics = Arc::new(Metrics::new(node_id));
+    let batcher = Batcher::start(raft.clone(), metrics.clone());
+    let ctx = Arc::new(NodeContext {
+        router: Router { node_id, raft: raft.clone(), applied, channels: channels.clone() },
+        events: events.clone(),
+        batcher,
+        metrics: metrics.clone(),
+        max_event_bytes: config.max_event_bytes,
+        grpc_addr: config.advertised_grpc_addr(),
+        http_addr: config.http_addr.to_string(),
+    });
+
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr).await?;
+    let http_listener = tokio::net::TcpListener::bind(config.http_addr).await?;
+    tracing::info!(
+        node_id,
+        grpc = %config.grpc_addr,
+        http = %config.http_addr,
+        data_dir = %config.data_dir.display(),
+        "strata node listening"
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<StreamsServer<StreamsService>>().await;
+    let grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(GRPC_CONCURRENT_STREAMS_MAX))
+        .add_service(health_service)
+        .add_service(
+            StreamsServer::new(StreamsService::new(ctx.clone()))
+                .max_decoding_message_size(GRPC_DECODE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_ENCODE_BYTES_MAX),
+        )
+        .add_service(ClusterServer::new(ClusterService::new(ctx.clone())))
+        .add_service(
+            RaftTransportServer::new(RaftTransportService::new(node_id, raft.clone(), log_store.clone(), state_machine))
+                .max_decoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            wait_for(shutdown.clone()),
+        );
+    let grpc_task = tokio::spawn(grpc);
+    let http_app = http::router(HttpState { ctx: ctx.clone(), committed_at_start });
+    let http_task = tokio::spawn(axum::serve(http_listener, http_app).with_graceful_shutdown(wait_for(shutdown.clone())).into_future());
+
+    tokio::spawn(watch_raft(raft.clone(), metrics));
+    if !peers.is_empty() {
+        tokio::spawn(bootstrap_static(node_id, peers, raft.clone(), log_store, channels));
+    }
+
+    shutdown_signal().await;
+    tracing::info!(node_id, "shutting down");
+    let _ = shutdown_sender.send(true);
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown reported an error");
+    }
+    let _ = grpc_task.await;
+    let _ = http_task.await;
+    db.flush_async().await?;
+    tracing::info!(node_id, "stopped");
+    Ok(())
+}
+
+async fn wait_for(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// Logs leadership changes (the start-up line operators look for) and feeds the metrics.
+async fn watch_raft(raft: Raft, metrics: Arc<Metrics>) {
+    let mut watch = raft.metrics();
+    let mut previous_leader = None;
+    let mut logged_leader = None;
+    loop {
+        {
+            let current = watch.borrow_and_update().clone();
+            metrics.observe_raft(&current, &mut previous_leader);
+            if current.current_leader != logged_leader {
+                logged_leader = current.current_leader;
+                match current.current_leader {
+                    Some(leader) => tracing::info!(
+                        node_id = current.id,
+                        leader_id = leader,
+                        term = current.current_term,
+                        role = role_name(current.state),
+                        "leader elected"
+                    ),
+                    None => tracing::info!(node_id = current.id, term = current.current_term, "no leader known"),
+                }
+            }
+        }
+        if watch.changed().await.is_err() {
+            return;
+        }
+    }
+}
