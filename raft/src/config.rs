@@ -36,6 +36,11 @@ pub fn raft_config(cluster_name: &str) -> Arc<openraft::Config> {
         max_in_snapshot_log_to_keep: LOG_ENTRIES_KEPT_BELOW_SNAPSHOT,
         max_payload_entries: REPLICATION_ENTRIES_MAX,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES as u64,
+        // A node whose data dir was lost rejoins empty; the leader must be allowed to see
+        // that follower's log go back to nothing and re-send it (a snapshot, then the log).
+        // Caveat, tracked for the chaos issue: an emptied voter may vote before it has
+        // re-synced; SPEC §7 wants such a node to refuse to vote until it has.
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     Arc::new(config.validate().expect("the raft settings above are valid"))

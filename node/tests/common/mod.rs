@@ -1,0 +1,219 @@
+//! A real cluster of `strata serve` processes for integration tests.
+//!
+//! Each test passes its own `subnet` so nodes listen on 127.0.<subnet>.<id>: tests run in
+//! parallel without port clashes. Nodes log to files in the cluster's temp dir; a failing
+//! test prints where.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::streams_client::StreamsClient;
+use strata_proto::v1::{
+    AppendRequest, AppendResponse, Consistency, ExpectedVersionKind, ProposedEvent, ReadAllRequest, RecordedEvent,
+    StatusRequest, StatusResponse,
+};
+use tonic::transport::Channel;
+
+pub const GRPC_PORT: u16 = 17701;
+pub const HTTP_PORT: u16 = 17781;
+
+pub struct TestCluster {
+    pub subnet: u8,
+    pub size: u64,
+    pub dir: tempfile::TempDir,
+    children: Vec<Option<Child>>,
+}
+
+impl TestCluster {
+    /// Starts `size` nodes and waits for a leader.
+    pub async fn start(subnet: u8, size: u64) -> Self {
+        let mut cluster = Self { subnet, size, dir: tempfile::tempdir().expect("temp dir"), children: Vec::new() };
+        for id in 1..=size {
+            cluster.children.push(None);
+            cluster.spawn(id);
+        }
+        cluster.wait_leader(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        format!("127.0.{}.{}:{}", self.subnet, id, GRPC_PORT)
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}.log"))
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let peers: Vec<String> = (1..=self.size).map(|i| format!("{i}={}", self.addr(i))).collect();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(id)).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("serve")
+            .args(["--node-id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(["--grpc-addr", &self.addr(id)])
+            .args(["--http-addr", &format!("127.0.{}.{}:{}", self.subnet, id, HTTP_PORT)])
+            .args(["--peers", &peers.join(",")])
+            .env("STRATA_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn strata serve");
+        self.children[(id - 1) as usize] = Some(child);
+    }
+
+    /// `kill -9` a node.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.children[(id - 1) as usize].take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    pub fn wipe(&self, id: u64) {
+        let _ = std::fs::remove_dir_all(self.data_dir(id));
+    }
+
+    pub async fn channel(&self, id: u64) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id))).expect("endpoint");
+            match endpoint.connect_timeout(Duration::from_millis(300)).connect().await {
+                Ok(channel) => return channel,
+                Err(e) if Instant::now() > deadline => panic!("node {id} unreachable: {e}; log {}", self.log_path(id).display()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    pub async fn streams(&self, id: u64) -> StreamsClient<Channel> {
+        StreamsClient::new(self.channel(id).await).max_decoding_message_size(64 * 1024 * 1024)
+    }
+
+    pub async fn status(&self, id: u64) -> Option<StatusResponse> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id))).ok()?;
+        let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
+        let mut request = tonic::Request::new(StatusRequest { local_only: true });
+        request.set_timeout(Duration::from_millis(500));
+        ClusterClient::new(channel).status(request).await.ok().map(|r| r.into_inner())
+    }
+
+    /// Waits until a live node reports itself leader; returns its id.
+    pub async fn wait_leader(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            for id in 1..=self.size {
+                if self.children[(id - 1) as usize].is_none() {
+                    continue;
+                }
+                if let Some(status) = self.status(id).await {
+                    if status.role == "leader" {
+                        return id;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader within {timeout:?}; logs in {}", self.dir.path().display());
+    }
+
+    /// Waits until every live node has applied at least what the leader has.
+    pub async fn wait_converged(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self.wait_leader(timeout).await;
+            let target = self.status(leader).await.map_or(u64::MAX, |s| s.applied_index);
+            let mut all = true;
+            for id in 1..=self.size {
+                if self.children[(id - 1) as usize].is_none() {
+                    continue;
+                }
+                if self.status(id).await.is_none_or(|s| s.applied_index < target) {
+                    all = false;
+                }
+            }
+            if all {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nodes did not converge; logs in {}", self.dir.path().display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every event of `$all` as node `id` has applied it (local consistency).
+    pub async fn read_all_local(&self, id: u64) -> Vec<RecordedEvent> {
+        let request = ReadAllRequest { consistency: Consistency::Local as i32, ..Default::default() };
+        let mut stream = self.streams(id).await.read_all(request).await.expect("read $all").into_inner();
+        let mut events = Vec::new();
+        while let Some(message) = stream.message().await.expect("read $all page") {
+            events.extend(message.events);
+        }
+        events
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let kept = self.dir.path().to_path_buf();
+            eprintln!("test failed: node logs kept in {}", kept.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")));
+        }
+    }
+}
+
+pub fn event(id: &str, event_type: &str, data: &str) -> ProposedEvent {
+    ProposedEvent {
+        id: id.to_string(),
+        r#type: event_type.to_string(),
+        data: data.as_bytes().to_vec(),
+        metadata: Vec::new(),
+        content_type: "application/json".into(),
+    }
+}
+
+pub fn append_request(stream: &str, kind: ExpectedVersionKind, version: u64, events: Vec<ProposedEvent>) -> AppendRequest {
+    AppendRequest { stream: stream.into(), expected_kind: kind as i32, expected_version: version, events }
+}
+
+/// Appends, retrying with the same request (same event ids) while the outcome is
+/// unavailable or unknown, as a client of SPEC §4 must. Definite failures are returned.
+pub async fn append_retrying(cluster: &TestCluster, request: AppendRequest, deadline: Duration) -> Result<AppendResponse, tonic::Status> {
+    let until = Instant::now() + deadline;
+    let mut node = 1u64;
+    loop {
+        let mut client = match tokio::time::timeout(Duration::from_secs(2), cluster.streams(node)).await {
+            Ok(client) => client,
+            Err(_) => {
+                node = node % cluster.size + 1;
+                continue;
+            }
+        };
+        let mut call = tonic::Request::new(request.clone());
+        call.set_timeout(Duration::from_secs(5));
+        match client.append(call).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status)
+                if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled)
+                    && Instant::now() < until =>
+            {
+                node = node % cluster.size + 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
