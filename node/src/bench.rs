@@ -682,7 +682,9 @@ fn render_table(rows: &[Value]) -> String {
     for r in rows {
         let mut row = vec![r["writers"].to_string(), r["batch"].to_string()];
         if let Some(err) = r["failed"].as_str() {
-            row.push(format!("FAILED: {err}"));
+            // Keep the table narrow: the full error is in the JSON line and on stderr.
+            let short: String = err.chars().take(60).collect();
+            row.push(format!("FAILED: {short}"));
             row.resize(header.len(), String::new());
         } else {
             row.extend([

@@ -371,13 +371,8 @@ pub async fn read(options: &ClientOptions, args: ReadArgs) -> Result<(), CliErro
         consistency: args.consistency as i32,
         session_token: args.session_token,
     };
-    let mut stream = streams_client(connect(&options.endpoints).await?).read_stream(request).await?.into_inner();
-    while let Some(message) = stream.message().await? {
-        for event in &message.events {
-            print_event(event, options.json);
-        }
-    }
-    Ok(())
+    let stream = streams_client(connect(&options.endpoints).await?).read_stream(request).await?.into_inner();
+    print_events(stream, options.json).await
 }
 
 pub async fn read_all(options: &ClientOptions, args: ReadAllArgs) -> Result<(), CliError> {
@@ -390,10 +385,15 @@ pub async fn read_all(options: &ClientOptions, args: ReadAllArgs) -> Result<(), 
         consistency: args.consistency as i32,
         session_token: args.session_token,
     };
-    let mut stream = streams_client(connect(&options.endpoints).await?).read_all(request).await?.into_inner();
+    let stream = streams_client(connect(&options.endpoints).await?).read_all(request).await?.into_inner();
+    print_events(stream, options.json).await
+}
+
+/// Prints every event of a read as it arrives (the server streams pages).
+async fn print_events(mut stream: tonic::Streaming<strata_proto::v1::ReadResponse>, as_json: bool) -> Result<(), CliError> {
     while let Some(message) = stream.message().await? {
         for event in &message.events {
-            print_event(event, options.json);
+            print_event(event, as_json);
         }
     }
     Ok(())
