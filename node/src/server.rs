@@ -31,7 +31,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     let node_id = config.node_id;
 
     let db = open_database(&config.data_dir)?;
-    let raft_store = RaftLogStore::open(&db)?;
+    let raft_store = RaftLogStore::open(&db, &config.data_dir)?;
     let events = Arc::new(EventState::open(&db)?);
     let mut log_store = LogStore::new(raft_store.clone());
     let committed_at_start = log_store.read_committed().await?.map_or(0, |id| id.index);

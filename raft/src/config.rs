@@ -41,6 +41,10 @@ pub fn raft_config(cluster_name: &str) -> Arc<openraft::Config> {
         // Caveat, tracked for the chaos issue: an emptied voter may vote before it has
         // re-synced; SPEC §7 wants such a node to refuse to vote until it has.
         allow_log_reversion: Some(true),
+        // Replicate entries as soon as they are handed to the log store, so the leader's
+        // fsync and the followers' run in parallel rather than one after the other. Safe:
+        // the leader still counts itself towards the quorum only once its own fsync is done.
+        broadcast_submitted_on_append: Some(true),
         ..Default::default()
     };
     Arc::new(config.validate().expect("the raft settings above are valid"))

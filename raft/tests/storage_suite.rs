@@ -14,7 +14,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = open_database(dir.path()).expect("open sled");
-        let raft_store = RaftLogStore::open(&db).expect("open raft log");
+        let raft_store = RaftLogStore::open(&db, dir.path()).expect("open raft log");
         let events = Arc::new(EventState::open(&db).expect("open state"));
         let machine = StateMachine::new(events, raft_store.clone(), &dir.path().join("snapshots")).expect("state machine");
         Ok((dir, LogStore::new(raft_store), machine))

@@ -35,6 +35,31 @@ use std::path::Path;
 /// Memory sled may use for its page cache. Sized for a small node: the hot tier is small.
 pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
+/// The durability point of every sled write we acknowledge.
+///
+/// sled 0.34's `flush` writes its buffers with `sync_file_range`, which neither flushes
+/// the device's write cache nor the file's metadata: not an fsync. So after sled's flush
+/// we `fdatasync` its data file ourselves; only then is the write durable.
+#[derive(Clone)]
+pub struct DurableFlush {
+    db: sled::Db,
+    data_file: std::sync::Arc<std::fs::File>,
+}
+
+impl DurableFlush {
+    pub fn new(db: &sled::Db, data_dir: &Path) -> Result<Self, StorageError> {
+        let data_file = std::fs::File::open(data_dir.join("sled").join("db"))?;
+        Ok(Self { db: db.clone(), data_file: std::sync::Arc::new(data_file) })
+    }
+
+    /// sled's flush, then fdatasync of its data file.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+}
+
 /// Opens (or creates) the node's sled database under `data_dir/sled`.
 pub fn open_database(data_dir: &Path) -> Result<sled::Db, StorageError> {
     std::fs::create_dir_all(data_dir)?;

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 
 use crate::record;
-use crate::StorageError;
+use crate::{DurableFlush, StorageError};
 
 /// Log appends waiting for the flusher. openraft issues log writes one at a time and the
 /// flusher drains the whole queue per fsync, so this only needs to absorb a burst of
@@ -30,7 +30,7 @@ pub struct RaftLogStore {
 }
 
 struct Inner {
-    db: sled::Db,
+    durable: DurableFlush,
     log: sled::Tree,
     meta: sled::Tree,
     flush_queue: Option<mpsc::SyncSender<LogFlushWaiter>>,
@@ -50,15 +50,16 @@ impl Drop for Inner {
 
 
 impl RaftLogStore {
-    pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
+    pub fn open(db: &sled::Db, data_dir: &std::path::Path) -> Result<Self, StorageError> {
         let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
         let (flush_queue, waiting) = mpsc::sync_channel::<LogFlushWaiter>(LOG_FLUSH_QUEUE_MAX);
-        let flusher_db = db.clone();
+        let durable = DurableFlush::new(db, data_dir)?;
+        let flusher_durable = durable.clone();
         let flusher = thread::Builder::new()
             .name("strata-log-flush".into())
-            .spawn(move || run_flusher(flusher_db, waiting))?;
-        let inner = Inner { db: db.clone(), log, meta, flush_queue: Some(flush_queue), flusher: Some(flusher) };
+            .spawn(move || run_flusher(flusher_durable, waiting))?;
+        let inner = Inner { durable, log, meta, flush_queue: Some(flush_queue), flusher: Some(flusher) };
         Ok(Self { inner: std::sync::Arc::new(inner) })
     }
 
@@ -144,7 +145,7 @@ impl RaftLogStore {
     pub fn put_meta(&self, name: &str, value: &[u8], durable: bool) -> Result<(), StorageError> {
         self.inner.meta.insert(name.as_bytes(), record::seal(name.as_bytes(), value))?;
         if durable {
-            self.inner.db.flush()?;
+            self.inner.durable.flush()?;
         }
         Ok(())
     }
@@ -163,7 +164,7 @@ fn decode_index(key: &[u8]) -> Result<u64, StorageError> {
 }
 
 /// One fsync per drained batch of waiters; exits when every sender is gone.
-fn run_flusher(db: sled::Db, waiting: mpsc::Receiver<LogFlushWaiter>) {
+fn run_flusher(durable: DurableFlush, waiting: mpsc::Receiver<LogFlushWaiter>) {
     while let Ok(first) = waiting.recv() {
         let mut waiters = vec![first];
         while waiters.len() < LOG_FLUSH_QUEUE_MAX {
@@ -172,7 +173,7 @@ fn run_flusher(db: sled::Db, waiting: mpsc::Receiver<LogFlushWaiter>) {
                 Err(_) => break,
             }
         }
-        let result = db.flush().map(|_| ());
+        let result = durable.flush();
         for waiter in waiters {
             waiter(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
         }
@@ -187,7 +188,8 @@ mod tests {
     fn store() -> (tempfile::TempDir, RaftLogStore) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::open_database(dir.path()).unwrap();
-        (dir, RaftLogStore::open(&db).unwrap())
+        let store = RaftLogStore::open(&db, dir.path()).unwrap();
+        (dir, store)
     }
 
     fn append_and_wait(store: &RaftLogStore, entries: Vec<(u64, Vec<u8>)>) {
@@ -223,11 +225,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = crate::open_database(dir.path()).unwrap();
-            let store = RaftLogStore::open(&db).unwrap();
+            let store = RaftLogStore::open(&db, dir.path()).unwrap();
             store.put_meta("vote", b"v1", true).unwrap();
         }
         let db = crate::open_database(dir.path()).unwrap();
-        let store = RaftLogStore::open(&db).unwrap();
+        let store = RaftLogStore::open(&db, dir.path()).unwrap();
         assert_eq!(store.get_meta("vote").unwrap().unwrap(), b"v1");
     }
 }

@@ -282,6 +282,9 @@ impl EventState {
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
         fresh.apply_batch(batch)?;
+        // sled recovers a prefix of its writes, so the fresh tree is in before the pointer
+        // that names it; the caller's next durable flush (the raft layer records the
+        // installed snapshot with an fdatasync) makes both durable.
         self.db.flush()?;
         self.db.insert(ACTIVE_STATE_TREE, name.as_bytes())?;
         self.db.flush()?;
