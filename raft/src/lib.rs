@@ -22,8 +22,6 @@ pub use network::{Network, PeerChannels};
 pub use state_machine::{AppliedWatch, SnapshotFile, StateMachine};
 pub use transport_service::RaftTransportService;
 
-use std::io::Cursor;
-
 use strata_storage::{AppendOutcome, Command};
 
 openraft::declare_raft_types!(
@@ -34,10 +32,6 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::impls::BasicNode,
 );
-
-// Cursor is only named to keep the macro's default SnapshotData import quiet.
-#[allow(dead_code)]
-type UnusedCursor = Cursor<Vec<u8>>;
 
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;

@@ -127,20 +127,10 @@ impl AllFilter {
     fn new(filter: Option<strata_proto::v1::ReadFilter>) -> Result<Self, ApiError> {
         let filter = filter.unwrap_or_default();
         if filter.event_types.len() > FILTER_EVENT_TYPES_MAX {
-            return Err(ApiError::OverLimit {
-                field: "filter.event_types".into(),
-                limit_name: "FILTER_EVENT_TYPES_MAX",
-                limit_value: FILTER_EVENT_TYPES_MAX as u64,
-                actual: filter.event_types.len() as u64,
-            });
+            return Err(validate::over("filter.event_types", "FILTER_EVENT_TYPES_MAX", FILTER_EVENT_TYPES_MAX, filter.event_types.len()));
         }
         if filter.stream_regex.len() > STREAM_REGEX_BYTES_MAX {
-            return Err(ApiError::OverLimit {
-                field: "filter.stream_regex".into(),
-                limit_name: "STREAM_REGEX_BYTES_MAX",
-                limit_value: STREAM_REGEX_BYTES_MAX as u64,
-                actual: filter.stream_regex.len() as u64,
-            });
+            return Err(validate::over("filter.stream_regex", "STREAM_REGEX_BYTES_MAX", STREAM_REGEX_BYTES_MAX, filter.stream_regex.len()));
         }
         let stream_regex = if filter.stream_regex.is_empty() {
             None
@@ -259,10 +249,11 @@ impl Streams for StreamsService {
         let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
         let events = self.ctx.events.clone();
         let backwards = request.direction == Direction::Backward as i32;
-        let mut from = if request.from_end { events.next_position().saturating_sub(1) } else { request.from_position };
-        if request.from_end && !backwards {
-            from = events.next_position();
-        }
+        let mut from = match (request.from_end, backwards) {
+            (false, _) => request.from_position,
+            (true, true) => events.next_position().saturating_sub(1),
+            (true, false) => events.next_position(),
+        };
         let mut remaining = limit_of(request.max_count);
         let (sender, receiver) = mpsc::channel(READ_STREAM_BUFFER_MESSAGES);
         let metrics = self.ctx.metrics.clone();
@@ -330,13 +321,7 @@ impl Streams for StreamsService {
         let limit = match request.limit as usize {
             0 => LIST_STREAMS_PAGE_DEFAULT,
             n if n > LIST_STREAMS_PAGE_MAX => {
-                return Err(ApiError::OverLimit {
-                    field: "limit".into(),
-                    limit_name: "LIST_STREAMS_PAGE_MAX",
-                    limit_value: LIST_STREAMS_PAGE_MAX as u64,
-                    actual: n as u64,
-                }
-                .into())
+                return Err(validate::over("limit", "LIST_STREAMS_PAGE_MAX", LIST_STREAMS_PAGE_MAX, n).into())
             }
             n => n,
         };

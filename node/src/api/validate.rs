@@ -13,7 +13,8 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ApiError {
     ApiError::InvalidArgument { field: field.into(), reason: reason.into() }
 }
 
-fn over(field: impl Into<String>, limit_name: &'static str, limit_value: usize, actual: usize) -> ApiError {
+/// A request field over a named limit.
+pub(crate) fn over(field: impl Into<String>, limit_name: &'static str, limit_value: usize, actual: usize) -> ApiError {
     ApiError::OverLimit { field: field.into(), limit_name, limit_value: limit_value as u64, actual: actual as u64 }
 }
 
