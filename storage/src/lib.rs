@@ -1,9 +1,10 @@
 //! Strata's local store: bytes on disk, on sled.
 //!
-//! Two parts share one sled database in the node's data dir:
-//! - [`RaftLogStore`]: the Raft log and the small Raft metadata (vote, committed, purged,
-//!   current snapshot), stored as opaque checksummed bytes. It knows nothing of openraft;
-//!   `strata-raft` adapts it. [`RaftLogStore::flush`] is the durability point: an fsync.
+//! Two parts live in the node's data dir:
+//! - [`RaftLogStore`]: the Raft log, in an append-only segmented write-ahead log (`wal`),
+//!   and the small Raft metadata (vote, committed, purged, current snapshot) in sled, all
+//!   as opaque checksummed bytes. It knows nothing of openraft; `strata-raft` adapts it.
+//!   Its flusher's fdatasync is the durability point of every append.
 //! - [`EventState`]: the applied state (events by position, the stream index
 //!   `(stream, version) → position`, the event-id index, stream heads) and the
 //!   deterministic apply of append commands, which decides optimistic concurrency and
@@ -20,6 +21,7 @@ mod log_store;
 mod record;
 mod snapshot;
 mod state;
+mod wal;
 
 pub use command::{
     AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, ExpectedVersion, NewEvent,
@@ -29,6 +31,7 @@ pub use error::StorageError;
 pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
 pub use snapshot::{verify_snapshot, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
 pub use state::{EventState, ReadAllOptions, StreamHead};
+pub use wal::{WAL_RECORD_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
 
 use std::path::Path;
 

@@ -1,15 +1,18 @@
-//! The Raft log and Raft metadata, as opaque checksummed bytes in two sled trees.
+//! The Raft log (in a [`Wal`]) and the small Raft metadata (in a sled tree), as opaque
+//! checksummed bytes.
 //!
-//! Durability: [`RaftLogStore::append`] inserts entries and returns; the entries are
-//! durable only once a flush that started after the insert has finished. The flusher
-//! thread runs one `sled::Db::flush` (write + fsync) for every waiter queued while the
-//! previous flush ran, so consecutive appends share one fsync (group commit at the disk),
-//! and a waiter is told "flushed" only after an fsync that covers its entries.
+//! Durability: [`RaftLogStore::append`] writes entries and returns; they are durable once
+//! a flush that started after the write has finished. The flusher thread runs one
+//! fdatasync of the log for every waiter queued while the previous one ran, so
+//! consecutive appends share one fsync (group commit at the disk), and a waiter is told
+//! "flushed" only after an fsync that covers its entries.
 
-use std::sync::mpsc;
+use std::path::Path;
+use std::sync::{mpsc, Arc};
 use std::thread;
 
 use crate::record;
+use crate::wal::Wal;
 use crate::{DurableFlush, StorageError};
 
 /// Log appends waiting for the flusher. openraft issues log writes one at a time and the
@@ -17,8 +20,8 @@ use crate::{DurableFlush, StorageError};
 /// appends during one slow fsync; when full, `append` blocks (back-pressure), it never drops.
 pub const LOG_FLUSH_QUEUE_MAX: usize = 4096;
 
-const LOG_TREE: &str = "raft_log";
 const META_TREE: &str = "raft_meta";
+const WAL_DIR: &str = "raft-log";
 
 /// Called once the entries of one append are on disk (or the flush failed).
 pub type LogFlushWaiter = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
@@ -26,20 +29,21 @@ pub type LogFlushWaiter = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
 /// The Raft log store: entries by index, and named metadata values.
 #[derive(Clone)]
 pub struct RaftLogStore {
-    inner: std::sync::Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 struct Inner {
+    /// Flushes sled: the metadata, and the applied state sharing its database.
     durable: DurableFlush,
-    log: sled::Tree,
+    wal: Arc<Wal>,
     meta: sled::Tree,
     flush_queue: Option<mpsc::SyncSender<LogFlushWaiter>>,
     flusher: Option<thread::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
-    /// Closes the queue and waits for the flusher, so the database is released when the
-    /// last handle goes (a reopen in the same process must not find it locked).
+    /// Closes the queue and waits for the flusher, so every waiter is answered and the
+    /// files are released when the last handle goes.
     fn drop(&mut self) {
         self.flush_queue.take();
         if let Some(flusher) = self.flusher.take() {
@@ -48,35 +52,25 @@ impl Drop for Inner {
     }
 }
 
-
 impl RaftLogStore {
-    pub fn open(db: &sled::Db, data_dir: &std::path::Path) -> Result<Self, StorageError> {
-        let log = db.open_tree(LOG_TREE)?;
+    /// Opens the log under `data_dir/raft-log` and the metadata in `db`.
+    pub fn open(db: &sled::Db, data_dir: &Path) -> Result<Self, StorageError> {
+        let wal = Arc::new(Wal::open(&data_dir.join(WAL_DIR))?);
         let meta = db.open_tree(META_TREE)?;
         let (flush_queue, waiting) = mpsc::sync_channel::<LogFlushWaiter>(LOG_FLUSH_QUEUE_MAX);
         let durable = DurableFlush::new(db, data_dir)?;
-        let flusher_durable = durable.clone();
+        let flusher_wal = wal.clone();
         let flusher = thread::Builder::new()
             .name("strata-log-flush".into())
-            .spawn(move || run_flusher(flusher_durable, waiting))?;
-        let inner = Inner { durable, log, meta, flush_queue: Some(flush_queue), flusher: Some(flusher) };
-        Ok(Self { inner: std::sync::Arc::new(inner) })
+            .spawn(move || run_flusher(flusher_wal, waiting))?;
+        let inner = Inner { durable, wal, meta, flush_queue: Some(flush_queue), flusher: Some(flusher) };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
-    /// Inserts entries `(index, bytes)`; they must follow the current last index.
+    /// Writes entries `(index, bytes)`; they must follow the current last index.
     /// `on_flushed` runs once an fsync covering them has completed.
     pub fn append(&self, entries: Vec<(u64, Vec<u8>)>, on_flushed: LogFlushWaiter) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        let mut previous: Option<u64> = None;
-        for (index, bytes) in entries {
-            if let Some(previous) = previous {
-                assert_eq!(previous + 1, index, "log entries must be contiguous");
-            }
-            previous = Some(index);
-            let key = index.to_be_bytes();
-            batch.insert(&key, record::seal(&key, &bytes));
-        }
-        self.inner.log.apply_batch(batch)?;
+        self.inner.wal.append(&entries)?;
         self.inner.flush_queue
             .as_ref()
             .expect("flush queue lives as long as the store")
@@ -87,50 +81,27 @@ impl RaftLogStore {
 
     /// Entries with index in `[start, end)`, in order. Verifies each checksum.
     pub fn read_range(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-        let mut out = Vec::new();
-        if start >= end {
-            return Ok(out);
-        }
-        for item in self.inner.log.range(start.to_be_bytes()..end.to_be_bytes()) {
-            let (key, value) = item?;
-            let index = decode_index(&key)?;
-            out.push((index, record::open("raft log entry", &key, &value)?.to_vec()));
-        }
-        Ok(out)
+        self.inner.wal.read_range(start, end)
     }
 
     /// The last entry, if any.
     pub fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        match self.inner.log.last()? {
-            None => Ok(None),
-            Some((key, value)) => {
-                let index = decode_index(&key)?;
-                Ok(Some((index, record::open("raft log entry", &key, &value)?.to_vec())))
-            }
-        }
+        self.inner.wal.last()
     }
 
-    /// Removes every entry with index `>= from`. Not flushed: a truncation that is lost in
-    /// a crash leaves entries that openraft truncates again (they are uncommitted).
+    /// Removes every entry with index `>= from`, durably.
     pub fn truncate_from(&self, from: u64) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for item in self.inner.log.range(from.to_be_bytes()..) {
-            let (key, _) = item?;
-            batch.remove(key);
-        }
-        self.inner.log.apply_batch(batch)?;
-        Ok(())
+        self.inner.wal.truncate_from(from)
     }
 
     /// Removes every entry with index `<= upto`. The caller records the purged log id first.
+    ///
+    /// The applied state is not flushed on the commit path: after a crash, openraft
+    /// re-applies the log above the durable applied index. So before entries go, sled is
+    /// flushed: the applied state it holds is then durable at least up to `upto`.
     pub fn purge_upto(&self, upto: u64) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for item in self.inner.log.range(..=upto.to_be_bytes()) {
-            let (key, _) = item?;
-            batch.remove(key);
-        }
-        self.inner.log.apply_batch(batch)?;
-        Ok(())
+        self.inner.durable.flush()?;
+        self.inner.wal.purge_upto(upto)
     }
 
     /// Reads a named metadata value.
@@ -152,19 +123,12 @@ impl RaftLogStore {
 
     /// Whether this store has ever held Raft state (a vote or a log entry).
     pub fn is_pristine(&self) -> Result<bool, StorageError> {
-        Ok(self.inner.log.is_empty() && self.inner.meta.is_empty())
+        Ok(self.inner.wal.is_pristine() && self.inner.meta.is_empty())
     }
 }
 
-fn decode_index(key: &[u8]) -> Result<u64, StorageError> {
-    let bytes: [u8; 8] = key
-        .try_into()
-        .map_err(|_| StorageError::Corrupt { what: "raft log key", key: record::printable_key(key) })?;
-    Ok(u64::from_be_bytes(bytes))
-}
-
 /// One fsync per drained batch of waiters; exits when every sender is gone.
-fn run_flusher(durable: DurableFlush, waiting: mpsc::Receiver<LogFlushWaiter>) {
+fn run_flusher(wal: Arc<Wal>, waiting: mpsc::Receiver<LogFlushWaiter>) {
     while let Ok(first) = waiting.recv() {
         let mut waiters = vec![first];
         while waiters.len() < LOG_FLUSH_QUEUE_MAX {
@@ -173,7 +137,7 @@ fn run_flusher(durable: DurableFlush, waiting: mpsc::Receiver<LogFlushWaiter>) {
                 Err(_) => break,
             }
         }
-        let result = durable.flush();
+        let result = wal.sync();
         for waiter in waiters {
             waiter(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
         }
@@ -214,9 +178,12 @@ mod tests {
 
     #[test]
     fn corrupt_log_entry_is_an_error_not_an_answer() {
-        let (_dir, store) = store();
+        let (dir, store) = store();
         append_and_wait(&store, vec![(1, b"entry".to_vec())]);
-        store.inner.log.insert(1u64.to_be_bytes(), b"\0\0\0\0entry".to_vec()).unwrap();
+        let segment = dir.path().join(WAL_DIR).join(format!("{:020}.wal", 1));
+        let mut bytes = std::fs::read(&segment).unwrap();
+        *bytes.last_mut().unwrap() ^= 0x01;
+        std::fs::write(&segment, &bytes).unwrap();
         assert!(matches!(store.read_range(1, 2), Err(StorageError::Corrupt { .. })));
     }
 
