@@ -1,8 +1,8 @@
 //! Key layout of the applied-state tree. One tree, prefixed keys, so that the writes of
 //! one Raft entry go into one atomic sled batch.
 //!
-//! - `e` position(u64 BE)                 → StoredEvent
-//! - `s` stream 0x00 version(u64 BE)      → position
+//! - `e` first position(u64 BE)           → EventChunk (the events of one append)
+//! - `s` stream 0x00 first version(u64 BE) → first position of the chunk
 //! - `i` event id (16 bytes)              → position
 //! - `h` stream                           → StreamHead
 //! - `m` name                             → metadata (applied log id, next position)

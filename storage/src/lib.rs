@@ -14,6 +14,7 @@
 //! Every stored value is a [`record`]: a CRC32C over key and payload, verified on every
 //! read; a mismatch is [`StorageError::Corrupt`], never a silently wrong answer.
 
+mod chunk;
 mod command;
 mod error;
 mod keys;

@@ -10,13 +10,14 @@
 //! - readers see only positions below `visible_next_position`, which moves after a whole
 //!   entry is in, so an append is never seen half-written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::EventChunk;
 use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, NewEvent, StoredEvent};
 use crate::keys;
 use crate::record;
@@ -133,7 +134,7 @@ impl EventState {
         if position >= self.next_position() {
             return Ok(None);
         }
-        read_event(&self.tree(), position)
+        Ok(read_chunk_containing(&self.tree(), position)?.map(|chunk| chunk.event_at(position)))
     }
 
     /// Up to `limit` events of `stream` starting at `from_version` (inclusive), forwards
@@ -148,19 +149,22 @@ impl EventState {
         let tree = self.tree();
         let visible = self.next_position();
         let prefix = keys::stream_index_prefix(stream);
+        let mut end = prefix.clone();
+        *end.last_mut().expect("prefix ends with the separator") = 1;
+        // The stream index has one entry per chunk, under the chunk's first version: start
+        // from the chunk that holds `from_version`.
         let from = keys::stream_index(stream, from_version);
         let range: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if backwards {
             Box::new(tree.range(prefix.clone()..=from).rev())
         } else {
-            let mut end = prefix.clone();
-            *end.last_mut().expect("prefix ends with the separator") = 1;
-            Box::new(tree.range(from..end))
+            let start = match tree.range(prefix.clone()..=from.clone()).next_back() {
+                Some(item) => item?.0.to_vec(),
+                None => from,
+            };
+            Box::new(tree.range(start..end))
         };
         let mut out = Vec::with_capacity(limit.min(1024));
-        for item in range {
-            if out.len() >= limit {
-                break;
-            }
+        'chunks: for item in range {
             let (key, value) = item?;
             let position = decode_position("stream index entry", &key, &value)?;
             if position >= visible {
@@ -170,12 +174,23 @@ impl EventState {
                 }
                 break;
             }
-            let event = read_event(&tree, position)?.ok_or_else(|| StorageError::Corrupt {
-                what: "stream index points at a missing event",
+            let chunk = read_chunk(&tree, position)?.ok_or_else(|| StorageError::Corrupt {
+                what: "stream index points at a missing chunk",
                 key: record::printable_key(&key),
             })?;
-            assert_eq!(event.stream, stream, "stream index entry must point into its stream");
-            out.push(event);
+            assert_eq!(chunk.stream, stream, "stream index entry must point into its stream");
+            let offsets: Box<dyn Iterator<Item = usize>> =
+                if backwards { Box::new((0..chunk.events.len()).rev()) } else { Box::new(0..chunk.events.len()) };
+            for offset in offsets {
+                let version = chunk.first_version + offset as u64;
+                if (backwards && version > from_version) || (!backwards && version < from_version) {
+                    continue;
+                }
+                if out.len() >= limit {
+                    break 'chunks;
+                }
+                out.push(chunk.event(offset));
+            }
         }
         Ok(out)
     }
@@ -188,32 +203,55 @@ impl EventState {
         if !options.backwards && options.from_position >= visible {
             return Ok((Vec::new(), None));
         }
-        let range: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if options.backwards {
-            let from = options.from_position.min(visible.saturating_sub(1));
+        let from = if options.backwards {
             if visible == 0 {
                 return Ok((Vec::new(), None));
             }
-            Box::new(tree.range(keys::event(0)..=keys::event(from)).rev())
+            options.from_position.min(visible - 1)
         } else {
-            Box::new(tree.range(keys::event(options.from_position)..keys::event(visible)))
+            options.from_position
+        };
+        // Start at the chunk holding `from`.
+        let start = match tree.range(keys::event(0)..=keys::event(from)).next_back() {
+            Some(item) => decode_chunk_key(&item?.0)?,
+            None => 0,
+        };
+        let range: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if options.backwards {
+            Box::new(tree.range(keys::event(0)..=keys::event(start)).rev())
+        } else {
+            Box::new(tree.range(keys::event(start)..keys::event(visible)))
         };
         let mut out = Vec::with_capacity(options.limit.min(1024));
         let mut scanned = 0usize;
         let mut last_seen: Option<u64> = None;
-        for item in range {
-            if out.len() >= options.limit || scanned >= options.scan_limit {
-                break;
-            }
+        'chunks: for item in range {
             let (key, value) = item?;
-            let event: StoredEvent = record::open_value("event", &key, &value)?;
-            if let Some(last) = last_seen {
-                let expected = if options.backwards { last - 1 } else { last + 1 };
-                assert_eq!(event.position, expected, "positions are gapless");
-            }
-            last_seen = Some(event.position);
-            scanned += 1;
-            if (options.filter)(&event) {
-                out.push(event);
+            let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
+            let positions: Box<dyn Iterator<Item = u64>> = if options.backwards {
+                Box::new((chunk.first_position..chunk.end_position()).rev())
+            } else {
+                Box::new(chunk.first_position..chunk.end_position())
+            };
+            for position in positions {
+                if (options.backwards && position > from) || (!options.backwards && position < from) {
+                    continue;
+                }
+                if position >= visible {
+                    break 'chunks;
+                }
+                if out.len() >= options.limit || scanned >= options.scan_limit {
+                    break 'chunks;
+                }
+                if let Some(last) = last_seen {
+                    let expected = if options.backwards { last - 1 } else { last + 1 };
+                    assert_eq!(position, expected, "positions are gapless");
+                }
+                last_seen = Some(position);
+                scanned += 1;
+                let event = chunk.event_at(position);
+                if (options.filter)(&event) {
+                    out.push(event);
+                }
             }
         }
         let next = match last_seen {
@@ -268,14 +306,24 @@ impl EventState {
         self.db.drop_tree(name.as_bytes())?;
         let fresh = self.db.open_tree(&name)?;
         let mut writer = BatchWriter::new(&fresh, 0);
+        let mut chunk: Option<EventChunk> = None;
         for event in events {
             let event = event?;
-            assert_eq!(event.position, writer.next_position, "snapshot positions are gapless");
-            writer.write_event(event)?;
+            match chunk.as_mut() {
+                Some(open) if open.continues_with(&event) => open.push(event),
+                _ => {
+                    if let Some(full) = chunk.replace(EventChunk::of(event)) {
+                        writer.write_chunk(full)?;
+                    }
+                }
+            }
             if writer.pending_events() >= REPLACE_BATCH_EVENTS_MAX {
                 let batch = writer.take_batch();
                 fresh.apply_batch(batch)?;
             }
+        }
+        if let Some(last) = chunk {
+            writer.write_chunk(last)?;
         }
         let next_position = writer.next_position;
         let mut batch = writer.finish()?;
@@ -297,10 +345,19 @@ impl EventState {
     /// Every event below `cutoff`, in position order (for snapshot export).
     pub fn events_below(&self, cutoff: u64) -> impl Iterator<Item = Result<StoredEvent, StorageError>> {
         let tree = self.tree();
-        tree.range(keys::event(0)..keys::event(cutoff)).map(|item| {
-            let (key, value) = item?;
-            record::open_value("event", &key, &value)
-        })
+        tree.range(keys::event(0)..keys::event(cutoff))
+            .map(|item| {
+                let (key, value) = item?;
+                record::open_value::<EventChunk>("event chunk", &key, &value)
+            })
+            .flat_map(move |chunk| -> Box<dyn Iterator<Item = Result<StoredEvent, StorageError>>> {
+                match chunk {
+                    Err(e) => Box::new(std::iter::once(Err(e))),
+                    Ok(chunk) => Box::new(
+                        (chunk.first_position..chunk.end_position().min(cutoff)).map(move |p| Ok(chunk.event_at(p))),
+                    ),
+                }
+            })
     }
 }
 
@@ -318,7 +375,8 @@ struct BatchWriter<'t> {
     heads: HashMap<String, Option<StreamHead>>,
     dirty_heads: HashSet<String>,
     new_ids: HashMap<[u8; 16], u64>,
-    new_events: HashMap<u64, StoredEvent>,
+    /// Chunks staged in this batch, by first position.
+    new_chunks: BTreeMap<u64, EventChunk>,
 }
 
 impl<'t> BatchWriter<'t> {
@@ -331,7 +389,7 @@ impl<'t> BatchWriter<'t> {
             heads: HashMap::new(),
             dirty_heads: HashSet::new(),
             new_ids: HashMap::new(),
-            new_events: HashMap::new(),
+            new_chunks: BTreeMap::new(),
         }
     }
 
@@ -360,13 +418,15 @@ impl<'t> BatchWriter<'t> {
     }
 
     fn event(&self, position: u64) -> Result<StoredEvent, StorageError> {
-        if let Some(event) = self.new_events.get(&position) {
-            return Ok(event.clone());
+        if let Some((_, chunk)) = self.new_chunks.range(..=position).next_back() {
+            if chunk.contains_position(position) {
+                return Ok(chunk.event_at(position));
+            }
         }
-        read_event(self.tree, position)?.ok_or_else(|| StorageError::Corrupt {
-            what: "event id index points at a missing event",
-            key: position.to_string(),
-        })
+        match read_chunk_containing(self.tree, position)? {
+            Some(chunk) => Ok(chunk.event_at(position)),
+            None => Err(StorageError::Corrupt { what: "event id index points at a missing event", key: position.to_string() }),
+        }
     }
 
     /// Decides one append against the state so far and stages its writes.
@@ -444,21 +504,14 @@ impl<'t> BatchWriter<'t> {
         }
         let first_version = head_version.map_or(0, |v| v + 1);
         let first_position = self.next_position;
-        for (offset, event) in append.events.iter().enumerate() {
-            let stored = StoredEvent {
-                id: event.id,
-                stream: append.stream.clone(),
-                version: first_version + offset as u64,
-                position: self.next_position,
-                event_type: event.event_type.clone(),
-                content_type: event.content_type.clone(),
-                data: event.data.clone(),
-                metadata: event.metadata.clone(),
-                created_unix_ms: append.created_unix_ms,
-            };
-            self.write_event(stored)?;
-        }
         let count = append.events.len() as u64;
+        self.write_chunk(EventChunk {
+            stream: append.stream.clone(),
+            first_version,
+            first_position,
+            created_unix_ms: append.created_unix_ms,
+            events: append.events.clone(),
+        })?;
         Ok(Ok(AppendSuccess {
             first_version,
             last_version: first_version + count - 1,
@@ -468,52 +521,58 @@ impl<'t> BatchWriter<'t> {
         }))
     }
 
-    /// Stages one event at the next position with its index entries and head update.
-    fn write_event(&mut self, event: StoredEvent) -> Result<(), StorageError> {
-        assert_eq!(event.position, self.next_position, "positions are assigned in order");
-        let head = self.head(&event.stream)?;
-        let new_head = match head {
+    /// Stages one chunk at the next position with its index entries and head update.
+    fn write_chunk(&mut self, chunk: EventChunk) -> Result<(), StorageError> {
+        assert_eq!(chunk.first_position, self.next_position, "positions are assigned in order");
+        assert!(!chunk.events.is_empty(), "a chunk holds events");
+        let count = chunk.len();
+        let last_version = chunk.first_version + count - 1;
+        let last_position = chunk.end_position() - 1;
+        let new_head = match self.head(&chunk.stream)? {
             None => {
-                assert_eq!(event.version, 0, "a new stream starts at version 0");
+                assert_eq!(chunk.first_version, 0, "a new stream starts at version 0");
                 StreamHead {
-                    last_version: 0,
-                    event_count: 1,
-                    created_unix_ms: event.created_unix_ms,
-                    updated_unix_ms: event.created_unix_ms,
-                    first_position: event.position,
-                    last_position: event.position,
+                    last_version,
+                    event_count: count,
+                    created_unix_ms: chunk.created_unix_ms,
+                    updated_unix_ms: chunk.created_unix_ms,
+                    first_position: chunk.first_position,
+                    last_position,
                 }
             }
             Some(head) => {
-                assert_eq!(event.version, head.last_version + 1, "stream versions are contiguous");
+                assert_eq!(chunk.first_version, head.last_version + 1, "stream versions are contiguous");
                 StreamHead {
-                    last_version: event.version,
-                    event_count: head.event_count + 1,
-                    updated_unix_ms: event.created_unix_ms,
-                    last_position: event.position,
+                    last_version,
+                    event_count: head.event_count + count,
+                    updated_unix_ms: chunk.created_unix_ms,
+                    last_position,
                     ..head
                 }
             }
         };
-        let event_key = keys::event(event.position);
-        self.batch.insert(&event_key, record::seal_value("event", &event_key, &event)?);
-        let index_key = keys::stream_index(&event.stream, event.version);
-        self.batch.insert(index_key.clone(), record::seal(&index_key, &event.position.to_be_bytes()));
-        let id_key = keys::event_id(&event.id);
-        self.batch.insert(&id_key, record::seal(&id_key, &event.position.to_be_bytes()));
-        self.new_ids.insert(event.id, event.position);
-        self.heads.insert(event.stream.clone(), Some(new_head));
-        self.dirty_heads.insert(event.stream.clone());
-        self.next_position += 1;
-        self.events_in_batch += 1;
-        self.new_events.insert(event.position, event);
+        let chunk_key = keys::event(chunk.first_position);
+        self.batch.insert(&chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?);
+        let index_key = keys::stream_index(&chunk.stream, chunk.first_version);
+        self.batch.insert(index_key.clone(), record::seal(&index_key, &chunk.first_position.to_be_bytes()));
+        for (offset, event) in chunk.events.iter().enumerate() {
+            let position = chunk.first_position + offset as u64;
+            let id_key = keys::event_id(&event.id);
+            self.batch.insert(&id_key, record::seal(&id_key, &position.to_be_bytes()));
+            self.new_ids.insert(event.id, position);
+        }
+        self.heads.insert(chunk.stream.clone(), Some(new_head));
+        self.dirty_heads.insert(chunk.stream.clone());
+        self.next_position += count;
+        self.events_in_batch += count as usize;
+        self.new_chunks.insert(chunk.first_position, chunk);
         Ok(())
     }
 
     /// Hands out the staged writes so far (heads and overlays stay for later chunks).
     fn take_batch(&mut self) -> sled::Batch {
         self.events_in_batch = 0;
-        self.new_events.clear();
+        self.new_chunks.clear();
         std::mem::take(&mut self.batch)
     }
 
@@ -538,16 +597,32 @@ fn read_head(tree: &sled::Tree, stream: &str) -> Result<Option<StreamHead>, Stor
     }
 }
 
-fn read_event(tree: &sled::Tree, position: u64) -> Result<Option<StoredEvent>, StorageError> {
+/// The chunk whose first position is `position`.
+fn read_chunk(tree: &sled::Tree, position: u64) -> Result<Option<EventChunk>, StorageError> {
     let key = keys::event(position);
     match tree.get(key)? {
         None => Ok(None),
         Some(value) => {
-            let event: StoredEvent = record::open_value("event", &key, &value)?;
-            assert_eq!(event.position, position, "event stored under its own position");
-            Ok(Some(event))
+            let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
+            assert_eq!(chunk.first_position, position, "chunk stored under its first position");
+            Ok(Some(chunk))
         }
     }
+}
+
+/// The chunk holding `position`, if that position was applied.
+fn read_chunk_containing(tree: &sled::Tree, position: u64) -> Result<Option<EventChunk>, StorageError> {
+    let Some(item) = tree.range(keys::event(0)..=keys::event(position)).next_back() else { return Ok(None) };
+    let (key, value) = item?;
+    let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
+    assert_eq!(chunk.first_position, decode_chunk_key(&key)?, "chunk stored under its first position");
+    Ok(chunk.contains_position(position).then_some(chunk))
+}
+
+fn decode_chunk_key(key: &[u8]) -> Result<u64, StorageError> {
+    let corrupt = || StorageError::Corrupt { what: "event chunk key", key: record::printable_key(key) };
+    let bytes: [u8; 8] = key.get(1..).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn decode_position(what: &'static str, key: &[u8], value: &[u8]) -> Result<u64, StorageError> {
@@ -694,6 +769,34 @@ mod tests {
         let names: Vec<String> = state.list_streams("", "", 10).unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, vec!["even", "odd"]);
         assert_eq!(state.list_streams("", "even", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reads_start_and_stop_inside_multi_event_chunks() {
+        let (_dir, state) = state();
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[1, 2, 3]), append("b", ExpectedVersion::Any, &[4])]);
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[5, 6, 7])]);
+        let versions = |events: Vec<StoredEvent>| events.into_iter().map(|e| e.version).collect::<Vec<_>>();
+        assert_eq!(versions(state.read_stream("a", 4, false, 10).unwrap()), vec![4, 5]);
+        assert_eq!(versions(state.read_stream("a", 1, false, 2).unwrap()), vec![1, 2]);
+        assert_eq!(versions(state.read_stream("a", 4, true, 3).unwrap()), vec![4, 3, 2]);
+        assert_eq!(versions(state.read_stream("a", 9, true, 10).unwrap()), vec![5, 4, 3, 2, 1, 0]);
+        let all = |_: &StoredEvent| true;
+        let positions = |(events, next): (Vec<StoredEvent>, Option<u64>)| (events.into_iter().map(|e| e.position).collect::<Vec<_>>(), next);
+        let read = |from, backwards, limit| {
+            state.read_all(&ReadAllOptions { from_position: from, backwards, limit, scan_limit: 100, filter: &all }).unwrap()
+        };
+        assert_eq!(positions(read(5, false, 2)), (vec![5, 6], None));
+        assert_eq!(positions(read(1, false, 2)), (vec![1, 2], Some(3)));
+        assert_eq!(positions(read(5, true, 3)), (vec![5, 4, 3], Some(2)));
+        assert_eq!(state.event_at(6).unwrap().unwrap().version, 5);
+        assert!(state.event_at(7).unwrap().is_none());
+        let below: Vec<u64> = state.events_below(5).map(|e| e.unwrap().position).collect();
+        assert_eq!(below, vec![0, 1, 2, 3, 4]);
+        // Replaying the second append of the first entry finds its ids inside a chunk.
+        let replay = apply(&state, vec![append("a", ExpectedVersion::Exact(2), &[5, 6, 7])]);
+        assert_eq!(replay[0].as_ref().unwrap().first_position, 4);
+        assert!(replay[0].as_ref().unwrap().idempotent_replay);
     }
 
     #[test]

@@ -1,0 +1,92 @@
+//! An event chunk: the events of one append, stored as one value.
+//!
+//! The events of one append are contiguous in `$all` and in their stream (SPEC §3.2), so
+//! they are stored together under the position of the first: one sled insert and one
+//! decode per append instead of per event. A reader that wants position `p` finds the
+//! chunk with the greatest first position `<= p`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{NewEvent, StoredEvent};
+
+/// Most events a chunk holds when one is built from a snapshot's event stream (an append
+/// holds at most `EVENTS_PER_APPEND_MAX`, checked at the API).
+pub const CHUNK_EVENTS_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventChunk {
+    pub stream: String,
+    pub first_version: u64,
+    pub first_position: u64,
+    pub created_unix_ms: i64,
+    pub events: Vec<NewEvent>,
+}
+
+impl EventChunk {
+    pub fn len(&self) -> u64 {
+        self.events.len() as u64
+    }
+
+    /// One past the last position.
+    pub fn end_position(&self) -> u64 {
+        self.first_position + self.len()
+    }
+
+    pub fn contains_position(&self, position: u64) -> bool {
+        (self.first_position..self.end_position()).contains(&position)
+    }
+
+    /// The event at `offset` within the chunk, as readers see it.
+    pub fn event(&self, offset: usize) -> StoredEvent {
+        let event = &self.events[offset];
+        StoredEvent {
+            id: event.id,
+            stream: self.stream.clone(),
+            version: self.first_version + offset as u64,
+            position: self.first_position + offset as u64,
+            event_type: event.event_type.clone(),
+            content_type: event.content_type.clone(),
+            data: event.data.clone(),
+            metadata: event.metadata.clone(),
+            created_unix_ms: self.created_unix_ms,
+        }
+    }
+
+    /// The event at `position`, which the chunk must contain.
+    pub fn event_at(&self, position: u64) -> StoredEvent {
+        assert!(self.contains_position(position), "position {position} is not in this chunk");
+        self.event((position - self.first_position) as usize)
+    }
+
+    /// Whether `event` can extend this chunk (same stream and time, next version).
+    pub fn continues_with(&self, event: &StoredEvent) -> bool {
+        self.stream == event.stream
+            && self.created_unix_ms == event.created_unix_ms
+            && event.version == self.first_version + self.len()
+            && event.position == self.end_position()
+            && self.events.len() < CHUNK_EVENTS_MAX
+    }
+
+    /// Adds `event`, which must continue the chunk.
+    pub fn push(&mut self, event: StoredEvent) {
+        assert!(self.continues_with(&event), "event does not continue the chunk");
+        self.events.push(Self::of(event).events.pop().expect("one event"));
+    }
+
+    /// A chunk of the single event `event`.
+    pub fn of(event: StoredEvent) -> Self {
+        Self {
+            stream: event.stream,
+            first_version: event.version,
+            first_position: event.position,
+            created_unix_ms: event.created_unix_ms,
+            events: vec![NewEvent {
+                id: event.id,
+                event_type: event.event_type,
+                content_type: event.content_type,
+                data: event.data,
+                metadata: event.metadata,
+            }],
+        }
+    }
+}
