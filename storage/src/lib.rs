@@ -71,10 +71,6 @@ pub fn open_database(data_dir: &Path) -> Result<sled::Db, StorageError> {
         .path(data_dir.join("sled"))
         .cache_capacity(SLED_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput)
-        // No timed flush: nothing we acknowledge depends on it (the Raft log is the
-        // durability point, and every flush we need is explicit), and each flush is a
-        // synchronous write-back that wakes sled's thread pool.
-        .flush_every_ms(None)
         .open()?;
     Ok(db)
 }

@@ -4,15 +4,9 @@
 //! Invariants kept here:
 //! - positions are gapless: the events of `$all` are exactly positions `0..next_position`;
 //! - a stream's versions are `0..=last_version`, contiguous, in position order;
-//! - an entry is applied with plain sled inserts, the `applied` record (next position and
-//!   the raft layer's applied-log metadata) last. sled recovers a prefix of its writes,
-//!   so after a crash either the `applied` record of an entry is back with everything
-//!   before it, or it is not and the entry is applied again. Leftovers of such a partial
-//!   apply are ignored: everything they hold is at or above the recovered next position
-//!   (chunks, stream index and id entries), and a stream head keeps the head it replaced
-//!   (`HeadRecord::before`) for exactly this case. (sled's atomic batches would also do,
-//!   but each one forces two synchronous log writes: measured, they were most of the cost
-//!   of an apply.)
+//! - the writes of one Raft entry (its events, indexes, heads and the raft layer's
+//!   applied-log metadata) go into one atomic sled batch, so a crash leaves either all of
+//!   an entry applied or none of it, and `applied` always describes the data beside it;
 //! - readers see only positions below `visible_next_position`, which moves after a whole
 //!   entry is in, so an append is never seen half-written.
 
@@ -29,8 +23,8 @@ use crate::keys;
 use crate::record;
 use crate::StorageError;
 
-/// `next_position` (u64 BE) then the raft layer's applied-log metadata.
 const META_APPLIED: &str = "applied";
+const META_NEXT_POSITION: &str = "next_position";
 /// Key in the database's default tree naming the tree that holds the live state; a
 /// snapshot install fills a fresh tree and then flips this pointer (atomic swap).
 const ACTIVE_STATE_TREE: &[u8] = b"active_state_tree";
@@ -45,21 +39,6 @@ pub struct StreamHead {
     pub updated_unix_ms: i64,
     pub first_position: u64,
     pub last_position: u64,
-}
-
-/// A stream head as stored: the head, and the head it replaced, which is what the head
-/// is while `current` is not yet visible (an apply in progress, or cut short by a crash).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct HeadRecord {
-    current: StreamHead,
-    before: Option<StreamHead>,
-}
-
-impl HeadRecord {
-    /// The head as of the state whose next position is `next_position`.
-    fn as_of(self, next_position: u64) -> Option<StreamHead> {
-        if self.current.last_position < next_position { Some(self.current) } else { self.before }
-    }
 }
 
 /// What a `$all` page read should return.
@@ -100,7 +79,7 @@ impl EventState {
             }
         }
         let tree = db.open_tree(&name)?;
-        let next_position = read_applied(&tree)?.map_or(0, |(next, _)| next);
+        let next_position = read_u64_meta(&tree, META_NEXT_POSITION)?.unwrap_or(0);
         Ok(Self { db: db.clone(), tree: RwLock::new(tree), visible_next_position: AtomicU64::new(next_position) })
     }
 
@@ -115,7 +94,12 @@ impl EventState {
 
     /// The raft layer's applied-log metadata written with the last applied entry.
     pub fn applied_meta(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(read_applied(&self.tree())?.map(|(_, meta)| meta))
+        let tree = self.tree();
+        let key = keys::meta(META_APPLIED);
+        match tree.get(&key)? {
+            None => Ok(None),
+            Some(value) => Ok(Some(record::open("applied metadata", &key, &value)?.to_vec())),
+        }
     }
 
     /// Applies one Raft entry: its command (None for blank and membership entries) and the
@@ -131,11 +115,10 @@ impl EventState {
             }
         }
         let next_position = writer.next_position;
-        for (key, value) in writer.finish()? {
-            tree.insert(key, value)?;
-        }
-        // Last: the record that says the entry is in (see the module docs).
-        tree.insert(keys::meta(META_APPLIED), applied_record(next_position, applied_meta))?;
+        let mut batch = writer.finish()?;
+        let meta_key = keys::meta(META_APPLIED);
+        batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
+        tree.apply_batch(batch)?;
         let previous = self.visible_next_position.swap(next_position, Ordering::AcqRel);
         assert!(previous <= next_position, "positions never go back");
         Ok(outcomes)
@@ -143,7 +126,7 @@ impl EventState {
 
     /// The head of `stream`, if it exists.
     pub fn stream_head(&self, stream: &str) -> Result<Option<StreamHead>, StorageError> {
-        read_head(&self.tree(), stream, self.next_position())
+        read_head(&self.tree(), stream)
     }
 
     /// The event at `position`, if applied.
@@ -282,7 +265,6 @@ impl EventState {
     /// Stream names starting with `prefix`, after `after` (exclusive), at most `limit`.
     pub fn list_streams(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<(String, StreamHead)>, StorageError> {
         let tree = self.tree();
-        let visible = self.next_position();
         let start = if after.is_empty() || after < prefix {
             Bound::Included(keys::head(prefix))
         } else {
@@ -302,10 +284,7 @@ impl EventState {
             if !name.starts_with(prefix) {
                 break;
             }
-            let head: HeadRecord = record::open_value("stream head", &key, &value)?;
-            if let Some(head) = head.as_of(visible) {
-                out.push((name.to_string(), head));
-            }
+            out.push((name.to_string(), record::open_value("stream head", &key, &value)?));
         }
         Ok(out)
     }
@@ -339,15 +318,17 @@ impl EventState {
                 }
             }
             if writer.pending_events() >= REPLACE_BATCH_EVENTS_MAX {
-                fresh.apply_batch(to_batch(writer.take_writes()))?;
+                let batch = writer.take_batch();
+                fresh.apply_batch(batch)?;
             }
         }
         if let Some(last) = chunk {
             writer.write_chunk(last)?;
         }
         let next_position = writer.next_position;
-        let mut batch = to_batch(writer.finish()?);
-        batch.insert(keys::meta(META_APPLIED), applied_record(next_position, applied_meta));
+        let mut batch = writer.finish()?;
+        let meta_key = keys::meta(META_APPLIED);
+        batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
         fresh.apply_batch(batch)?;
         // sled recovers a prefix of its writes, so the fresh tree is in before the pointer
         // that names it; the caller's next durable flush (the raft layer records the
@@ -388,15 +369,11 @@ const REPLACE_BATCH_EVENTS_MAX: usize = 10_000;
 /// overlay so later appends in the same entry see the effects of earlier ones.
 struct BatchWriter<'t> {
     tree: &'t sled::Tree,
-    writes: Vec<(Vec<u8>, Vec<u8>)>,
-    /// The next position when this entry started: ids and heads at or above it are
-    /// leftovers of an apply cut short (see the module docs).
-    start_position: u64,
+    batch: sled::Batch,
     next_position: u64,
     events_in_batch: usize,
     heads: HashMap<String, Option<StreamHead>>,
-    /// Heads changed in this entry, with the head they had when it started.
-    dirty_heads: HashMap<String, Option<StreamHead>>,
+    dirty_heads: HashSet<String>,
     new_ids: HashMap<[u8; 16], u64>,
     /// Chunks staged in this batch, by first position.
     new_chunks: BTreeMap<u64, EventChunk>,
@@ -406,12 +383,11 @@ impl<'t> BatchWriter<'t> {
     fn new(tree: &'t sled::Tree, next_position: u64) -> Self {
         Self {
             tree,
-            writes: Vec::new(),
-            start_position: next_position,
+            batch: sled::Batch::default(),
             next_position,
             events_in_batch: 0,
             heads: HashMap::new(),
-            dirty_heads: HashMap::new(),
+            dirty_heads: HashSet::new(),
             new_ids: HashMap::new(),
             new_chunks: BTreeMap::new(),
         }
@@ -425,7 +401,7 @@ impl<'t> BatchWriter<'t> {
         if let Some(head) = self.heads.get(stream) {
             return Ok(head.clone());
         }
-        let head = read_head(self.tree, stream, self.start_position)?;
+        let head = read_head(self.tree, stream)?;
         self.heads.insert(stream.to_string(), head.clone());
         Ok(head)
     }
@@ -437,10 +413,7 @@ impl<'t> BatchWriter<'t> {
         let key = keys::event_id(id);
         match self.tree.get(key)? {
             None => Ok(None),
-            Some(value) => {
-                let position = decode_position("event id index entry", &key, &value)?;
-                Ok((position < self.start_position).then_some(position))
-            }
+            Some(value) => Ok(Some(decode_position("event id index entry", &key, &value)?)),
         }
     }
 
@@ -579,18 +552,17 @@ impl<'t> BatchWriter<'t> {
             }
         };
         let chunk_key = keys::event(chunk.first_position);
-        self.writes.push((chunk_key.to_vec(), record::seal_value("event chunk", &chunk_key, &chunk)?));
+        self.batch.insert(&chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?);
         let index_key = keys::stream_index(&chunk.stream, chunk.first_version);
-        let index_value = record::seal(&index_key, &chunk.first_position.to_be_bytes());
-        self.writes.push((index_key, index_value));
+        self.batch.insert(index_key.clone(), record::seal(&index_key, &chunk.first_position.to_be_bytes()));
         for (offset, event) in chunk.events.iter().enumerate() {
             let position = chunk.first_position + offset as u64;
             let id_key = keys::event_id(&event.id);
-            self.writes.push((id_key.to_vec(), record::seal(&id_key, &position.to_be_bytes())));
+            self.batch.insert(&id_key, record::seal(&id_key, &position.to_be_bytes()));
             self.new_ids.insert(event.id, position);
         }
-        let before = self.heads.insert(chunk.stream.clone(), Some(new_head)).expect("head was read above");
-        self.dirty_heads.entry(chunk.stream.clone()).or_insert(before);
+        self.heads.insert(chunk.stream.clone(), Some(new_head));
+        self.dirty_heads.insert(chunk.stream.clone());
         self.next_position += count;
         self.events_in_batch += count as usize;
         self.new_chunks.insert(chunk.first_position, chunk);
@@ -598,55 +570,30 @@ impl<'t> BatchWriter<'t> {
     }
 
     /// Hands out the staged writes so far (heads and overlays stay for later chunks).
-    fn take_writes(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn take_batch(&mut self) -> sled::Batch {
         self.events_in_batch = 0;
         self.new_chunks.clear();
-        std::mem::take(&mut self.writes)
+        std::mem::take(&mut self.batch)
     }
 
-    /// The final writes: staged writes plus the changed heads, each with its head from
-    /// before the entry.
-    fn finish(mut self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
-        for (stream, before) in self.dirty_heads {
-            let current = self.heads[&stream].clone().expect("dirty heads exist");
-            let key = keys::head(&stream);
-            let value = record::seal_value("stream head", &key, &HeadRecord { current, before })?;
-            self.writes.push((key, value));
+    /// The final batch: staged writes plus the changed heads and the next position.
+    fn finish(mut self) -> Result<sled::Batch, StorageError> {
+        for stream in &self.dirty_heads {
+            let head = self.heads[stream].as_ref().expect("dirty heads exist");
+            let key = keys::head(stream);
+            self.batch.insert(key.clone(), record::seal_value("stream head", &key, head)?);
         }
-        Ok(self.writes)
+        let key = keys::meta(META_NEXT_POSITION);
+        self.batch.insert(key.clone(), record::seal(&key, &self.next_position.to_be_bytes()));
+        Ok(self.batch)
     }
 }
 
-fn to_batch(writes: Vec<(Vec<u8>, Vec<u8>)>) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for (key, value) in writes {
-        batch.insert(key, value);
-    }
-    batch
-}
-
-fn applied_record(next_position: u64, applied_meta: &[u8]) -> Vec<u8> {
-    let mut payload = next_position.to_be_bytes().to_vec();
-    payload.extend_from_slice(applied_meta);
-    record::seal(&keys::meta(META_APPLIED), &payload)
-}
-
-/// The next position and the raft layer's metadata of the last applied entry.
-fn read_applied(tree: &sled::Tree) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-    let key = keys::meta(META_APPLIED);
-    let Some(value) = tree.get(&key)? else { return Ok(None) };
-    let payload = record::open("applied metadata", &key, &value)?;
-    let corrupt = || StorageError::Corrupt { what: "applied metadata", key: record::printable_key(&key) };
-    let (next, meta) = payload.split_at_checked(8).ok_or_else(corrupt)?;
-    Ok(Some((u64::from_be_bytes(next.try_into().map_err(|_| corrupt())?), meta.to_vec())))
-}
-
-/// The head of `stream` as of the state whose next position is `next_position`.
-fn read_head(tree: &sled::Tree, stream: &str, next_position: u64) -> Result<Option<StreamHead>, StorageError> {
+fn read_head(tree: &sled::Tree, stream: &str) -> Result<Option<StreamHead>, StorageError> {
     let key = keys::head(stream);
     match tree.get(&key)? {
         None => Ok(None),
-        Some(value) => Ok(record::open_value::<HeadRecord>("stream head", &key, &value)?.as_of(next_position)),
+        Some(value) => Ok(Some(record::open_value("stream head", &key, &value)?)),
     }
 }
 
@@ -683,6 +630,14 @@ fn decode_position(what: &'static str, key: &[u8], value: &[u8]) -> Result<u64, 
     let bytes: [u8; 8] =
         payload.try_into().map_err(|_| StorageError::Corrupt { what, key: record::printable_key(key) })?;
     Ok(u64::from_be_bytes(bytes))
+}
+
+fn read_u64_meta(tree: &sled::Tree, name: &str) -> Result<Option<u64>, StorageError> {
+    let key = keys::meta(name);
+    match tree.get(&key)? {
+        None => Ok(None),
+        Some(value) => Ok(Some(decode_position("state metadata", &key, &value)?)),
+    }
 }
 
 #[cfg(test)]
@@ -842,64 +797,6 @@ mod tests {
         let replay = apply(&state, vec![append("a", ExpectedVersion::Exact(2), &[5, 6, 7])]);
         assert_eq!(replay[0].as_ref().unwrap().first_position, 4);
         assert!(replay[0].as_ref().unwrap().idempotent_replay);
-    }
-
-    /// A crash can keep any prefix of an entry's inserts without its `applied` record;
-    /// re-applying the entry must then give exactly the answers and state of a clean apply.
-    #[test]
-    fn an_apply_cut_short_at_any_insert_is_applied_again_identically() {
-        let first = || vec![append("a", ExpectedVersion::NoStream, &[1, 2]), append("b", ExpectedVersion::Any, &[3])];
-        let second = || {
-            vec![
-                append("a", ExpectedVersion::Exact(1), &[4, 5]),
-                append("c", ExpectedVersion::NoStream, &[6]),
-                append("b", ExpectedVersion::Exact(0), &[7]),
-                append("a", ExpectedVersion::Exact(1), &[8]),
-                append("a", ExpectedVersion::Any, &[1, 2]),
-            ]
-        };
-        let (_clean_dir, clean) = state();
-        apply(&clean, first());
-        let expected = apply(&clean, second());
-        let all = |_: &StoredEvent| true;
-        let dump = |state: &EventState| {
-            let (events, _) = state
-                .read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 100, scan_limit: 100, filter: &all })
-                .unwrap();
-            (events, state.list_streams("", "", 100).unwrap())
-        };
-        let writes = {
-            // Recompute entry two's writes against entry one's state in a scratch copy.
-            let (_dir, scratch) = state();
-            apply(&scratch, first());
-            let tree = scratch.tree();
-            let mut writer = BatchWriter::new(&tree, scratch.next_position());
-            for append in second() {
-                let _outcome = writer.apply_append(&append).unwrap();
-            }
-            writer.finish().unwrap()
-        };
-        assert!(writes.len() > 5);
-        for cut in 0..=writes.len() {
-            let dir = tempfile::tempdir().unwrap();
-            {
-                let db = crate::open_database(dir.path()).unwrap();
-                let state = EventState::open(&db).unwrap();
-                apply(&state, first());
-                let tree = state.tree();
-                for (key, value) in &writes[..cut] {
-                    tree.insert(key.clone(), value.clone()).unwrap();
-                }
-                // Readers do not see the partial entry either.
-                assert_eq!(state.stream_head("a").unwrap().unwrap().last_version, 1, "cut {cut}");
-                assert!(state.stream_head("c").unwrap().is_none(), "cut {cut}");
-            }
-            let db = crate::open_database(dir.path()).unwrap();
-            let state = EventState::open(&db).unwrap();
-            assert_eq!(state.next_position(), 3, "cut {cut}");
-            assert_eq!(apply(&state, second()), expected, "cut {cut}");
-            assert_eq!(dump(&state), dump(&clean), "cut {cut}");
-        }
     }
 
     #[test]
