@@ -182,7 +182,7 @@ mod tests {
         append_and_wait(&store, vec![(1, b"entry".to_vec())]);
         let segment = dir.path().join(WAL_DIR).join(format!("{:020}.wal", 1));
         let mut bytes = std::fs::read(&segment).unwrap();
-        *bytes.last_mut().unwrap() ^= 0x01;
+        bytes[16] ^= 0x01; // the first payload byte, after the 16-byte record header
         std::fs::write(&segment, &bytes).unwrap();
         assert!(matches!(store.read_range(1, 2), Err(StorageError::Corrupt { .. })));
     }

@@ -173,6 +173,8 @@ impl Wal {
         }
         let path = segment_path(&self.dir, first_index);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+        preallocate(&file);
+        file.sync_all()?;
         sync_dir(&self.dir)?;
         state.segments.insert(first_index, Segment { file: Arc::new(file), len: 0 });
         Ok(first_index)
@@ -252,6 +254,7 @@ impl Wal {
         }
         let segment = state.segments.get_mut(&cut.segment).expect("segment of a held record");
         segment.file.set_len(cut.offset)?;
+        preallocate(&segment.file);
         segment.file.sync_all()?;
         segment.len = cut.offset;
         sync_dir(&self.dir)?;
@@ -338,11 +341,13 @@ fn scan_segment(file: &File, path: &Path, first: u64, newest: bool, state: &mut 
             &rest[..HEADER_BYTES + len]
         });
         let Some((index, payload)) = record.and_then(decode_record) else {
+            if rest.iter().all(|b| *b == 0) {
+                // The preallocated, never written rest of the segment.
+                break;
+            }
             if newest && is_torn_tail(rest) {
                 tracing::warn!(path = %path.display(), offset, "cutting off an incomplete record at the end of the raft log");
-                file.set_len(offset as u64)?;
-                file.sync_all()?;
-                return Ok(offset as u64);
+                break;
             }
             return Err(corrupt(offset as u64));
         };
@@ -365,11 +370,30 @@ fn scan_segment(file: &File, path: &Path, first: u64, newest: bool, state: &mut 
         }
         offset += HEADER_BYTES + payload.len();
     }
+    if newest && (offset as u64) < file_len {
+        // Clear whatever follows the last whole record (a torn write, or writes that
+        // reached the disk out of order before a crash) so it can never be read as log.
+        file.set_len(offset as u64)?;
+        preallocate(file);
+        file.sync_all()?;
+    }
     Ok(offset as u64)
 }
 
+/// Reserves the segment's blocks up front, so an fdatasync after an append does not also
+/// have to commit a new file size and block allocation to the filesystem journal. Best
+/// effort: a filesystem without fallocate just grows the file as it is written.
+fn preallocate(file: &File) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fallocate on an open file descriptor we own; no memory is passed.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, WAL_SEGMENT_BYTES_MAX as libc::off_t) };
+    if result != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not preallocate a raft log segment");
+    }
+}
+
 /// Whether a bad record at the end of the newest segment is a write cut short by a crash:
-/// its length runs past the end of the file, or nothing valid follows it.
+/// its length runs past the end of the file, or only zeros (never written) follow it.
 fn is_torn_tail(rest: &[u8]) -> bool {
     if rest.len() < HEADER_BYTES {
         return true;
@@ -377,8 +401,11 @@ fn is_torn_tail(rest: &[u8]) -> bool {
     let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
     // A record that fits but fails its checksum is torn only if it is the last thing in
     // the file: a completed write followed by more records cannot be half-written.
-    // Zeros to the end are a file extended whose data never reached the disk.
-    len > WAL_RECORD_BYTES_MAX || rest.len() <= HEADER_BYTES + len || rest.iter().all(|b| *b == 0)
+    // A header of zeros was never written (no whole record has one: its checksum would
+    // not match); pages written after it may have reached the disk first, but nothing
+    // from it on was ever fsynced, so nothing from it on was acknowledged.
+    let never_written = rest[..HEADER_BYTES].iter().all(|b| *b == 0);
+    never_written || len > WAL_RECORD_BYTES_MAX || rest.len() <= HEADER_BYTES + len || rest[HEADER_BYTES + len..].iter().all(|b| *b == 0)
 }
 
 fn read_purged(dir: &Path) -> Result<Option<u64>, StorageError> {
@@ -492,13 +519,37 @@ mod tests {
             wal.sync().unwrap();
         }
         let path = segment_path(dir.path(), 1);
-        let len = std::fs::metadata(&path).unwrap().len();
-        // Half of the last record made it to disk.
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+        let end = 3 * (HEADER_BYTES + b"entry-1".len()) as u64;
+        // The tail of the last record never made it to disk (the segment is preallocated:
+        // zeros follow).
+        OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[0, 0, 0], end - 3).unwrap();
         let wal = Wal::open(dir.path()).unwrap();
         assert_eq!(wal.bounds(), Some((1, 2)));
         wal.append(&entries(3..=3)).unwrap();
         assert_eq!(indexes(&wal, 0, 10), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn records_written_back_out_of_order_before_a_crash_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let wal = Wal::open(dir.path()).unwrap();
+            wal.append(&entries(1..=3)).unwrap();
+            wal.sync().unwrap();
+        }
+        // Record 2 never reached the disk but record 3 did: neither was fsynced.
+        let record = (HEADER_BYTES + b"entry-1".len()) as u64;
+        let path = segment_path(dir.path(), 1);
+        OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&vec![0; record as usize], record).unwrap();
+        {
+            let wal = Wal::open(dir.path()).unwrap();
+            assert_eq!(wal.bounds(), Some((1, 1)));
+            wal.append(&entries(2..=2)).unwrap();
+            wal.sync().unwrap();
+        }
+        // The stale record 3 was cleared, so it cannot reappear after the new record 2.
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.bounds(), Some((1, 2)));
     }
 
     #[test]
