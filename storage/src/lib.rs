@@ -1,12 +1,13 @@
-//! Strata's local store: bytes on disk, on sled.
+//! Strata's local store: bytes on disk (a write-ahead log for the Raft log, sled for the rest).
 //!
 //! Two parts live in the node's data dir:
 //! - [`RaftLogStore`]: the Raft log, in an append-only segmented write-ahead log (`wal`),
 //!   and the small Raft metadata (vote, committed, purged, current snapshot) in sled, all
 //!   as opaque checksummed bytes. It knows nothing of openraft; `strata-raft` adapts it.
 //!   Its flusher's fdatasync is the durability point of every append.
-//! - [`EventState`]: the applied state (events by position, the stream index
-//!   `(stream, version) → position`, the event-id index, stream heads) and the
+//! - [`EventState`]: the applied state in sled (events in one chunk per append, keyed by
+//!   first position; the stream index `(stream, first version) → position`; the event-id
+//!   index; stream heads) and the
 //!   deterministic apply of append commands, which decides optimistic concurrency and
 //!   idempotency. Every node applies the same commands in the same order and gets the
 //!   same state.
