@@ -1,7 +1,8 @@
 //! openraft's state machine over [`strata_storage::EventState`].
 //!
-//! Each entry is applied in one atomic storage batch together with the applied log id and
-//! membership, so what `applied_state` reports always matches the data. Snapshots are files
+//! Entries are applied in atomic storage batches (consecutive committed entries share one)
+//! together with the applied log id and membership, so what `applied_state` reports
+//! always matches the data. Snapshots are files
 //! of the events below the applied position (see `strata_storage::snapshot`); building
 //! one fixes its cutoff on the state-machine task (no apply runs concurrently) and writes
 //! the file without blocking later applies.
@@ -21,6 +22,23 @@ use crate::codec::{decode, encode};
 use crate::{CommandResponse, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 const META_CURRENT_SNAPSHOT: &str = "current_snapshot";
+
+/// Most entries applied in one storage batch.
+pub const APPLY_GROUP_ENTRIES_MAX: usize = 256;
+/// Most encoded payload bytes (roughly) applied in one storage batch.
+pub const APPLY_GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// The payload size of an entry, for bounding apply groups.
+fn entry_bytes(entry: &crate::Entry) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(strata_storage::Command::Appends(appends)) => appends
+            .iter()
+            .flat_map(|a| a.events.iter())
+            .map(|e| e.data.len() + e.metadata.len() + e.event_type.len() + 64)
+            .sum(),
+        _ => 64,
+    }
+}
 
 /// A snapshot's data: a file in the node's snapshot directory.
 #[derive(Debug, Clone)]
@@ -53,6 +71,31 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
+    /// Applies consecutive entries in one storage batch, then answers their proposers.
+    fn apply_group(&self, group: Vec<EntryResponder<TypeConfig>>, applied: &mut AppliedMeta) -> Result<(), io::Error> {
+        let mut commands = Vec::with_capacity(group.len());
+        for (entry, _) in &group {
+            applied.last_applied = Some(entry.log_id());
+            commands.push(match &entry.payload {
+                EntryPayload::Normal(command) => Some(command),
+                EntryPayload::Membership(membership) => {
+                    applied.last_membership = StoredMembership::new(Some(entry.log_id()), membership.clone());
+                    None
+                }
+                EntryPayload::Blank => None,
+            });
+        }
+        let outcomes = self.state.apply_entries(&commands, &encode(&*applied))?;
+        let last_index = applied.last_applied.as_ref().map_or(0, |id| id.index());
+        self.applied.send_replace(last_index);
+        for ((_, responder), outcomes) in group.into_iter().zip(outcomes) {
+            if let Some(responder) = responder {
+                responder.send(CommandResponse { outcomes });
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(state: Arc<EventState>, raft_meta: RaftLogStore, snapshot_dir: &Path) -> Result<Self, io::Error> {
         std::fs::create_dir_all(snapshot_dir)?;
         let machine = Self {
@@ -162,24 +205,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let mut applied = self.read_applied()?;
-        while let Some((entry, responder)) = entries.try_next().await? {
-            let log_id = entry.log_id();
-            applied.last_applied = Some(log_id.clone());
-            let command = match &entry.payload {
-                EntryPayload::Normal(command) => Some(command),
-                EntryPayload::Membership(membership) => {
-                    applied.last_membership = StoredMembership::new(Some(log_id.clone()), membership.clone());
-                    None
-                }
-                EntryPayload::Blank => None,
-            };
-            let outcomes = self.state.apply(command, &encode(&applied))?;
-            self.applied.send_replace(log_id.index());
-            if let Some(responder) = responder {
-                responder.send(CommandResponse { outcomes });
+        let mut group: Vec<EntryResponder<TypeConfig>> = Vec::new();
+        let mut group_bytes = 0usize;
+        loop {
+            let next = entries.try_next().await?;
+            let done = next.is_none();
+            if let Some((entry, responder)) = next {
+                group_bytes += entry_bytes(&entry);
+                group.push((entry, responder));
+            }
+            // Committed entries arrive together under load; they share one storage batch
+            // (bounded, so catching up on a long log does not hold it all in memory).
+            let full = group.len() >= APPLY_GROUP_ENTRIES_MAX || group_bytes >= APPLY_GROUP_BYTES_MAX;
+            if (done || full) && !group.is_empty() {
+                self.apply_group(std::mem::take(&mut group), &mut applied)?;
+                group_bytes = 0;
+            }
+            if done {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<Self::SnapshotBuilder> {
