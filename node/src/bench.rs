@@ -306,6 +306,8 @@ async fn connect(endpoint: &str) -> Result<StreamsClient<Channel>> {
     let channel = Endpoint::from_shared(endpoint.to_string())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(strata_raft::HTTP2_STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(strata_raft::HTTP2_CONNECTION_WINDOW_BYTES))
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await

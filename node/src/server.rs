@@ -74,6 +74,8 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     health_reporter.set_serving::<StreamsServer<StreamsService>>().await;
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(strata_raft::HTTP2_STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(strata_raft::HTTP2_CONNECTION_WINDOW_BYTES))
         .max_concurrent_streams(Some(GRPC_CONCURRENT_STREAMS_MAX))
         .add_service(health_service)
         .add_service(

@@ -49,3 +49,9 @@ pub fn raft_config(cluster_name: &str) -> Arc<openraft::Config> {
     };
     Arc::new(config.validate().expect("the raft settings above are valid"))
 }
+
+/// HTTP/2 flow-control windows of every gRPC connection (server side, peer channels and
+/// clients). h2's 64 KiB default makes a sender of a few KiB per request wait for window
+/// updates under load; measured, that put 25-40 ms stalls into 1% of appends.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;

@@ -13,7 +13,7 @@ mod network;
 mod state_machine;
 mod transport_service;
 
-pub use config::{
+pub use config::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, 
     raft_config, ELECTION_TIMEOUT_MS_MAX, ELECTION_TIMEOUT_MS_MIN, HEARTBEAT_INTERVAL_MS, RAFT_RPC_MESSAGE_BYTES_MAX,
     SNAPSHOT_LOGS_SINCE_LAST, SNAPSHOT_CHUNK_BYTES,
 };

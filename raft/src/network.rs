@@ -47,6 +47,8 @@ impl PeerChannels {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
             .tcp_nodelay(true)
+            .initial_stream_window_size(Some(crate::HTTP2_STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(crate::HTTP2_CONNECTION_WINDOW_BYTES))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
