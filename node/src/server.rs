@@ -89,8 +89,11 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
                 .max_decoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX),
         )
+        // `Server::tcp_nodelay` only reaches sockets tonic binds itself: accepted sockets of
+        // our own listener need it here, or Nagle holds small responses until the peer's
+        // delayed ACK (40 ms stalls, measured on 1% of appends).
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             wait_for(shutdown.clone()),
         );
     let grpc_task = tokio::spawn(grpc);
