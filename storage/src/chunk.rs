@@ -52,6 +52,26 @@ impl EventChunk {
         }
     }
 
+    /// All its events, in position order, moved out (no copies of the payloads).
+    pub fn into_events(self) -> Vec<StoredEvent> {
+        let EventChunk { stream, first_version, first_position, created_unix_ms, events } = self;
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(offset, event)| StoredEvent {
+                id: event.id,
+                stream: stream.clone(),
+                version: first_version + offset as u64,
+                position: first_position + offset as u64,
+                event_type: event.event_type,
+                content_type: event.content_type,
+                data: event.data,
+                metadata: event.metadata,
+                created_unix_ms,
+            })
+            .collect()
+    }
+
     /// The event at `position`, which the chunk must contain.
     pub fn event_at(&self, position: u64) -> StoredEvent {
         assert!(self.contains_position(position), "position {position} is not in this chunk");

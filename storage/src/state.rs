@@ -18,6 +18,7 @@ use std::sync::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::EventChunk;
+use crate::id_filter::IdFilter;
 use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, NewEvent, StoredEvent};
 use crate::keys;
 use crate::record;
@@ -58,6 +59,9 @@ pub struct EventState {
     db: sled::Db,
     tree: RwLock<sled::Tree>,
     visible_next_position: AtomicU64,
+    /// Every id of the id index (and possibly ids of replaced states): skips the index
+    /// lookup for ids that were certainly never written.
+    ids: IdFilter,
 }
 
 impl EventState {
@@ -80,7 +84,15 @@ impl EventState {
         }
         let tree = db.open_tree(&name)?;
         let next_position = read_u64_meta(&tree, META_NEXT_POSITION)?.unwrap_or(0);
-        Ok(Self { db: db.clone(), tree: RwLock::new(tree), visible_next_position: AtomicU64::new(next_position) })
+        let ids = IdFilter::new();
+        for key in tree.scan_prefix([keys::EVENT_ID]).keys() {
+            let key = key?;
+            let id: &[u8; 16] = key[1..]
+                .try_into()
+                .map_err(|_| StorageError::Corrupt { what: "event id index key", key: record::printable_key(&key) })?;
+            ids.insert(id);
+        }
+        Ok(Self { db: db.clone(), tree: RwLock::new(tree), visible_next_position: AtomicU64::new(next_position), ids })
     }
 
     fn tree(&self) -> sled::Tree {
@@ -117,7 +129,7 @@ impl EventState {
     /// arrive together and share them.
     pub fn apply_entries(&self, commands: &[Option<&Command>], applied_meta: &[u8]) -> Result<Vec<Vec<AppendOutcome>>, StorageError> {
         let tree = self.tree();
-        let mut writer = BatchWriter::new(&tree, self.next_position());
+        let mut writer = BatchWriter::new(&tree, self.next_position(), &self.ids);
         let mut per_entry = Vec::with_capacity(commands.len());
         for command in commands {
             let mut outcomes = Vec::new();
@@ -194,17 +206,19 @@ impl EventState {
                 key: record::printable_key(&key),
             })?;
             assert_eq!(chunk.stream, stream, "stream index entry must point into its stream");
-            let offsets: Box<dyn Iterator<Item = usize>> =
-                if backwards { Box::new((0..chunk.events.len()).rev()) } else { Box::new(0..chunk.events.len()) };
-            for offset in offsets {
-                let version = chunk.first_version + offset as u64;
+            let mut events = chunk.into_events();
+            if backwards {
+                events.reverse();
+            }
+            for event in events {
+                let version = event.version;
                 if (backwards && version > from_version) || (!backwards && version < from_version) {
                     continue;
                 }
                 if out.len() >= limit {
                     break 'chunks;
                 }
-                out.push(chunk.event(offset));
+                out.push(event);
             }
         }
         Ok(out)
@@ -242,12 +256,12 @@ impl EventState {
         'chunks: for item in range {
             let (key, value) = item?;
             let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
-            let positions: Box<dyn Iterator<Item = u64>> = if options.backwards {
-                Box::new((chunk.first_position..chunk.end_position()).rev())
-            } else {
-                Box::new(chunk.first_position..chunk.end_position())
-            };
-            for position in positions {
+            let mut events = chunk.into_events();
+            if options.backwards {
+                events.reverse();
+            }
+            for event in events {
+                let position = event.position;
                 if (options.backwards && position > from) || (!options.backwards && position < from) {
                     continue;
                 }
@@ -263,7 +277,6 @@ impl EventState {
                 }
                 last_seen = Some(position);
                 scanned += 1;
-                let event = chunk.event_at(position);
                 if (options.filter)(&event) {
                     out.push(event);
                 }
@@ -320,7 +333,8 @@ impl EventState {
         let name = format!("{STATE_TREE_PREFIX}{}", generation + 1);
         self.db.drop_tree(name.as_bytes())?;
         let fresh = self.db.open_tree(&name)?;
-        let mut writer = BatchWriter::new(&fresh, 0);
+        // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
+        let mut writer = BatchWriter::new(&fresh, 0, &self.ids);
         let mut chunk: Option<EventChunk> = None;
         for event in events {
             let event = event?;
@@ -384,6 +398,7 @@ const REPLACE_BATCH_EVENTS_MAX: usize = 10_000;
 /// overlay so later appends in the same entry see the effects of earlier ones.
 struct BatchWriter<'t> {
     tree: &'t sled::Tree,
+    ids: &'t IdFilter,
     batch: sled::Batch,
     next_position: u64,
     events_in_batch: usize,
@@ -395,9 +410,10 @@ struct BatchWriter<'t> {
 }
 
 impl<'t> BatchWriter<'t> {
-    fn new(tree: &'t sled::Tree, next_position: u64) -> Self {
+    fn new(tree: &'t sled::Tree, next_position: u64, ids: &'t IdFilter) -> Self {
         Self {
             tree,
+            ids,
             batch: sled::Batch::default(),
             next_position,
             events_in_batch: 0,
@@ -424,6 +440,9 @@ impl<'t> BatchWriter<'t> {
     fn position_of_id(&self, id: &[u8; 16]) -> Result<Option<u64>, StorageError> {
         if let Some(position) = self.new_ids.get(id) {
             return Ok(Some(*position));
+        }
+        if !self.ids.may_contain(id) {
+            return Ok(None);
         }
         let key = keys::event_id(id);
         match self.tree.get(key)? {
@@ -575,6 +594,7 @@ impl<'t> BatchWriter<'t> {
             let id_key = keys::event_id(&event.id);
             self.batch.insert(&id_key, record::seal(&id_key, &position.to_be_bytes()));
             self.new_ids.insert(event.id, position);
+            self.ids.insert(&event.id);
         }
         self.heads.insert(chunk.stream.clone(), Some(new_head));
         self.dirty_heads.insert(chunk.stream.clone());
