@@ -117,6 +117,18 @@ async fn propose(raft: &Raft, batch: Vec<Pending>) {
                 let _ = reply.send(Ok(Applied { outcome, log_index }));
             }
         }
+        Err(e) if e.forward_to_leader().is_some() => {
+            // Refused before anything was proposed (this node no longer leads): definite.
+            let forward = e.forward_to_leader().expect("checked above");
+            let (leader_id, leader_addr) = (forward.leader_id, forward.leader_node.as_ref().map(|n| n.addr.clone()));
+            for reply in replies {
+                let _ = reply.send(Err(ApiError::Unavailable {
+                    reason: "this node stopped leading before the append was proposed".into(),
+                    leader_id,
+                    leader_addr: leader_addr.clone(),
+                }));
+            }
+        }
         Err(e) => {
             // The entry may have reached the log before leadership was lost: only the
             // client's retry with the same event ids can settle it.

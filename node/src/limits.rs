@@ -61,6 +61,12 @@ pub const LIST_STREAMS_PAGE_MAX: usize = 10_000;
 pub const READ_WAIT_TIMEOUT_MS: u64 = 5_000;
 /// How long a request waits for a leader to be elected before UNAVAILABLE.
 pub const LEADER_WAIT_TIMEOUT_MS: u64 = 5_000;
+/// Attempts a follower makes to forward one append when the leader does not answer
+/// (each after waiting for a new leader, see `LEADER_CHANGE_WAIT_MS`).
+pub const FORWARD_ATTEMPTS_MAX: u32 = 3;
+/// How long a follower waits for a new leader after forwarding failed: two of the longest
+/// election timeouts.
+pub const LEADER_CHANGE_WAIT_MS: u64 = 2 * strata_raft::ELECTION_TIMEOUT_MS_MAX;
 /// Timeout of one cluster status probe of a member.
 pub const MEMBER_PROBE_TIMEOUT_MS: u64 = 500;
 

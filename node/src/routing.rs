@@ -19,7 +19,7 @@ use strata_raft::{AppliedWatch, NodeId, PeerChannels, Raft};
 use tonic::transport::Channel;
 
 use crate::error::ApiError;
-use crate::limits::{LEADER_WAIT_TIMEOUT_MS, READ_WAIT_TIMEOUT_MS};
+use crate::limits::{LEADER_CHANGE_WAIT_MS, LEADER_WAIT_TIMEOUT_MS, READ_WAIT_TIMEOUT_MS};
 
 /// Marks a request forwarded by a follower.
 pub const FORWARDED_HEADER: &str = "x-strata-forwarded";
@@ -93,6 +93,24 @@ impl Router {
                 leader_addr: None,
             }),
         }
+    }
+
+    /// Waits (at most `LEADER_CHANGE_WAIT_MS`) until this node knows a leader other than
+    /// `old`; returns early if one is known already. After the wait the caller routes again
+    /// either way: the old leader may simply still lead.
+    pub async fn wait_for_other_leader(&self, old: NodeId) {
+        let mut metrics = self.raft.metrics();
+        let wait = async {
+            loop {
+                if metrics.borrow_and_update().current_leader.is_some_and(|leader| leader != old) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(LEADER_CHANGE_WAIT_MS), wait).await;
     }
 
     /// Where a write must go. A forwarded request that lands on a non-leader is refused

@@ -335,3 +335,27 @@ async fn follower_reads_are_linearizable_and_honour_session_tokens() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_forwards_to_the_new_leader_when_the_old_one_dies() {
+    // Goal: "calls to a follower are forwarded to the leader" holds across a leader crash.
+    // Method: warm up forwarding through a follower, kill -9 the leader, then send one
+    // append to that follower with no client-side retry: it must succeed once a new leader
+    // is elected, and be stored exactly once.
+    let mut cluster = TestCluster::start(19, 3).await;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    let follower = leader % 3 + 1;
+    let warm_up = append_request("fwd", ExpectedVersionKind::Any, 0, vec![event(&uuid::Uuid::new_v4().to_string(), "A", "{}")]);
+    cluster.streams(follower).await.append(warm_up).await.expect("forwarded append while the leader lives");
+
+    cluster.kill(leader);
+    let id = uuid::Uuid::new_v4().to_string();
+    let request = append_request("fwd", ExpectedVersionKind::Any, 0, vec![event(&id, "B", "{}")]);
+    let mut call = tonic::Request::new(request);
+    call.set_timeout(Duration::from_secs(20));
+    let response = cluster.streams(follower).await.append(call).await.expect("one call, forwarded to the new leader");
+    assert_eq!(response.into_inner().first_version, 1);
+    cluster.wait_converged(Duration::from_secs(30)).await;
+    let events = cluster.read_all_local(follower).await;
+    assert_eq!(events.iter().filter(|e| e.id == id).count(), 1, "stored exactly once");
+}

@@ -167,29 +167,54 @@ impl Streams for StreamsService {
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
         let request_bytes = request.encoded_len();
-        let route = match self.ctx.router.route_write(forwarded).await {
-            Ok(route) => route,
-            Err(unavailable) => {
-                // Bad input is reported as such even while there is no leader.
-                validate::append_command(request, request_bytes, self.ctx.max_event_bytes, 0)?;
-                return Err(unavailable.into());
-            }
-        };
-        match route {
-            Route::Leader { channel, .. } => {
-                let response = StreamsClient::new(channel)
-                    .max_decoding_message_size(GRPC_ENCODE_BYTES_MAX)
-                    .max_encoding_message_size(GRPC_DECODE_BYTES_MAX)
-                    .append(mark_forwarded(request))
-                    .await
-                    .map_err(forwarded_failure)?;
-                Ok(response)
-            }
-            Route::Local => {
-                let result = self.append_local(request, request_bytes).await;
-                self.ctx.metrics.appends_total.with_label_values(&[outcome_label(&result)]).inc();
-                self.ctx.metrics.append_latency_seconds.observe(started.elapsed().as_secs_f64());
-                Ok(Response::new(result?))
+        let mut attempt = 1;
+        loop {
+            let route = match self.ctx.router.route_write(forwarded).await {
+                Ok(route) => route,
+                Err(unavailable) => {
+                    // Bad input is reported as such even while there is no leader.
+                    validate::append_command(request, request_bytes, self.ctx.max_event_bytes, 0)?;
+                    return Err(unavailable.into());
+                }
+            };
+            match route {
+                Route::Leader { id, channel } => {
+                    let forwarded_call = StreamsClient::new(channel)
+                        .max_decoding_message_size(GRPC_ENCODE_BYTES_MAX)
+                        .max_encoding_message_size(GRPC_DECODE_BYTES_MAX)
+                        .append(mark_forwarded(request.clone()))
+                        .await;
+                    match forwarded_call {
+                        Ok(response) => return Ok(response),
+                        // No typed answer (the leader we knew is unreachable or went away
+                        // mid-call), or UNAVAILABLE (it stopped leading, or lost track of
+                        // its proposal). Sending the append again is safe: appends are
+                        // idempotent by event id, so one that did land is answered as a
+                        // replay of the original. Wait for a newer leader first.
+                        Err(status)
+                            if (detail_of(&status).is_none() || status.code() == tonic::Code::Unavailable)
+                                && attempt < FORWARD_ATTEMPTS_MAX =>
+                        {
+                            tracing::debug!(leader = id, attempt, error = %status.message(), "forwarding failed; retrying");
+                            attempt += 1;
+                            self.ctx.router.wait_for_other_leader(id).await;
+                        }
+                        Err(status) => return Err(forwarded_failure(status)),
+                    }
+                }
+                Route::Local => {
+                    let result = self.append_local(request.clone(), request_bytes).await;
+                    if matches!(result, Err(ApiError::Unavailable { .. })) && !forwarded && attempt < FORWARD_ATTEMPTS_MAX {
+                        // Leadership moved between routing and proposing; nothing was
+                        // proposed. Route again once another leader is known.
+                        attempt += 1;
+                        self.ctx.router.wait_for_other_leader(self.ctx.router.node_id).await;
+                        continue;
+                    }
+                    self.ctx.metrics.appends_total.with_label_values(&[outcome_label(&result)]).inc();
+                    self.ctx.metrics.append_latency_seconds.observe(started.elapsed().as_secs_f64());
+                    return Ok(Response::new(result?));
+                }
             }
         }
     }
