@@ -77,7 +77,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id: Option<LogId> = self.read_meta(META_LAST_PURGED)?;
+        let last_purged_log_id: Option<LogId> = match self.store.purged_note() {
+            Some(bytes) => Some(decode("purged log id", &bytes)?),
+            // Data dirs written before the purge point moved into the log's own file.
+            None => self.read_meta(META_LAST_PURGED)?,
+        };
         let last_log_id = match self.store.last()? {
             Some((_, bytes)) => Some(decode::<Entry>("raft log entry", &bytes)?.log_id()),
             None => last_purged_log_id.clone(),
@@ -125,10 +129,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Record the purge point first: entries at or below it are ignored from then on,
-        // so a crash between the two steps leaves only garbage, never a hole.
-        self.store.put_meta(META_LAST_PURGED, &encode(&log_id), true)?;
-        self.store.purge_upto(log_id.index())?;
+        // The purged log id is written durably with the purge floor, before any entry goes.
+        self.store.purge_upto(log_id.index(), &encode(&log_id))?;
         Ok(())
     }
 }

@@ -94,14 +94,23 @@ impl RaftLogStore {
         self.inner.wal.truncate_from(from)
     }
 
-    /// Removes every entry with index `<= upto`. The caller records the purged log id first.
+    /// Removes every entry with index `<= upto`.
     ///
     /// The applied state is not flushed on the commit path: after a crash, openraft
-    /// re-applies the log above the durable applied index. So before entries go, sled is
-    /// flushed: the applied state it holds is then durable at least up to `upto`.
-    pub fn purge_upto(&self, upto: u64) -> Result<(), StorageError> {
-        self.inner.durable.flush()?;
-        self.inner.wal.purge_upto(upto)
+    /// re-applies the log above the durable applied index, so entries may only go once
+    /// the applied state is durable past them. That holds without a flush here: openraft
+    /// purges only up to its current snapshot, and recording a snapshot (built or
+    /// installed) is a durable sled flush that covers the applied state at least up to
+    /// the snapshot's index. (A flush here would stall every log write behind it.)
+    /// `note` is kept durably with the purge point (the Raft layer's purged log id) and
+    /// read back with [`RaftLogStore::purged_note`]: one small fsynced file, no sled flush.
+    pub fn purge_upto(&self, upto: u64, note: &[u8]) -> Result<(), StorageError> {
+        self.inner.wal.purge_upto(upto, note)
+    }
+
+    /// The note of the latest purge.
+    pub fn purged_note(&self) -> Option<Vec<u8>> {
+        self.inner.wal.purged_note()
     }
 
     /// Reads a named metadata value.
@@ -171,7 +180,7 @@ mod tests {
         assert_eq!(store.last().unwrap().unwrap().0, 10);
         store.truncate_from(8).unwrap();
         assert_eq!(store.last().unwrap().unwrap().0, 7);
-        store.purge_upto(4).unwrap();
+        store.purge_upto(4, b"4").unwrap();
         assert_eq!(store.read_range(0, 100).unwrap().first().unwrap().0, 5);
         assert!(!store.is_pristine().unwrap());
     }

@@ -9,7 +9,8 @@
 //!
 //! Layout: `<dir>/<first index, 20 digits>.wal` segment files, each a run of records
 //! `[payload len u32 LE][crc32c(index ‖ payload) u32 LE][index u64 LE][payload]`, and
-//! `<dir>/purged` holding the purge floor (entries at or below it are gone even if a
+//! `<dir>/purged` holding the purge floor and the caller's note on it (the Raft layer
+//! keeps the purged log id there; entries at or below the floor are gone even if a
 //! segment still holds them). Indexes are contiguous above the floor.
 //!
 //! Durability: [`Wal::append`] writes to the page cache and returns; the entries are
@@ -61,6 +62,8 @@ struct State {
     locations: VecDeque<Location>,
     /// Entries at or below this index are purged.
     purged: Option<u64>,
+    /// The caller's note written with the floor.
+    purged_note: Option<Vec<u8>>,
 }
 
 impl State {
@@ -83,7 +86,10 @@ impl Wal {
     /// Opens (or creates) the log in `dir`, verifying every record.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir)?;
-        let purged = read_purged(dir)?;
+        let (purged, purged_note) = match read_purged(dir)? {
+            Some((floor, note)) => (Some(floor), Some(note)),
+            None => (None, None),
+        };
         let mut names: Vec<(u64, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
@@ -93,7 +99,7 @@ impl Wal {
             }
         }
         names.sort();
-        let mut state = State { segments: BTreeMap::new(), first: 0, locations: VecDeque::new(), purged };
+        let mut state = State { segments: BTreeMap::new(), first: 0, locations: VecDeque::new(), purged, purged_note };
         let count = names.len();
         for (position, (first, path)) in names.into_iter().enumerate() {
             let newest = position + 1 == count;
@@ -118,6 +124,11 @@ impl Wal {
     #[cfg(test)]
     fn purged(&self) -> Option<u64> {
         self.lock().purged
+    }
+
+    /// The note written with the latest purge floor.
+    pub fn purged_note(&self) -> Option<Vec<u8>> {
+        self.lock().purged_note.clone()
     }
 
     /// Writes records; each index must follow the last one (any index if the log is
@@ -261,15 +272,16 @@ impl Wal {
         Ok(())
     }
 
-    /// Drops every record with index `<= upto`, durably: the floor is written first,
-    /// then whole segments below it are deleted.
-    pub fn purge_upto(&self, upto: u64) -> Result<(), StorageError> {
+    /// Drops every record with index `<= upto`, durably: the floor (with `note`) is
+    /// written first, then whole segments below it are deleted.
+    pub fn purge_upto(&self, upto: u64, note: &[u8]) -> Result<(), StorageError> {
         let mut state = self.lock();
         if state.purged.is_some_and(|floor| floor >= upto) {
             return Ok(());
         }
-        write_purged(&self.dir, upto)?;
+        write_purged(&self.dir, upto, note)?;
         state.purged = Some(upto);
+        state.purged_note = Some(note.to_vec());
         while state.last().is_some() && state.first <= upto {
             state.locations.pop_front();
             state.first += 1;
@@ -408,7 +420,7 @@ fn is_torn_tail(rest: &[u8]) -> bool {
     never_written || len > WAL_RECORD_BYTES_MAX || rest.len() <= HEADER_BYTES + len || rest[HEADER_BYTES + len..].iter().all(|b| *b == 0)
 }
 
-fn read_purged(dir: &Path) -> Result<Option<u64>, StorageError> {
+fn read_purged(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
     let path = dir.join(PURGED_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -417,13 +429,16 @@ fn read_purged(dir: &Path) -> Result<Option<u64>, StorageError> {
     };
     let corrupt = || StorageError::Corrupt { what: "raft log purge floor", key: path.display().to_string() };
     let payload = crate::record::open("raft log purge floor", PURGED_FILE.as_bytes(), &bytes).map_err(|_| corrupt())?;
-    Ok(Some(u64::from_le_bytes(payload.try_into().map_err(|_| corrupt())?)))
+    let (floor, note) = payload.split_at_checked(8).ok_or_else(corrupt)?;
+    Ok(Some((u64::from_le_bytes(floor.try_into().map_err(|_| corrupt())?), note.to_vec())))
 }
 
 /// Writes the floor to a temporary file, fsyncs it and renames it over the old one.
-fn write_purged(dir: &Path, upto: u64) -> Result<(), StorageError> {
+fn write_purged(dir: &Path, upto: u64, note: &[u8]) -> Result<(), StorageError> {
     let temporary = dir.join(format!("{PURGED_FILE}.tmp"));
-    let sealed = crate::record::seal(PURGED_FILE.as_bytes(), &upto.to_le_bytes());
+    let mut payload = upto.to_le_bytes().to_vec();
+    payload.extend_from_slice(note);
+    let sealed = crate::record::seal(PURGED_FILE.as_bytes(), &payload);
     let file = OpenOptions::new().write(true).create(true).truncate(true).open(&temporary)?;
     file.write_all_at(&sealed, 0)?;
     file.sync_all()?;
@@ -462,7 +477,7 @@ mod tests {
             wal.truncate_from(8).unwrap();
             assert_eq!(wal.last().unwrap().unwrap().0, 7);
             wal.append(&entries(8..=12)).unwrap();
-            wal.purge_upto(4).unwrap();
+            wal.purge_upto(4, b"note").unwrap();
             wal.sync().unwrap();
             assert_eq!(wal.bounds(), Some((5, 12)));
         }
@@ -479,7 +494,7 @@ mod tests {
         {
             let wal = Wal::open(dir.path()).unwrap();
             wal.append(&entries(1..=5)).unwrap();
-            wal.purge_upto(20).unwrap();
+            wal.purge_upto(20, b"note").unwrap();
             assert_eq!(wal.bounds(), None);
             assert!(wal.append(&entries(20..=20)).is_err(), "at the floor is refused");
             wal.append(&entries(21..=22)).unwrap();
@@ -488,6 +503,7 @@ mod tests {
         let wal = Wal::open(dir.path()).unwrap();
         assert_eq!(wal.bounds(), Some((21, 22)));
         assert_eq!(wal.purged(), Some(20));
+        assert_eq!(wal.purged_note().unwrap(), b"note");
     }
 
     #[test]
@@ -502,7 +518,7 @@ mod tests {
             wal.sync().unwrap();
             let segments = || std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "wal")).count();
             assert!(segments() >= 3, "rolled over");
-            wal.purge_upto(6).unwrap();
+            wal.purge_upto(6, b"note").unwrap();
             assert_eq!(segments(), 1, "only the newest segment is left");
             assert_eq!(indexes(&wal, 0, 100), vec![7]);
         }
