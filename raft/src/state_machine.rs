@@ -2,10 +2,11 @@
 //!
 //! Entries are applied in atomic storage batches (consecutive committed entries share one)
 //! together with the applied log id and membership, so what `applied_state` reports
-//! always matches the data. Snapshots are files
-//! of the events below the applied position (see `strata_storage::snapshot`); building
-//! one fixes its cutoff on the state-machine task (no apply runs concurrently) and writes
-//! the file without blocking later applies.
+//! always matches the data. Snapshots are files of the events below the applied position
+//! (see `strata_storage::snapshot`); building one fixes its cutoff on the state-machine
+//! task (no apply runs concurrently) and writes the file without blocking later applies.
+//! Recording a snapshot is a durable flush of the applied state: the Raft log may be
+//! purged up to it without another flush.
 
 use std::io;
 use std::path::{Path, PathBuf};
