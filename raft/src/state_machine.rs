@@ -86,14 +86,19 @@ impl StateMachine {
                 EntryPayload::Blank => None,
             });
         }
-        let outcomes = self.state.apply_entries(&commands, &encode(&*applied))?;
-        let last_index = applied.last_applied.as_ref().map_or(0, |id| id.index());
-        self.applied.send_replace(last_index);
+        let (outcomes, staged) = self.state.stage_entries(&commands, &encode(&*applied))?;
+        // The entries are committed and their outcomes final, so proposers are answered
+        // before the sled write (two synchronous write-backs) instead of after it. Reads
+        // still see the entries only once they are written: the applied watch, which
+        // session and linearizable reads wait on, moves after `commit_staged`.
         for ((_, responder), outcomes) in group.into_iter().zip(outcomes) {
             if let Some(responder) = responder {
                 responder.send(CommandResponse { outcomes });
             }
         }
+        self.state.commit_staged(staged)?;
+        let last_index = applied.last_applied.as_ref().map_or(0, |id| id.index());
+        self.applied.send_replace(last_index);
         Ok(())
     }
 

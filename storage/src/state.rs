@@ -42,6 +42,13 @@ pub struct StreamHead {
     pub last_position: u64,
 }
 
+/// Decided, not yet written entries (see [`EventState::stage_entries`]).
+pub struct StagedApply {
+    tree: sled::Tree,
+    batch: sled::Batch,
+    next_position: u64,
+}
+
 /// What a `$all` page read should return.
 pub struct ReadAllOptions<'a> {
     pub from_position: u64,
@@ -128,6 +135,21 @@ impl EventState {
     /// write-backs (sled rolls its io buffer around it): under load, committed entries
     /// arrive together and share them.
     pub fn apply_entries(&self, commands: &[Option<&Command>], applied_meta: &[u8]) -> Result<Vec<Vec<AppendOutcome>>, StorageError> {
+        let (outcomes, staged) = self.stage_entries(commands, applied_meta)?;
+        self.commit_staged(staged)?;
+        Ok(outcomes)
+    }
+
+    /// The first half of [`EventState::apply_entries`]: decides every append and stages
+    /// the writes, touching nothing. The outcomes are final (the entries are committed and
+    /// the decision is deterministic), so the caller may answer proposers before
+    /// [`EventState::commit_staged`] writes them; readers see nothing until then. Nothing
+    /// else may be staged or applied in between.
+    pub fn stage_entries(
+        &self,
+        commands: &[Option<&Command>],
+        applied_meta: &[u8],
+    ) -> Result<(Vec<Vec<AppendOutcome>>, StagedApply), StorageError> {
         let tree = self.tree();
         let mut writer = BatchWriter::new(&tree, self.next_position(), &self.ids);
         let mut per_entry = Vec::with_capacity(commands.len());
@@ -145,10 +167,15 @@ impl EventState {
         let mut batch = writer.finish()?;
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
-        tree.apply_batch(batch)?;
-        let previous = self.visible_next_position.swap(next_position, Ordering::AcqRel);
-        assert!(previous <= next_position, "positions never go back");
-        Ok(per_entry)
+        Ok((per_entry, StagedApply { tree, batch, next_position }))
+    }
+
+    /// Writes staged entries in one atomic sled batch and makes them visible to readers.
+    pub fn commit_staged(&self, staged: StagedApply) -> Result<(), StorageError> {
+        staged.tree.apply_batch(staged.batch)?;
+        let previous = self.visible_next_position.swap(staged.next_position, Ordering::AcqRel);
+        assert!(previous <= staged.next_position, "positions never go back");
+        Ok(())
     }
 
     /// The head of `stream`, if it exists.
