@@ -877,6 +877,21 @@ mod tests {
     }
 
     #[test]
+    fn staged_entries_are_invisible_until_committed() {
+        let (_dir, state) = state();
+        let one = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        let (outcomes, staged) = state.stage_entries(&[Some(&one)], b"staged").unwrap();
+        assert_eq!(outcomes[0][0].as_ref().unwrap().last_position, 1, "decided before the write");
+        assert_eq!(state.next_position(), 0);
+        assert!(state.stream_head("a").unwrap().is_none());
+        assert!(state.applied_meta().unwrap().is_none());
+        state.commit_staged(staged).unwrap();
+        assert_eq!(state.next_position(), 2);
+        assert_eq!(state.stream_head("a").unwrap().unwrap().last_version, 1);
+        assert_eq!(state.applied_meta().unwrap().unwrap(), b"staged");
+    }
+
+    #[test]
     fn replace_all_rebuilds_indexes_and_survives_reopen() {
         let (_dir, source) = state();
         apply(&source, vec![append("a", ExpectedVersion::Any, &[1, 2]), append("b", ExpectedVersion::Any, &[3])]);
