@@ -46,7 +46,7 @@ impl Batcher {
     /// Proposes one append and waits for its apply result. Errors before the append was
     /// queued are definite; after it, the outcome is unknown unless the entry applied.
     pub async fn append(&self, command: AppendCommand) -> Result<Applied, ApiError> {
-        let bytes = command.events.iter().map(|e| e.data.len() + e.metadata.len() + e.event_type.len()).sum();
+        let bytes = command.payload_bytes();
         let (reply, answer) = oneshot::channel();
         self.queue.try_send(Pending { command, bytes, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::Overloaded {

@@ -67,50 +67,45 @@ pub fn parse_commit_token(token: &str) -> Result<u64, ApiError> {
 }
 
 impl Router {
-    /// The leader's id and address, waiting up to `LEADER_WAIT_TIMEOUT_MS` for an election.
-    pub async fn leader(&self) -> Result<(NodeId, String), ApiError> {
+    /// Waits up to `timeout_ms` for `found` to return something from this node's Raft
+    /// metrics, checking the current metrics first and then every change.
+    async fn wait_for_metrics<T>(&self, timeout_ms: u64, mut found: impl FnMut(&strata_raft::RaftMetrics) -> Option<T>) -> Option<T> {
         let mut metrics = self.raft.metrics();
         let wait = async {
             loop {
-                {
-                    let current = metrics.borrow_and_update();
-                    if let Some(leader) = current.current_leader {
-                        if let Some(node) = current.membership_config.membership().get_node(&leader) {
-                            return Some((leader, node.addr.clone()));
-                        }
-                    }
+                if let Some(value) = found(&metrics.borrow_and_update()) {
+                    return Some(value);
                 }
                 if metrics.changed().await.is_err() {
                     return None;
                 }
             }
         };
-        match tokio::time::timeout(Duration::from_millis(LEADER_WAIT_TIMEOUT_MS), wait).await {
-            Ok(Some(leader)) => Ok(leader),
-            _ => Err(ApiError::Unavailable {
-                reason: format!("no leader elected within LEADER_WAIT_TIMEOUT_MS={LEADER_WAIT_TIMEOUT_MS}"),
-                leader_id: None,
-                leader_addr: None,
-            }),
-        }
+        tokio::time::timeout(Duration::from_millis(timeout_ms), wait).await.ok().flatten()
+    }
+
+    /// The leader's id and address, waiting up to `LEADER_WAIT_TIMEOUT_MS` for an election.
+    pub async fn leader(&self) -> Result<(NodeId, String), ApiError> {
+        let leader = self
+            .wait_for_metrics(LEADER_WAIT_TIMEOUT_MS, |current| {
+                let leader = current.current_leader?;
+                let node = current.membership_config.membership().get_node(&leader)?;
+                Some((leader, node.addr.clone()))
+            })
+            .await;
+        leader.ok_or_else(|| ApiError::Unavailable {
+            reason: format!("no leader elected within LEADER_WAIT_TIMEOUT_MS={LEADER_WAIT_TIMEOUT_MS}"),
+            leader_id: None,
+            leader_addr: None,
+        })
     }
 
     /// Waits (at most `LEADER_CHANGE_WAIT_MS`) until this node knows a leader other than
     /// `old`; returns early if one is known already. After the wait the caller routes again
     /// either way: the old leader may simply still lead.
     pub async fn wait_for_other_leader(&self, old: NodeId) {
-        let mut metrics = self.raft.metrics();
-        let wait = async {
-            loop {
-                if metrics.borrow_and_update().current_leader.is_some_and(|leader| leader != old) {
-                    return;
-                }
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_millis(LEADER_CHANGE_WAIT_MS), wait).await;
+        self.wait_for_metrics(LEADER_CHANGE_WAIT_MS, |current| current.current_leader.filter(|leader| *leader != old))
+            .await;
     }
 
     /// Where a write must go. A forwarded request that lands on a non-leader is refused

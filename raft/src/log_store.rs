@@ -18,7 +18,6 @@ use crate::{Entry, LogId, TypeConfig, Vote};
 
 const META_VOTE: &str = "vote";
 const META_COMMITTED: &str = "committed";
-const META_LAST_PURGED: &str = "last_purged";
 
 /// The Raft log of one node.
 #[derive(Clone)]
@@ -77,11 +76,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id: Option<LogId> = match self.store.purged_note() {
-            Some(bytes) => Some(decode("purged log id", &bytes)?),
-            // Data dirs written before the purge point moved into the log's own file.
-            None => self.read_meta(META_LAST_PURGED)?,
-        };
+        let last_purged_log_id: Option<LogId> =
+            self.store.purged_note().map(|bytes| decode("purged log id", &bytes)).transpose()?;
         let last_log_id = match self.store.last()? {
             Some((_, bytes)) => Some(decode::<Entry>("raft log entry", &bytes)?.log_id()),
             None => last_purged_log_id.clone(),

@@ -32,11 +32,9 @@ pub const APPLY_GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// The payload size of an entry, for bounding apply groups.
 fn entry_bytes(entry: &crate::Entry) -> usize {
     match &entry.payload {
-        EntryPayload::Normal(strata_storage::Command::Appends(appends)) => appends
-            .iter()
-            .flat_map(|a| a.events.iter())
-            .map(|e| e.data.len() + e.metadata.len() + e.event_type.len() + 64)
-            .sum(),
+        EntryPayload::Normal(strata_storage::Command::Appends(appends)) => {
+            appends.iter().map(|a| a.payload_bytes() + 64 * a.events.len()).sum()
+        }
         _ => 64,
     }
 }

@@ -79,6 +79,14 @@ pub struct AppendCommand {
     pub created_unix_ms: i64,
 }
 
+impl AppendCommand {
+    /// Bytes of the events' type, data and metadata: what sizes group-commit batches and
+    /// apply groups.
+    pub fn payload_bytes(&self) -> usize {
+        self.events.iter().map(|e| e.data.len() + e.metadata.len() + e.event_type.len()).sum()
+    }
+}
+
 /// What an append wrote (or, for an idempotent replay, had written before).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppendSuccess {

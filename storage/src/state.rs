@@ -479,10 +479,10 @@ impl<'t> BatchWriter<'t> {
     }
 
     fn event(&self, position: u64) -> Result<StoredEvent, StorageError> {
-        if let Some((_, chunk)) = self.new_chunks.range(..=position).next_back() {
-            if chunk.contains_position(position) {
-                return Ok(chunk.event_at(position));
-            }
+        if let Some((_, chunk)) = self.new_chunks.range(..=position).next_back()
+            && chunk.contains_position(position)
+        {
+            return Ok(chunk.event_at(position));
         }
         match read_chunk_containing(self.tree, position)? {
             Some(chunk) => Ok(chunk.event_at(position)),

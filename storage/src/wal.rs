@@ -138,15 +138,15 @@ impl Wal {
             return Ok(());
         }
         let mut state = self.lock();
-        let mut expected = match state.last() {
+        let start = match state.last() {
             Some(last) => last + 1,
             None => entries[0].0,
         };
-        if state.purged.is_some_and(|floor| expected <= floor) {
-            return Err(io::Error::other(format!("append at index {expected} is at or below the purge floor")).into());
+        if state.purged.is_some_and(|floor| start <= floor) {
+            return Err(io::Error::other(format!("append at index {start} is at or below the purge floor")).into());
         }
         let mut buffer = Vec::with_capacity(entries.iter().map(|(_, b)| HEADER_BYTES + b.len()).sum());
-        for (index, bytes) in entries {
+        for ((index, bytes), expected) in entries.iter().zip(start..) {
             if *index != expected {
                 return Err(io::Error::other(format!("wal append out of order: index {index}, expected {expected}")).into());
             }
@@ -154,7 +154,6 @@ impl Wal {
                 return Err(io::Error::other(format!("wal record of {} bytes exceeds WAL_RECORD_BYTES_MAX={WAL_RECORD_BYTES_MAX}", bytes.len())).into());
             }
             encode_record(*index, bytes, &mut buffer);
-            expected += 1;
         }
         let newest = self.writable_segment(&mut state, entries[0].0, buffer.len() as u64)?;
         let segment = state.segments.get_mut(&newest).expect("writable segment exists");
@@ -363,20 +362,18 @@ fn scan_segment(file: &File, path: &Path, first: u64, newest: bool, state: &mut 
             }
             return Err(corrupt(offset as u64));
         };
-        if state.purged.is_some_and(|floor| index <= floor) {
-            // Purged: skipped, and the next kept record may start anywhere above the floor.
-        } else if let Some(last) = state.last() {
-            if index != last + 1 {
-                return Err(corrupt(offset as u64));
-            }
-        }
         if offset == 0 && index != first {
             // A segment is named after the index of its first record.
             return Err(corrupt(offset as u64));
         }
-        if !state.purged.is_some_and(|floor| index <= floor) {
-            if state.locations.is_empty() {
-                state.first = index;
+        // A purged record is skipped, and the next kept one may start anywhere above the
+        // floor; kept records are contiguous.
+        let kept = state.purged.is_none_or(|floor| index > floor);
+        if kept {
+            match state.last() {
+                Some(last) if index != last + 1 => return Err(corrupt(offset as u64)),
+                Some(_) => {}
+                None => state.first = index,
             }
             state.locations.push_back(Location { segment: first, offset: offset as u64, len: payload.len() as u32 });
         }
