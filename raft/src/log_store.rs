@@ -80,7 +80,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.store.purged_note().map(|bytes| decode("purged log id", &bytes)).transpose()?;
         let last_log_id = match self.store.last()? {
             Some((_, bytes)) => Some(decode::<Entry>("raft log entry", &bytes)?.log_id()),
-            None => last_purged_log_id.clone(),
+            None => last_purged_log_id,
         };
         Ok(LogState { last_purged_log_id, last_log_id })
     }

@@ -209,6 +209,6 @@ impl RaftNetworkV2<TypeConfig> for Connection {
             }
             Err(e) => return Err(StreamingError::Network(NetworkError::new(&e))),
         }
-        decode(&"snapshot response", &reply.into_inner().payload).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+        decode("snapshot response", &reply.into_inner().payload).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
     }
 }

@@ -256,7 +256,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         } else if snapshot.path != path {
             std::fs::copy(&snapshot.path, &path)?;
         }
-        let applied = AppliedMeta { last_applied: meta.last_log_id.clone(), last_membership: meta.last_membership.clone() };
+        let applied = AppliedMeta { last_applied: meta.last_log_id, last_membership: meta.last_membership.clone() };
         let state = self.state.clone();
         let install_path = path.clone();
         let applied_bytes = encode(&applied);

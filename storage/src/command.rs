@@ -173,6 +173,18 @@ mod serde_bytes_compat {
     }
 }
 
+impl std::fmt::Display for Command {
+    /// A short summary for openraft's logs (never the event payloads).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Appends(appends) => {
+                let events: usize = appends.iter().map(|a| a.events.len()).sum();
+                write!(f, "appends(count={}, events={events})", appends.len())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,17 +227,5 @@ mod tests {
         };
         let bytes = bincode::serialize(&event).unwrap();
         assert_eq!(bincode::deserialize::<StoredEvent>(&bytes).unwrap(), event);
-    }
-}
-
-impl std::fmt::Display for Command {
-    /// A short summary for openraft's logs (never the event payloads).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Command::Appends(appends) => {
-                let events: usize = appends.iter().map(|a| a.events.len()).sum();
-                write!(f, "appends(count={}, events={events})", appends.len())
-            }
-        }
     }
 }

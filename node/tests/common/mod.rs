@@ -115,10 +115,8 @@ impl TestCluster {
                 if self.children[(id - 1) as usize].is_none() {
                     continue;
                 }
-                if let Some(status) = self.status(id).await {
-                    if status.role == "leader" {
-                        return id;
-                    }
+                if self.status(id).await.is_some_and(|status| status.role == "leader") {
+                    return id;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
