@@ -1,5 +1,5 @@
 //! The client commands of the `strata` binary (SPEC §5): append, read, read-all, streams,
-//! stream-info, cluster status/snapshot. Every command takes `--endpoints` (any node: the
+//! stream-info (the cluster manager's commands are in [`crate::manager`]). Every command takes `--endpoints` (any node: the
 //! server forwards to the leader) and `--json`.
 //!
 //! Exit status: 0 success, 1 usage or connection error, 3 wrong expected version,
@@ -9,13 +9,12 @@ use std::io::Read as _;
 use std::time::Duration;
 
 use base64::Engine as _;
-use clap::{Args, Subcommand};
+use clap::Args;
 use serde_json::json;
-use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::streams_client::StreamsClient;
 use strata_proto::v1::{
     AppendRequest, Consistency, Direction, ExpectedVersionKind, ListStreamsRequest, ProposedEvent, ReadAllRequest, ReadFilter,
-    ReadStreamRequest, RecordedEvent, StatusRequest, StreamInfoRequest, TriggerSnapshotRequest,
+    ReadStreamRequest, RecordedEvent, StreamInfoRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -218,14 +217,6 @@ pub struct StreamsArgs {
 #[derive(Args, Debug)]
 pub struct StreamInfoArgs {
     pub stream: String,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum ClusterCommand {
-    /// Every node: address, role, term, applied index, lag, liveness, and who leads.
-    Status,
-    /// Build a Raft snapshot on the node now and purge the log below it.
-    Snapshot,
 }
 
 fn read_data_argument(value: &str) -> Result<Vec<u8>, CliError> {
@@ -448,60 +439,6 @@ pub async fn stream_info(options: &ClientOptions, args: StreamInfoArgs) -> Resul
         println!("updated:      {}", format_unix_ms(info.updated_unix_ms));
         println!("positions:    {}..{}", info.first_position, info.last_position);
         println!("tier:         {}", if info.tiered { "tiered" } else { "hot" });
-    }
-    Ok(())
-}
-
-pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result<(), CliError> {
-    let mut client = ClusterClient::new(connect(&options.endpoints).await?);
-    match command {
-        ClusterCommand::Status => {
-            let status = client.status(StatusRequest { local_only: false }).await?.into_inner();
-            if options.json {
-                let members: Vec<_> = status
-                    .members
-                    .iter()
-                    .map(|m| json!({"id": m.id, "grpc_addr": m.grpc_addr, "role": m.role, "membership": m.membership, "term": m.term, "applied_index": m.applied_index, "alive": m.alive}))
-                    .collect();
-                println!(
-                    "{}",
-                    json!({
-                        "node_id": status.node_id, "role": status.role, "term": status.term, "leader_id": status.leader_id,
-                        "leader_addr": status.leader_addr, "last_log_index": status.last_log_index,
-                        "committed_index": status.committed_index, "applied_index": status.applied_index,
-                        "snapshot_index": status.snapshot_index, "purged_index": status.purged_index,
-                        "head_position": status.head_position, "grpc_addr": status.grpc_addr, "http_addr": status.http_addr,
-                        "version": status.version, "members": members,
-                    })
-                );
-                return Ok(());
-            }
-            let leader = if status.leader_id == 0 { "none".to_string() } else { format!("{} ({})", status.leader_id, status.leader_addr) };
-            println!(
-                "node {} at {} is {}, term {}; leader {}; log last={} committed={} applied={} snapshot={}; $all has {} events",
-                status.node_id, status.grpc_addr, status.role, status.term, leader, status.last_log_index,
-                status.committed_index, status.applied_index, status.snapshot_index, status.head_position
-            );
-            let leader_applied = status.members.iter().find(|m| m.id == status.leader_id).map_or(status.applied_index, |m| m.applied_index);
-            println!("{:<4} {:<22} {:<10} {:<10} {:>6} {:>10} {:>8}  {}", "ID", "ADDRESS", "ROLE", "MEMBER", "TERM", "APPLIED", "LAG", "ALIVE");
-            for m in &status.members {
-                let lag = if m.alive { leader_applied.saturating_sub(m.applied_index).to_string() } else { "-".into() };
-                println!(
-                    "{:<4} {:<22} {:<10} {:<10} {:>6} {:>10} {:>8}  {}{}",
-                    m.id, m.grpc_addr, m.role, m.membership, m.term, m.applied_index, lag,
-                    if m.alive { "yes" } else { "NO" },
-                    if m.id == status.leader_id { "  <- leader" } else { "" }
-                );
-            }
-        }
-        ClusterCommand::Snapshot => {
-            let reply = client.trigger_snapshot(TriggerSnapshotRequest {}).await?.into_inner();
-            if options.json {
-                println!("{}", json!({"snapshot_index": reply.snapshot_index}));
-            } else {
-                println!("snapshot built at log index {}", reply.snapshot_index);
-            }
-        }
     }
     Ok(())
 }

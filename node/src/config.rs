@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::limits::{EVENT_BYTES_MAX_CEILING, EVENT_BYTES_MAX_DEFAULT};
+use crate::limits::{CLUSTER_SECRET_BYTES_MIN, EVENT_BYTES_MAX_CEILING, EVENT_BYTES_MAX_DEFAULT};
 
 /// `strata serve` settings.
 #[derive(Args, Debug, Clone)]
@@ -30,15 +30,59 @@ pub struct NodeConfig {
     /// lowest id initializes the cluster once every peer answers and none has one yet.
     #[arg(long, env = "STRATA_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
-    /// Name of the cluster (appears in Raft and logs).
+    /// Name of the cluster (appears in Raft and logs). It is also the gossip cluster id:
+    /// nodes gossip only with nodes of the same name and secret.
     #[arg(long, env = "STRATA_CLUSTER_NAME", default_value = "strata")]
     pub cluster_name: String,
+    /// UDP address gossip binds (discovery, liveness, leader hints).
+    #[arg(long, env = "STRATA_GOSSIP_ADDR", default_value = "127.0.0.1:7791")]
+    pub gossip_addr: SocketAddr,
+    /// Gossip discovery: `host:port` gossip addresses of nodes to contact first (DNS names
+    /// are re-resolved, so Kubernetes and compose service names work).
+    #[arg(long, env = "STRATA_SEEDS", value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// Gossip discovery: once this many pristine nodes see each other and none reports an
+    /// existing cluster, the lowest id initializes Raft with them. Without it a node only
+    /// joins a cluster it finds.
+    #[arg(long, env = "STRATA_INITIAL_CLUSTER_SIZE")]
+    pub initial_cluster_size: Option<usize>,
+    /// Secret that authenticates every gossip datagram (needed for gossip).
+    #[arg(long, env = "STRATA_CLUSTER_SECRET", conflicts_with = "cluster_secret_file")]
+    pub cluster_secret: Option<Secret>,
+    /// File holding the gossip secret (surrounding whitespace ignored).
+    #[arg(long, env = "STRATA_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Caught-up learners are promoted to voters automatically up to this many voters;
+    /// beyond it they stay learners and serve local reads.
+    #[arg(long, env = "STRATA_MAX_VOTERS", default_value_t = 5)]
+    pub max_voters: usize,
+    /// Remove a member that gossip has seen dead for this many seconds (off by default:
+    /// removal is explicit, `strata cluster remove`).
+    #[arg(long, env = "STRATA_AUTO_REMOVE_AFTER")]
+    pub auto_remove_after: Option<u64>,
     /// Largest event accepted (data + metadata + type), in bytes; at most 16 MiB.
     #[arg(long, env = "STRATA_MAX_EVENT_BYTES", default_value_t = EVENT_BYTES_MAX_DEFAULT)]
     pub max_event_bytes: usize,
     /// Log format: `text` or `json`.
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// A secret setting: never printed, also not by `Debug` (the configuration is logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// A peer of the static membership.
@@ -62,6 +106,45 @@ impl NodeConfig {
             Some(host) => format!("{host}:{}", self.grpc_addr.port()),
             None => self.grpc_addr.to_string(),
         }
+    }
+
+    /// The HTTP address operators and other nodes reach this node's HTTP server at.
+    pub fn advertised_http_addr(&self) -> String {
+        match &self.advertise_host {
+            Some(host) => format!("{host}:{}", self.http_addr.port()),
+            None => self.http_addr.to_string(),
+        }
+    }
+
+    /// The gossip address other nodes reach this one at: the advertised host (resolved)
+    /// and the gossip port.
+    pub async fn advertised_gossip_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let Some(host) = &self.advertise_host else { return Ok(self.gossip_addr) };
+        let target = format!("{host}:{}", self.gossip_addr.port());
+        let mut resolved = tokio::net::lookup_host(&target).await.map_err(|e| ConfigError::Invalid {
+            flag: "--advertise-host",
+            reason: format!("cannot resolve `{target}`: {e}"),
+        })?;
+        resolved.next().ok_or_else(|| ConfigError::Invalid { flag: "--advertise-host", reason: format!("`{target}` resolves to nothing") })
+    }
+
+    /// The gossip secret from `--cluster-secret` or `--cluster-secret-file`, if any.
+    pub fn gossip_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let secret = match (&self.cluster_secret, &self.cluster_secret_file) {
+            (Some(secret), _) => secret.0.trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Invalid { flag: "--cluster-secret-file", reason: format!("cannot read {}: {e}", path.display()) })?
+                .trim()
+                .to_string(),
+            (None, None) => return Ok(None),
+        };
+        if secret.len() < CLUSTER_SECRET_BYTES_MIN {
+            return Err(ConfigError::Invalid {
+                flag: "--cluster-secret",
+                reason: format!("must be at least CLUSTER_SECRET_BYTES_MIN={CLUSTER_SECRET_BYTES_MIN} bytes"),
+            });
+        }
+        Ok(Some(secret.into_bytes()))
     }
 
     /// Parses `--peers`.
@@ -101,7 +184,25 @@ impl NodeConfig {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid { flag: "--log-format", reason: "must be text or json".into() });
         }
+        if !self.seeds.is_empty() && self.cluster_secret.is_none() && self.cluster_secret_file.is_none() {
+            return Err(ConfigError::Invalid {
+                flag: "--seeds",
+                reason: "gossip needs --cluster-secret, --cluster-secret-file or STRATA_CLUSTER_SECRET".into(),
+            });
+        }
+        if self.initial_cluster_size == Some(0) {
+            return Err(ConfigError::Invalid { flag: "--initial-cluster-size", reason: "must be at least 1".into() });
+        }
+        if self.max_voters == 0 {
+            return Err(ConfigError::Invalid { flag: "--max-voters", reason: "must be at least 1".into() });
+        }
         let peers = self.parsed_peers()?;
+        if !peers.is_empty() && (!self.seeds.is_empty() || self.initial_cluster_size.is_some()) {
+            return Err(ConfigError::Invalid {
+                flag: "--peers",
+                reason: "static --peers and gossip formation (--seeds, --initial-cluster-size) exclude each other".into(),
+            });
+        }
         if !peers.is_empty() && !peers.iter().any(|p| p.id == self.node_id) {
             return Err(ConfigError::Invalid {
                 flag: "--peers",
@@ -137,5 +238,16 @@ mod tests {
         assert!(parse(&["--peers", "2=127.0.0.1:2"]).validate().is_err());
         assert!(parse(&["--peers", "x=1"]).validate().is_err());
         assert!(parse(&["--max-event-bytes", "999999999"]).validate().is_err());
+    }
+
+    #[test]
+    fn gossip_settings_validate_and_the_secret_stays_secret() {
+        assert!(parse(&["--seeds", "127.0.0.1:7792"]).validate().is_err(), "seeds need a secret");
+        let config = parse(&["--seeds", "127.0.0.1:7792", "--cluster-secret", "correct horse battery", "--initial-cluster-size", "3"]);
+        assert!(config.validate().is_ok());
+        assert_eq!(config.gossip_secret().unwrap().unwrap(), b"correct horse battery");
+        assert!(!format!("{config:?}").contains("horse"));
+        assert!(parse(&["--cluster-secret", "short"]).gossip_secret().is_err());
+        assert!(parse(&["--peers", "1=127.0.0.1:1", "--initial-cluster-size", "3"]).validate().is_err());
     }
 }

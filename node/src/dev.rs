@@ -25,9 +25,24 @@ pub struct DevArgs {
     /// Directory for every node's data and log.
     #[arg(long, default_value = "./strata-data")]
     pub data_dir: PathBuf,
-    /// Node i listens on gRPC base+i, HTTP base+80+i (gossip base+90+i is reserved).
+    /// Node i listens on gRPC base+i, HTTP base+80+i and gossip (UDP) base+90+i.
     #[arg(long, default_value_t = 7700)]
     pub base_port: u16,
+}
+
+/// The dev cluster's gossip secret: random, made once per data dir and kept there (0600),
+/// so a restarted dev cluster keeps talking to itself.
+fn dev_secret(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::hash::{BuildHasher, RandomState};
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("cluster-secret");
+    if !path.exists() {
+        let secret: String = (0..4).map(|i| format!("{:016x}", RandomState::new().hash_one(i))).collect();
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        file.write_all(secret.as_bytes())?;
+    }
+    Ok(path)
 }
 
 struct DevNode {
@@ -44,7 +59,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let grpc_of = |i: u16| format!("127.0.0.1:{}", args.base_port + i);
-    let peers: Vec<String> = (1..=args.nodes).map(|i| format!("{i}={}", grpc_of(i))).collect();
+    let gossip_of = |i: u16| format!("127.0.0.1:{}", args.base_port + 90 + i);
+    // The nodes find each other through gossip, like a real deployment: every node seeds
+    // from node 1, and they form once all of them see each other.
+    let seeds = gossip_of(1);
+    let secret_file = dev_secret(&data_dir)?;
     let mut nodes = Vec::new();
     for i in 1..=args.nodes {
         let log = data_dir.join(format!("node-{i}.log"));
@@ -55,8 +74,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .args(["--node-id", &i.to_string()])
             .arg("--data-dir")
             .arg(data_dir.join(format!("node-{i}")))
-            .args(["--grpc-addr", &grpc_of(i), "--http-addr", &http])
-            .args(["--peers", &peers.join(",")])
+            .args(["--grpc-addr", &grpc_of(i), "--http-addr", &http, "--gossip-addr", &gossip_of(i)])
+            .args(["--seeds", &seeds, "--initial-cluster-size", &args.nodes.to_string()])
+            .arg("--cluster-secret-file")
+            .arg(&secret_file)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

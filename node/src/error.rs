@@ -31,6 +31,13 @@ pub enum ApiError {
     /// The append may or may not have been committed: retry with the same event ids.
     #[error("outcome unknown: {reason}")]
     Indeterminate { reason: String, deadline: bool },
+    /// A membership change that the current membership does not allow (e.g. promoting a
+    /// node that is not a learner, removing the last voter).
+    #[error("membership change refused: {reason} node_id=`{node_id}`")]
+    MembershipRefused { node_id: u64, reason: String },
+    /// The node id is not a member.
+    #[error("node not found: node_id=`{node_id}`")]
+    NodeNotFound { node_id: u64 },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }
@@ -47,6 +54,8 @@ impl ApiError {
             ApiError::Unavailable { .. } => Code::Unavailable,
             ApiError::Indeterminate { deadline: true, .. } => Code::DeadlineExceeded,
             ApiError::Indeterminate { deadline: false, .. } => Code::Unavailable,
+            ApiError::MembershipRefused { .. } => Code::FailedPrecondition,
+            ApiError::NodeNotFound { .. } => Code::NotFound,
             ApiError::Internal { .. } => Code::Internal,
         }
     }
@@ -62,6 +71,8 @@ impl ApiError {
             ApiError::StreamNotFound { .. } => "not_found",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Indeterminate { .. } => "indeterminate",
+            ApiError::MembershipRefused { .. } => "membership_refused",
+            ApiError::NodeNotFound { .. } => "node_not_found",
             ApiError::Internal { .. } => "internal",
         }
     }
@@ -93,7 +104,7 @@ impl ApiError {
                 detail.leader_addr = leader_addr.clone().unwrap_or_default();
             }
             ApiError::Indeterminate { .. } => detail.indeterminate = true,
-            ApiError::Internal { .. } => {}
+            ApiError::MembershipRefused { .. } | ApiError::NodeNotFound { .. } | ApiError::Internal { .. } => {}
         }
         detail
     }
@@ -153,6 +164,8 @@ mod tests {
             ApiError::Unavailable { reason: "no leader".into(), leader_id: Some(2), leader_addr: Some("a:1".into()) },
             ApiError::Indeterminate { reason: "timeout".into(), deadline: true },
             ApiError::Indeterminate { reason: "lost".into(), deadline: false },
+            ApiError::MembershipRefused { node_id: 4, reason: "not a learner".into() },
+            ApiError::NodeNotFound { node_id: 9 },
             ApiError::Internal { reason: "bug".into() },
         ]
     }
@@ -169,6 +182,8 @@ mod tests {
             Code::Unavailable,
             Code::DeadlineExceeded,
             Code::Unavailable,
+            Code::FailedPrecondition,
+            Code::NotFound,
             Code::Internal,
         ];
         for (error, code) in all_errors().into_iter().zip(expected) {

@@ -3,10 +3,13 @@
 //! - [`server`]: wiring of storage, Raft, the gRPC services and HTTP; start-up and shutdown.
 //! - [`api`]: the public gRPC services (`Streams`, `Cluster`).
 //! - [`batcher`]: group commit: concurrent appends share one Raft entry.
+//! - [`discovery`]: gossip on a node: its advert, cluster formation from seeds, joining.
+//! - [`membership`]: membership changes on the leader, auto-promotion, auto-removal.
 //! - [`routing`]: leader forwarding and read consistency (linearizable, local, session).
 //! - [`error`]: the one place typed errors become gRPC status codes (SPEC §4).
 //! - [`limits`]: every limit as a named constant (SPEC §8).
-//! - [`cli`], [`dev`], [`bench`]: the client commands, the local dev cluster, the benchmark.
+//! - [`cli`], [`manager`], [`dev`], [`bench`]: the client commands, the cluster manager, the
+//!   local dev cluster, the benchmark.
 
 pub mod api;
 pub mod batcher;
@@ -16,9 +19,12 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod discovery;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod manager;
+pub mod membership;
 pub mod metrics;
 pub mod routing;
 pub mod server;

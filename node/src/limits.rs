@@ -76,3 +76,14 @@ const _: () = assert!(APPEND_REQUEST_BYTES_MAX < GRPC_DECODE_BYTES_MAX);
 const _: () = assert!(BATCH_BYTES_MAX <= strata_raft::RAFT_RPC_MESSAGE_BYTES_MAX);
 const _: () = assert!(READ_PAGE_BYTES_MAX + EVENT_BYTES_MAX_CEILING < GRPC_ENCODE_BYTES_MAX);
 const _: () = assert!(BATCH_APPENDS_MAX <= PROPOSAL_QUEUE_APPENDS_MAX);
+
+/// Shortest gossip secret accepted (a short one is guessable offline from one datagram).
+pub const CLUSTER_SECRET_BYTES_MIN: usize = 16;
+/// How long a membership change may take on the leader before the call fails.
+pub const MEMBERSHIP_CHANGE_TIMEOUT_MS: u64 = 30_000;
+/// A learner is promoted once the leader knows it holds the log up to this many entries
+/// behind the leader's last entry.
+pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 100;
+/// How long a leadership transfer may take before the call (or the SIGTERM hand-over)
+/// gives up.
+pub const TRANSFER_LEADER_TIMEOUT_MS: u64 = 5_000;

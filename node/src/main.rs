@@ -2,7 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use strata_node::bench::BenchArgs;
-use strata_node::cli::{self, AppendArgs, ClientOptions, ClusterCommand, ReadAllArgs, ReadArgs, StreamInfoArgs, StreamsArgs};
+use strata_node::cli::{self, AppendArgs, ClientOptions, ReadAllArgs, ReadArgs, StreamInfoArgs, StreamsArgs};
+use strata_node::manager::{self, ClusterCommand};
 use strata_node::config::NodeConfig;
 use strata_node::dev::DevArgs;
 use tracing_subscriber::EnvFilter;
@@ -83,7 +84,7 @@ fn main() {
                     Command::ReadAll(args) => cli::read_all(&options, args).await,
                     Command::Streams(args) => cli::streams(&options, args).await,
                     Command::StreamInfo(args) => cli::stream_info(&options, args).await,
-                    Command::Cluster(command) => cli::cluster(&options, command).await,
+                    Command::Cluster(command) => manager::cluster(&options, command).await,
                     Command::Serve(_) | Command::Dev(_) | Command::Bench(_) => unreachable!("handled above"),
                 }
             }

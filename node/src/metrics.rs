@@ -21,6 +21,8 @@ pub struct Metrics {
     pub raft_is_leader: IntGauge,
     pub raft_leader_changes_total: IntCounter,
     pub events_head_position: IntGauge,
+    pub gossip_datagrams_total: IntCounterVec,
+    gossip: std::sync::OnceLock<std::sync::Arc<strata_gossip::GossipCounters>>,
 }
 
 impl Metrics {
@@ -53,6 +55,11 @@ impl Metrics {
         let raft_is_leader = IntGauge::new("raft_is_leader", "1 when this node is the leader").expect("valid metric");
         let raft_leader_changes_total = IntCounter::new("raft_leader_changes_total", "times the known leader changed").expect("valid metric");
         let events_head_position = IntGauge::new("events_head_position", "events in $all on this node").expect("valid metric");
+        let gossip_datagrams_total = IntCounterVec::new(
+            Opts::new("gossip_datagrams_total", "gossip datagrams: sent, accepted, oversize, or dropped by reason (dropped_*)"),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let metrics = Self {
             registry,
             appends_total,
@@ -69,6 +76,8 @@ impl Metrics {
             raft_is_leader,
             raft_leader_changes_total,
             events_head_position,
+            gossip_datagrams_total,
+            gossip: std::sync::OnceLock::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.appends_total.clone()),
@@ -85,6 +94,7 @@ impl Metrics {
             Box::new(metrics.raft_is_leader.clone()),
             Box::new(metrics.raft_leader_changes_total.clone()),
             Box::new(metrics.events_head_position.clone()),
+            Box::new(metrics.gossip_datagrams_total.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).expect("metric names are unique");
@@ -92,8 +102,32 @@ impl Metrics {
         metrics
     }
 
+    /// Exports this gossip's datagram counters from now on.
+    pub fn watch_gossip(&self, counters: std::sync::Arc<strata_gossip::GossipCounters>) {
+        let _ = self.gossip.set(counters);
+    }
+
+    /// Brings the gossip counters (atomics owned by the gossip transport) into the registry.
+    fn sync_gossip(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(counters) = self.gossip.get() else { return };
+        let mut values = vec![
+            ("sent".to_string(), counters.sent.load(Ordering::Relaxed)),
+            ("accepted".to_string(), counters.accepted.load(Ordering::Relaxed)),
+            ("oversize".to_string(), counters.oversize.load(Ordering::Relaxed)),
+        ];
+        for reason in strata_gossip::DropReason::ALL {
+            values.push((format!("dropped_{}", reason.label()), counters.dropped(reason)));
+        }
+        for (outcome, value) in values {
+            let counter = self.gossip_datagrams_total.with_label_values(&[outcome.as_str()]);
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.sync_gossip();
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");
         String::from_utf8(out).expect("prometheus text is utf-8")

@@ -1,5 +1,6 @@
-//! `strata serve`: opens storage, starts Raft, serves gRPC and HTTP, bootstraps from
-//! `--peers`, and shuts down cleanly on SIGTERM or Ctrl-C.
+//! `strata serve`: opens storage, starts Raft and gossip, serves gRPC and HTTP, forms the
+//! cluster (from `--peers`, or through gossip from `--seeds`), and shuts down cleanly on
+//! SIGTERM or Ctrl-C (a leader hands leadership over first).
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use strata_proto::v1::cluster_server::ClusterServer;
 use strata_proto::v1::raft::raft_transport_server::RaftTransportServer;
 use strata_proto::v1::streams_server::StreamsServer;
 use strata_raft::{raft_config, LogStore, Network, PeerChannels, Raft, RaftTransportService, StateMachine, RAFT_RPC_MESSAGE_BYTES_MAX};
+use strata_gossip::{Gossip, GossipConfig};
 use strata_storage::{open_database, EventState, RaftLogStore};
 use tokio::sync::watch;
 
@@ -18,6 +20,8 @@ use crate::api::NodeContext;
 use crate::batcher::Batcher;
 use crate::bootstrap::bootstrap_static;
 use crate::config::NodeConfig;
+use crate::discovery::{advert_of, form_or_join, publish_adverts};
+use crate::membership::{run_membership_keeper, transfer_leader, transfer_target};
 use crate::http::{self, HttpState};
 use crate::limits::*;
 use crate::metrics::Metrics;
@@ -48,6 +52,27 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     .await?;
 
     let metrics = Arc::new(Metrics::new(node_id));
+    let grpc_advertised = config.advertised_grpc_addr();
+    let http_advertised = config.advertised_http_addr();
+    let gossip = match config.gossip_secret()? {
+        Some(secret) => {
+            let advertise_addr = config.advertised_gossip_addr().await?;
+            let gossip_config = GossipConfig {
+                node_id,
+                cluster_id: config.cluster_name.clone(),
+                secret,
+                listen_addr: config.gossip_addr,
+                advertise_addr,
+                seeds: config.seeds.clone(),
+            };
+            let initial = advert_of(&raft.metrics().borrow_watched().clone(), &grpc_advertised, &http_advertised);
+            let gossip = Gossip::start(gossip_config, &initial).await?;
+            metrics.watch_gossip(gossip.counters().clone());
+            tracing::info!(node_id, gossip = %config.gossip_addr, advertise = %advertise_addr, seeds = ?config.seeds, "gossip listening (authenticated)");
+            Some(Arc::new(gossip))
+        }
+        None => None,
+    };
     let batcher = Batcher::start(raft.clone(), metrics.clone());
     let ctx = Arc::new(NodeContext {
         router: Router { node_id, raft: raft.clone(), applied, channels: channels.clone() },
@@ -55,8 +80,9 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         batcher,
         metrics: metrics.clone(),
         max_event_bytes: config.max_event_bytes,
-        grpc_addr: config.advertised_grpc_addr(),
-        http_addr: config.http_addr.to_string(),
+        grpc_addr: grpc_advertised.clone(),
+        http_addr: http_advertised.clone(),
+        gossip: gossip.clone(),
     });
 
     let (shutdown_sender, shutdown) = watch::channel(false);
@@ -101,21 +127,58 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     let http_task = tokio::spawn(axum::serve(http_listener, http_app).with_graceful_shutdown(wait_for(shutdown.clone())).into_future());
 
     tokio::spawn(watch_raft(raft.clone(), metrics));
+    if let Some(gossip) = &gossip {
+        tokio::spawn(publish_adverts(gossip.clone(), raft.clone(), grpc_advertised.clone(), http_advertised));
+    }
     if !peers.is_empty() {
         tokio::spawn(bootstrap_static(node_id, peers, raft.clone(), log_store, channels));
+    } else if let Some(gossip) = gossip.as_ref().filter(|_| !config.seeds.is_empty() || config.initial_cluster_size.is_some()) {
+        tokio::spawn(form_or_join(
+            node_id,
+            grpc_advertised,
+            config.initial_cluster_size,
+            gossip.clone(),
+            raft.clone(),
+            log_store,
+            channels,
+        ));
     }
+    tokio::spawn(run_membership_keeper(
+        raft.clone(),
+        gossip.clone(),
+        config.max_voters,
+        config.auto_remove_after.map(std::time::Duration::from_secs),
+    ));
 
     shutdown_signal().await;
     tracing::info!(node_id, "shutting down");
+    hand_over_leadership(&raft).await;
     let _ = shutdown_sender.send(true);
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown reported an error");
     }
     let _ = grpc_task.await;
     let _ = http_task.await;
+    if let Some(gossip) = gossip.and_then(|g| Arc::try_unwrap(g).ok()) {
+        gossip.shutdown().await;
+    }
     db.flush_async().await?;
     tracing::info!(node_id, "stopped");
     Ok(())
+}
+
+/// On shutdown a leader hands over to its most caught-up voter first, so that a rolling
+/// restart costs one quick transfer instead of an election timeout per node.
+async fn hand_over_leadership(raft: &Raft) {
+    let metrics = raft.metrics().borrow_watched().clone();
+    if metrics.current_leader != Some(metrics.id) {
+        return;
+    }
+    let Some(target) = transfer_target(&metrics) else { return };
+    match transfer_leader(raft, target).await {
+        Ok(_) => tracing::info!(node_id = metrics.id, to = target, "handed leadership over before stopping"),
+        Err(e) => tracing::warn!(node_id = metrics.id, to = target, error = %e, "leadership hand-over failed; stopping anyway"),
+    }
 }
 
 async fn wait_for(mut shutdown: watch::Receiver<bool>) {

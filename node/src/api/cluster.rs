@@ -1,4 +1,5 @@
-//! `strata.v1.Cluster`: this node's Raft state and every member's, and snapshots on demand.
+//! `strata.v1.Cluster`: this node's Raft state and every member's (Raft and gossip),
+//! membership changes (served by the leader), and snapshots on demand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,12 +8,18 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::cluster_server::Cluster;
-use strata_proto::v1::{MemberStatus, StatusRequest, StatusResponse, TriggerSnapshotRequest, TriggerSnapshotResponse};
+use strata_proto::v1::{
+    AddLearnerRequest, MemberStatus, MembersRequest, MembershipResponse, NodeRequest, StatusRequest, StatusResponse,
+    TriggerSnapshotRequest, TriggerSnapshotResponse,
+};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::NodeContext;
 use crate::error::ApiError;
 use crate::limits::MEMBER_PROBE_TIMEOUT_MS;
+use crate::membership;
+use crate::routing::{is_forwarded, mark_forwarded, Route};
 
 /// How long TriggerSnapshot waits for the snapshot to be built.
 const SNAPSHOT_WAIT_TIMEOUT_MS: u64 = 60_000;
@@ -24,6 +31,23 @@ pub struct ClusterService {
 impl ClusterService {
     pub fn new(ctx: Arc<NodeContext>) -> Self {
         Self { ctx }
+    }
+
+    /// Runs a membership call on the leader: here when this node leads, else forwarded once.
+    async fn on_leader<T, Local, Remote>(
+        &self,
+        forwarded: bool,
+        local: impl FnOnce(strata_raft::Raft) -> Local,
+        remote: impl FnOnce(ClusterClient<Channel>) -> Remote,
+    ) -> Result<Response<T>, Status>
+    where
+        Local: std::future::Future<Output = Result<T, ApiError>>,
+        Remote: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        match self.ctx.router.route_write(forwarded).await? {
+            Route::Local => Ok(Response::new(local(self.ctx.router.raft.clone()).await?)),
+            Route::Leader { channel, .. } => remote(ClusterClient::new(channel)).await,
+        }
     }
 
     fn local_status(&self) -> StatusResponse {
@@ -68,15 +92,20 @@ impl Cluster for ClusterService {
         if request.into_inner().local_only {
             return Ok(Response::new(status));
         }
-        let membership = self.ctx.router.raft.metrics().borrow_watched().membership_config.membership().clone();
+        let metrics = self.ctx.router.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership().clone();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let gossip: std::collections::BTreeMap<u64, strata_gossip::PeerView> = match &self.ctx.gossip {
+            Some(gossip) => gossip.peers().await.into_iter().map(|p| (p.node_id, p)).collect(),
+            None => Default::default(),
+        };
         let probes = membership.nodes().map(|(id, node)| {
             let (id, addr) = (*id, node.addr.clone());
             let is_voter = voters.contains(&id);
             let own = (id == status.node_id).then(|| status.clone());
             let channels = self.ctx.router.channels.clone();
             async move {
-                let mut member = MemberStatus {
+                let member = MemberStatus {
                     id,
                     grpc_addr: addr.clone(),
                     role: "unknown".into(),
@@ -94,16 +123,55 @@ impl Cluster for ClusterService {
                         Err(_) => None,
                     },
                 };
-                if let Some(reply) = reply {
-                    member.alive = true;
-                    member.role = reply.role;
-                    member.applied_index = reply.applied_index;
-                    member.term = reply.term;
-                }
-                member
+                (member, reply)
             }
         });
-        status.members = futures::future::join_all(probes).await;
+        let probed = futures::future::join_all(probes).await;
+        // The leader's last log index: from the leader's own answer, else the highest seen.
+        let leader_last = probed
+            .iter()
+            .filter_map(|(_, reply)| reply.as_ref())
+            .find(|reply| reply.role == "leader")
+            .or_else(|| probed.iter().filter_map(|(_, reply)| reply.as_ref()).max_by_key(|reply| reply.last_log_index))
+            .map_or(0, |reply| reply.last_log_index);
+        for (mut member, reply) in probed {
+            if let Some(reply) = reply {
+                member.alive = true;
+                member.role = reply.role;
+                member.applied_index = reply.applied_index;
+                member.term = reply.term;
+                member.http_addr = reply.http_addr;
+                member.matched_index = reply.last_log_index;
+                member.lag = leader_last.saturating_sub(reply.applied_index);
+            }
+            if let Some(matched) = metrics.replication.as_ref().and_then(|r| r.get(&member.id).cloned().flatten()) {
+                member.matched_index = matched.index;
+            }
+            member.gossip = match gossip.get(&member.id) {
+                Some(peer) if peer.alive => "alive",
+                Some(_) => "dead",
+                None if self.ctx.gossip.is_some() => "unseen",
+                None => "unknown",
+            }
+            .into();
+            status.members.push(member);
+        }
+        // Nodes gossip knows that are not members (yet): joining, or removed.
+        for peer in gossip.values().filter(|p| membership.get_node(&p.node_id).is_none()) {
+            status.members.push(MemberStatus {
+                id: peer.node_id,
+                grpc_addr: peer.advert.grpc_addr.clone(),
+                http_addr: peer.advert.http_addr.clone(),
+                role: peer.advert.role.clone(),
+                applied_index: peer.advert.applied_index,
+                term: peer.advert.term,
+                alive: peer.alive,
+                membership: "none".into(),
+                gossip: if peer.alive { "alive" } else { "dead" }.into(),
+                lag: leader_last.saturating_sub(peer.advert.applied_index),
+                ..Default::default()
+            });
+        }
         Ok(Response::new(status))
     }
 
@@ -123,5 +191,60 @@ impl Cluster for ClusterService {
         raft.trigger().purge_log(snapshot_index).await.map_err(|e| unavailable(e.to_string()))?;
         tracing::info!(snapshot_index, "snapshot triggered by operator; log purged below it");
         Ok(Response::new(TriggerSnapshotResponse { snapshot_index }))
+    }
+
+    async fn add_learner(&self, request: Request<AddLearnerRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        let remote_body = body.clone();
+        self.on_leader(
+            forwarded,
+            |raft| async move { membership::add_learner(&raft, body.node_id, body.grpc_addr).await },
+            |mut client| async move { client.add_learner(mark_forwarded(remote_body)).await },
+        )
+        .await
+    }
+
+    async fn promote(&self, request: Request<NodeRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        self.on_leader(
+            forwarded,
+            |raft| async move { membership::promote(&raft, body.node_id).await },
+            |mut client| async move { client.promote(mark_forwarded(body)).await },
+        )
+        .await
+    }
+
+    async fn remove(&self, request: Request<NodeRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        self.on_leader(
+            forwarded,
+            |raft| async move { membership::remove(&raft, body.node_id).await },
+            |mut client| async move { client.remove(mark_forwarded(body)).await },
+        )
+        .await
+    }
+
+    async fn transfer_leader(&self, request: Request<NodeRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        self.on_leader(
+            forwarded,
+            |raft| async move { membership::transfer_leader(&raft, body.node_id).await },
+            |mut client| async move { client.transfer_leader(mark_forwarded(body)).await },
+        )
+        .await
+    }
+
+    async fn members(&self, request: Request<MembersRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        self.on_leader(
+            forwarded,
+            |raft| async move { Ok(membership::members(&raft.metrics().borrow_watched().clone())) },
+            |mut client| async move { client.members(mark_forwarded(MembersRequest {})).await },
+        )
+        .await
     }
 }

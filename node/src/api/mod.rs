@@ -21,4 +21,6 @@ pub struct NodeContext {
     pub max_event_bytes: usize,
     pub grpc_addr: String,
     pub http_addr: String,
+    /// Gossip, when this node runs it (a cluster secret was given).
+    pub gossip: Option<Arc<strata_gossip::Gossip>>,
 }

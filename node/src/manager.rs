@@ -1,0 +1,157 @@
+//! The cluster manager (`strata cluster …`, SPEC §5): status (optionally watched),
+//! members, and the membership changes, all against any node (the server forwards
+//! membership calls to the leader). `--json` prints one object per answer.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::json;
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::{
+    AddLearnerRequest, MembersRequest, MembershipResponse, NodeRequest, StatusRequest, StatusResponse, TriggerSnapshotRequest,
+};
+
+use crate::cli::{connect, CliError, ClientOptions};
+
+/// Time between refreshes of `cluster status --watch`.
+const WATCH_INTERVAL_MS: u64 = 1_000;
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Every node (from Raft and gossip): address, role, term, applied index, lag, liveness, and who leads.
+    Status {
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The current membership (voters and learners), as the leader sees it.
+    Members,
+    /// Add a node as a learner (it is promoted automatically once caught up, up to --max-voters).
+    AddLearner {
+        node_id: u64,
+        /// The node's gRPC address, host:port.
+        grpc_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote { node_id: u64 },
+    /// Remove a voter or learner from the membership.
+    Remove { node_id: u64 },
+    /// Hand leadership to a voter.
+    TransferLeader { node_id: u64 },
+    /// Build a Raft snapshot on the node now and purge the log below it.
+    Snapshot,
+}
+
+pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result<(), CliError> {
+    let mut client = ClusterClient::new(connect(&options.endpoints).await?);
+    let membership = match command {
+        ClusterCommand::Status { watch } => {
+            loop {
+                let status = client.status(StatusRequest { local_only: false }).await?.into_inner();
+                if options.json {
+                    println!("{}", status_json(&status));
+                } else {
+                    if watch {
+                        // Clear the screen and home the cursor, like `watch`.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print_status(&status);
+                }
+                if !watch {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(WATCH_INTERVAL_MS)).await;
+            }
+        }
+        ClusterCommand::Snapshot => {
+            let reply = client.trigger_snapshot(TriggerSnapshotRequest {}).await?.into_inner();
+            if options.json {
+                println!("{}", json!({"snapshot_index": reply.snapshot_index}));
+            } else {
+                println!("snapshot built at log index {}", reply.snapshot_index);
+            }
+            return Ok(());
+        }
+        ClusterCommand::Members => client.members(MembersRequest {}).await?.into_inner(),
+        ClusterCommand::AddLearner { node_id, grpc_addr } => client.add_learner(AddLearnerRequest { node_id, grpc_addr }).await?.into_inner(),
+        ClusterCommand::Promote { node_id } => client.promote(NodeRequest { node_id }).await?.into_inner(),
+        ClusterCommand::Remove { node_id } => client.remove(NodeRequest { node_id }).await?.into_inner(),
+        ClusterCommand::TransferLeader { node_id } => client.transfer_leader(NodeRequest { node_id }).await?.into_inner(),
+    };
+    print_membership(options.json, &membership);
+    Ok(())
+}
+
+fn status_json(status: &StatusResponse) -> serde_json::Value {
+    let members: Vec<_> = status
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id, "grpc_addr": m.grpc_addr, "http_addr": m.http_addr, "role": m.role,
+                "membership": m.membership, "term": m.term, "applied_index": m.applied_index,
+                "matched_index": m.matched_index, "lag": m.lag, "alive": m.alive, "gossip": m.gossip,
+            })
+        })
+        .collect();
+    json!({
+        "node_id": status.node_id, "role": status.role, "term": status.term, "leader_id": status.leader_id,
+        "leader_addr": status.leader_addr, "last_log_index": status.last_log_index,
+        "committed_index": status.committed_index, "applied_index": status.applied_index,
+        "snapshot_index": status.snapshot_index, "purged_index": status.purged_index,
+        "head_position": status.head_position, "grpc_addr": status.grpc_addr, "http_addr": status.http_addr,
+        "version": status.version, "members": members,
+    })
+}
+
+fn print_status(status: &StatusResponse) {
+    let leader = if status.leader_id == 0 { "none".to_string() } else { format!("{} ({})", status.leader_id, status.leader_addr) };
+    println!(
+        "node {} at {} is {}, term {}; leader {}; log last={} committed={} applied={} snapshot={}; $all has {} events",
+        status.node_id, status.grpc_addr, status.role, status.term, leader, status.last_log_index, status.committed_index,
+        status.applied_index, status.snapshot_index, status.head_position
+    );
+    println!(
+        "{:<4} {:<22} {:<10} {:<8} {:>6} {:>10} {:>8}  {:<6} {:<6}",
+        "ID", "ADDRESS", "ROLE", "MEMBER", "TERM", "APPLIED", "LAG", "RAFT", "GOSSIP"
+    );
+    for m in &status.members {
+        let lag = if m.alive { m.lag.to_string() } else { "-".into() };
+        println!(
+            "{:<4} {:<22} {:<10} {:<8} {:>6} {:>10} {:>8}  {:<6} {:<6}{}",
+            m.id,
+            m.grpc_addr,
+            m.role,
+            m.membership,
+            m.term,
+            m.applied_index,
+            lag,
+            if m.alive { "up" } else { "DOWN" },
+            m.gossip,
+            if m.id == status.leader_id { "  <- leader" } else { "" }
+        );
+    }
+}
+
+fn print_membership(json_output: bool, membership: &MembershipResponse) {
+    if json_output {
+        let members: Vec<_> =
+            membership.members.iter().map(|m| json!({"id": m.id, "grpc_addr": m.grpc_addr, "membership": m.membership})).collect();
+        println!(
+            "{}",
+            json!({"leader_id": membership.leader_id, "membership_log_index": membership.membership_log_index, "members": members})
+        );
+        return;
+    }
+    println!("leader {}; membership at log index {}", membership.leader_id, membership.membership_log_index);
+    println!("{:<4} {:<22} {:<8}", "ID", "ADDRESS", "MEMBER");
+    for m in &membership.members {
+        println!(
+            "{:<4} {:<22} {:<8}{}",
+            m.id,
+            m.grpc_addr,
+            m.membership,
+            if m.id == membership.leader_id { "  <- leader" } else { "" }
+        );
+    }
+}
