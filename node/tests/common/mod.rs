@@ -19,24 +19,56 @@ use tonic::transport::Channel;
 
 pub const GRPC_PORT: u16 = 17701;
 pub const HTTP_PORT: u16 = 17781;
+pub const GOSSIP_PORT: u16 = 17791;
+pub const TEST_CLUSTER_SECRET: &str = "integration-test-secret";
+
+/// How the nodes find each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Formation {
+    /// `--peers` with every node's address.
+    Static,
+    /// Gossip: nodes seed from nodes 1 and 2; the first `initial_size` found the cluster.
+    Gossip { initial_size: u64 },
+}
 
 pub struct TestCluster {
     pub subnet: u8,
+    /// Highest node id started so far (ids are 1..=size).
     pub size: u64,
+    pub formation: Formation,
     pub dir: tempfile::TempDir,
     children: Vec<Option<Child>>,
 }
 
 impl TestCluster {
-    /// Starts `size` nodes and waits for a leader.
+    /// Starts `size` nodes with static `--peers` and waits for a leader.
     pub async fn start(subnet: u8, size: u64) -> Self {
-        let mut cluster = Self { subnet, size, dir: tempfile::tempdir().expect("temp dir"), children: Vec::new() };
+        let mut cluster = Self::new(subnet, Formation::Static);
+        // The static peer list names every node from the start.
+        cluster.size = size;
         for id in 1..=size {
-            cluster.children.push(None);
             cluster.spawn(id);
         }
         cluster.wait_leader(Duration::from_secs(30)).await;
         cluster
+    }
+
+    /// A cluster with no node started yet.
+    pub fn new(subnet: u8, formation: Formation) -> Self {
+        Self { subnet, size: 0, formation, dir: tempfile::tempdir().expect("temp dir"), children: Vec::new() }
+    }
+
+    /// Ids of the nodes running now.
+    pub fn running(&self) -> Vec<u64> {
+        self.children.iter().enumerate().filter(|(_, child)| child.is_some()).map(|(i, _)| i as u64 + 1).collect()
+    }
+
+    pub fn gossip_addr(&self, id: u64) -> String {
+        format!("127.0.{}.{}:{}", self.subnet, id, GOSSIP_PORT)
+    }
+
+    pub fn http_addr(&self, id: u64) -> String {
+        format!("127.0.{}.{}:{}", self.subnet, id, HTTP_PORT)
     }
 
     pub fn addr(&self, id: u64) -> String {
@@ -51,17 +83,43 @@ impl TestCluster {
         self.dir.path().join(format!("node-{id}.log"))
     }
 
+    /// Starts node `id` (again, with its data dir, if it ran before).
     pub fn spawn(&mut self, id: u64) {
-        let peers: Vec<String> = (1..=self.size).map(|i| format!("{i}={}", self.addr(i))).collect();
+        self.spawn_with(id, &[]);
+    }
+
+    /// Starts node `id` with extra `strata serve` arguments.
+    pub fn spawn_with(&mut self, id: u64, extra: &[&str]) {
+        while self.children.len() < id as usize {
+            self.children.push(None);
+        }
+        self.size = self.size.max(id);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(id)).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_strata"));
+        command
             .arg("serve")
             .args(["--node-id", &id.to_string()])
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .args(["--grpc-addr", &self.addr(id)])
-            .args(["--http-addr", &format!("127.0.{}.{}:{}", self.subnet, id, HTTP_PORT)])
-            .args(["--peers", &peers.join(",")])
+            .args(["--http-addr", &self.http_addr(id)])
+            .args(["--gossip-addr", &self.gossip_addr(id)]);
+        match self.formation {
+            Formation::Static => {
+                let peers: Vec<String> = (1..=self.size).map(|i| format!("{i}={}", self.addr(i))).collect();
+                command.args(["--peers", &peers.join(",")]);
+            }
+            Formation::Gossip { initial_size } => {
+                command
+                    .args(["--seeds", &format!("{},{}", self.gossip_addr(1), self.gossip_addr(2))])
+                    .args(["--initial-cluster-size", &initial_size.to_string()]);
+                if !extra.contains(&"--cluster-secret") {
+                    command.args(["--cluster-secret", TEST_CLUSTER_SECRET]);
+                }
+            }
+        }
+        let child = command
+            .args(extra)
             .env("STRATA_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
@@ -69,6 +127,23 @@ impl TestCluster {
             .spawn()
             .expect("spawn strata serve");
         self.children[(id - 1) as usize] = Some(child);
+    }
+
+    /// SIGTERM a node and wait (at most 20 s) for it to exit.
+    pub fn terminate(&mut self, id: u64) {
+        if let Some(mut child) = self.children[(id - 1) as usize].take() {
+            // SAFETY: signalling a child process we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if child.try_wait().expect("wait").is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            child.kill().expect("kill -9 after the grace period");
+            child.wait().expect("reap");
+        }
     }
 
     /// `kill -9` a node.
@@ -111,10 +186,7 @@ impl TestCluster {
     pub async fn wait_leader(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            for id in 1..=self.size {
-                if self.children[(id - 1) as usize].is_none() {
-                    continue;
-                }
+            for id in self.running() {
                 if self.status(id).await.is_some_and(|status| status.role == "leader") {
                     return id;
                 }
@@ -131,10 +203,7 @@ impl TestCluster {
             let leader = self.wait_leader(timeout).await;
             let target = self.status(leader).await.map_or(u64::MAX, |s| s.applied_index);
             let mut all = true;
-            for id in 1..=self.size {
-                if self.children[(id - 1) as usize].is_none() {
-                    continue;
-                }
+            for id in self.running() {
                 if self.status(id).await.is_none_or(|s| s.applied_index < target) {
                     all = false;
                 }
@@ -214,4 +283,46 @@ pub async fn append_retrying(cluster: &TestCluster, request: AppendRequest, dead
             Err(status) => return Err(status),
         }
     }
+}
+
+/// The membership as the leader reports it: (voters, learners).
+pub async fn members(cluster: &TestCluster, via: u64) -> Option<(Vec<u64>, Vec<u64>)> {
+    let mut request = tonic::Request::new(strata_proto::v1::MembersRequest {});
+    request.set_timeout(Duration::from_secs(3));
+    let reply = ClusterClient::new(cluster.channel(via).await).members(request).await.ok()?.into_inner();
+    let pick = |kind: &str| reply.members.iter().filter(|m| m.membership == kind).map(|m| m.id).collect();
+    Some((pick("voter"), pick("learner")))
+}
+
+/// Waits until the leader reports exactly these voters and no learner.
+pub async fn wait_voters(cluster: &TestCluster, voters: &[u64], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let via = cluster.running()[0];
+        let seen = members(cluster, via).await;
+        if seen.as_ref().is_some_and(|(v, l)| v == voters && l.is_empty()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "voters {voters:?} not reached, last seen {seen:?}; logs in {}", cluster.dir.path().display());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `GET path` on a node's HTTP server: the body.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTP server");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read response");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// The value of one Prometheus sample whose line starts with `prefix` (0 when absent).
+pub fn metric_value(body: &str, name: &str, label: &str) -> u64 {
+    body.lines()
+        .filter(|line| line.starts_with(name) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
