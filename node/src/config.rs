@@ -11,9 +11,14 @@ use crate::limits::{CLUSTER_SECRET_BYTES_MIN, EVENT_BYTES_MAX_CEILING, EVENT_BYT
 /// `strata serve` settings.
 #[derive(Args, Debug, Clone)]
 pub struct NodeConfig {
-    /// This node's id in the cluster (non-zero, unique).
-    #[arg(long, env = "STRATA_NODE_ID")]
+    /// This node's id in the cluster (non-zero, unique). Omit it with
+    /// `--node-id-from-hostname`.
+    #[arg(long, env = "STRATA_NODE_ID", default_value_t = 0)]
     pub node_id: u64,
+    /// Take the node id from the host name's ordinal suffix, as a StatefulSet or the
+    /// compose file names hosts: `strata-0` is node 1, `strata-1` node 2, ...
+    #[arg(long, env = "STRATA_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
+    pub node_id_from_hostname: bool,
     /// Where the Raft log, the applied state and snapshots live.
     #[arg(long, env = "STRATA_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -68,6 +73,21 @@ pub struct NodeConfig {
     pub log_format: String,
 }
 
+/// How long start-up keeps trying to resolve `--advertise-host`.
+const ADVERTISE_RESOLVE_TIMEOUT_SECS: u64 = 60;
+
+/// `name-<ordinal>` → ordinal + 1 (node ids are non-zero; pod ordinals start at 0).
+pub fn node_id_from_hostname(hostname: &str) -> Option<u64> {
+    let short = hostname.split('.').next()?;
+    let (_, ordinal) = short.rsplit_once('-')?;
+    ordinal.parse::<u64>().ok()?.checked_add(1)
+}
+
+/// This machine's host name (from the kernel, as a container or pod sets it).
+fn hostname() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string())
+}
+
 /// A secret setting: never printed, also not by `Debug` (the configuration is logged).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
@@ -108,6 +128,19 @@ impl NodeConfig {
         }
     }
 
+    /// Fills `node_id` from the host name when `--node-id-from-hostname` is set.
+    pub fn resolve_node_id(&mut self) -> Result<(), ConfigError> {
+        if !self.node_id_from_hostname {
+            return Ok(());
+        }
+        let hostname = hostname().map_err(|e| ConfigError::Invalid { flag: "--node-id-from-hostname", reason: format!("no host name: {e}") })?;
+        self.node_id = node_id_from_hostname(&hostname).ok_or_else(|| ConfigError::Invalid {
+            flag: "--node-id-from-hostname",
+            reason: format!("host name `{hostname}` does not end in -<ordinal>"),
+        })?;
+        Ok(())
+    }
+
     /// The HTTP address operators and other nodes reach this node's HTTP server at.
     pub fn advertised_http_addr(&self) -> String {
         match &self.advertise_host {
@@ -121,11 +154,21 @@ impl NodeConfig {
     pub async fn advertised_gossip_addr(&self) -> Result<SocketAddr, ConfigError> {
         let Some(host) = &self.advertise_host else { return Ok(self.gossip_addr) };
         let target = format!("{host}:{}", self.gossip_addr.port());
-        let mut resolved = tokio::net::lookup_host(&target).await.map_err(|e| ConfigError::Invalid {
-            flag: "--advertise-host",
-            reason: format!("cannot resolve `{target}`: {e}"),
-        })?;
-        resolved.next().ok_or_else(|| ConfigError::Invalid { flag: "--advertise-host", reason: format!("`{target}` resolves to nothing") })
+        // A pod's own DNS record can appear a little after the pod starts: retry a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(ADVERTISE_RESOLVE_TIMEOUT_SECS);
+        loop {
+            match tokio::net::lookup_host(&target).await.map(|mut addrs| addrs.next()) {
+                Ok(Some(addr)) => return Ok(addr),
+                outcome if std::time::Instant::now() >= deadline => {
+                    let reason = match outcome {
+                        Err(e) => format!("cannot resolve `{target}` within {ADVERTISE_RESOLVE_TIMEOUT_SECS} s: {e}"),
+                        Ok(_) => format!("`{target}` resolves to nothing"),
+                    };
+                    return Err(ConfigError::Invalid { flag: "--advertise-host", reason });
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            }
+        }
     }
 
     /// The gossip secret from `--cluster-secret` or `--cluster-secret-file`, if any.
@@ -173,7 +216,7 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
-            return Err(ConfigError::Invalid { flag: "--node-id", reason: "must be non-zero".into() });
+            return Err(ConfigError::Invalid { flag: "--node-id", reason: "must be non-zero (or use --node-id-from-hostname)".into() });
         }
         if self.max_event_bytes == 0 || self.max_event_bytes > EVENT_BYTES_MAX_CEILING {
             return Err(ConfigError::Invalid {
@@ -188,6 +231,12 @@ impl NodeConfig {
             return Err(ConfigError::Invalid {
                 flag: "--seeds",
                 reason: "gossip needs --cluster-secret, --cluster-secret-file or STRATA_CLUSTER_SECRET".into(),
+            });
+        }
+        if self.grpc_addr.ip().is_unspecified() && self.advertise_host.is_none() {
+            return Err(ConfigError::Invalid {
+                flag: "--advertise-host",
+                reason: format!("the gRPC address {} is a wildcard: other nodes need a host to reach this one", self.grpc_addr),
             });
         }
         if self.initial_cluster_size == Some(0) {
@@ -238,6 +287,15 @@ mod tests {
         assert!(parse(&["--peers", "2=127.0.0.1:2"]).validate().is_err());
         assert!(parse(&["--peers", "x=1"]).validate().is_err());
         assert!(parse(&["--max-event-bytes", "999999999"]).validate().is_err());
+    }
+
+    #[test]
+    fn node_ids_come_from_hostname_ordinals() {
+        assert_eq!(node_id_from_hostname("strata-0"), Some(1));
+        assert_eq!(node_id_from_hostname("strata-2.strata-headless.default.svc.cluster.local"), Some(3));
+        assert_eq!(node_id_from_hostname("my-db-node-11"), Some(12));
+        assert_eq!(node_id_from_hostname("strata"), None);
+        assert_eq!(node_id_from_hostname("strata-x"), None);
     }
 
     #[test]

@@ -47,3 +47,33 @@ async fn metrics(State(state): State<HttpState>) -> String {
     state.ctx.metrics.events_head_position.set(state.ctx.events.next_position() as i64);
     state.ctx.metrics.render()
 }
+
+/// Exit status of `strata health`: 0 when the node answers 200 on `path`.
+///
+/// The image is `FROM scratch` (no shell, no curl), so compose and Kubernetes health checks
+/// run the binary itself: a plain HTTP/1.0 GET over TCP, bounded by `timeout`.
+pub async fn check_health(addr: &str, path: &str, timeout: std::time::Duration) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("cannot send: {e}"))?;
+        let mut response = Vec::new();
+        // Health answers are one line; cap what we read.
+        stream.take(HEALTH_RESPONSE_BYTES_MAX).read_to_end(&mut response).await.map_err(|e| format!("cannot read: {e}"))?;
+        Ok::<_, String>(String::from_utf8_lossy(&response).to_string())
+    };
+    let response = tokio::time::timeout(timeout, exchange).await.map_err(|_| format!("no answer from {addr} within {timeout:?}"))??;
+    let status_line = response.lines().next().unwrap_or_default();
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.trim().to_string()).unwrap_or_default();
+    if status_line.split_whitespace().nth(1) == Some("200") {
+        Ok(body)
+    } else {
+        Err(format!("{status_line}: {body}"))
+    }
+}
+
+/// Most bytes `strata health` reads from an answer.
+const HEALTH_RESPONSE_BYTES_MAX: u64 = 64 * 1024;

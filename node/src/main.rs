@@ -45,6 +45,22 @@ enum Command {
     Cluster(ClusterCommand),
     /// Benchmark the append/read workload of the peer harness against any endpoints.
     Bench(BenchArgs),
+    /// Check a node's HTTP health endpoint (exit 0 when healthy): the health check of
+    /// images that have no shell or curl.
+    Health(HealthArgs),
+}
+
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// The node's HTTP address.
+    #[arg(long, env = "STRATA_HTTP_ADDR", default_value = "127.0.0.1:7781")]
+    http_addr: String,
+    /// Check liveness (/health/live) instead of readiness (/health/ready).
+    #[arg(long)]
+    live: bool,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 3)]
+    timeout_secs: u64,
 }
 
 fn init_tracing(json: bool, default_level: &str) {
@@ -76,6 +92,18 @@ fn main() {
             }
             Command::Dev(args) => strata_node::dev::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
             Command::Bench(args) => strata_node::bench::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
+            Command::Health(args) => {
+                // A listen address of 0.0.0.0 (containers) is checked on loopback.
+                let addr = args.http_addr.replace("0.0.0.0", "127.0.0.1");
+                let path = if args.live { "/health/live" } else { "/health/ready" };
+                match strata_node::http::check_health(&addr, path, std::time::Duration::from_secs(args.timeout_secs)).await {
+                    Ok(body) => {
+                        println!("{body}");
+                        Ok(())
+                    }
+                    Err(reason) => Err(cli::CliError::Usage(format!("unhealthy: {reason}"))),
+                }
+            }
             command => {
                 init_tracing(false, "warn");
                 match command {
@@ -85,7 +113,7 @@ fn main() {
                     Command::Streams(args) => cli::streams(&options, args).await,
                     Command::StreamInfo(args) => cli::stream_info(&options, args).await,
                     Command::Cluster(command) => manager::cluster(&options, command).await,
-                    Command::Serve(_) | Command::Dev(_) | Command::Bench(_) => unreachable!("handled above"),
+                    Command::Serve(_) | Command::Dev(_) | Command::Bench(_) | Command::Health(_) => unreachable!("handled above"),
                 }
             }
         }

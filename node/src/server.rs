@@ -28,7 +28,8 @@ use crate::metrics::Metrics;
 use crate::routing::Router;
 
 /// Runs a node until SIGTERM or Ctrl-C.
-pub async fn serve(config: NodeConfig) -> anyhow::Result<()> {
+pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
+    config.resolve_node_id()?;
     config.validate()?;
     let peers = config.parsed_peers()?;
     tracing::info!(?config, "effective configuration");
