@@ -38,6 +38,9 @@ pub enum ClusterCommand {
     Remove { node_id: u64 },
     /// Hand leadership to a voter.
     TransferLeader { node_id: u64 },
+    /// If the node at --endpoints leads, hand leadership to its most caught-up voter (a
+    /// Kubernetes preStop hook); otherwise do nothing.
+    StepDown,
     /// Build a Raft snapshot on the node now and purge the log below it.
     Snapshot,
 }
@@ -71,6 +74,18 @@ pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result
                 println!("snapshot built at log index {}", reply.snapshot_index);
             }
             return Ok(());
+        }
+        ClusterCommand::StepDown => {
+            let local = client.status(StatusRequest { local_only: true }).await?.into_inner();
+            if local.role != "leader" {
+                if options.json {
+                    println!("{}", json!({"node_id": local.node_id, "stepped_down": false, "role": local.role}));
+                } else {
+                    println!("node {} is {}, not the leader: nothing to hand over", local.node_id, local.role);
+                }
+                return Ok(());
+            }
+            client.transfer_leader(NodeRequest { node_id: 0 }).await?.into_inner()
         }
         ClusterCommand::Members => client.members(MembersRequest {}).await?.into_inner(),
         ClusterCommand::AddLearner { node_id, grpc_addr } => client.add_learner(AddLearnerRequest { node_id, grpc_addr }).await?.into_inner(),

@@ -130,9 +130,17 @@ pub async fn remove(raft: &Raft, node_id: NodeId) -> Result<MembershipResponse, 
     Ok(members(&raft.metrics().borrow_watched().clone()))
 }
 
-/// Hands leadership to the voter `node_id` and waits until this node sees it lead.
+/// Hands leadership to the voter `node_id` (0: the most caught-up other voter) and waits
+/// until this node sees it lead.
 pub async fn transfer_leader(raft: &Raft, node_id: NodeId) -> Result<MembershipResponse, ApiError> {
     let metrics = raft.metrics().borrow_watched().clone();
+    let node_id = match node_id {
+        0 => transfer_target(&metrics).ok_or_else(|| ApiError::MembershipRefused {
+            node_id: 0,
+            reason: "no other voter to hand leadership to".into(),
+        })?,
+        id => id,
+    };
     if metrics.current_leader == Some(node_id) {
         return Ok(members(&metrics));
     }
