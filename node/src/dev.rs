@@ -3,7 +3,7 @@
 //! stops them all cleanly on Ctrl-C (SIGTERM, then SIGKILL after a grace period).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -69,7 +69,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let log = data_dir.join(format!("node-{i}.log"));
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let http = format!("127.0.0.1:{}", args.base_port + 80 + i);
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .arg("serve")
             .args(["--node-id", &i.to_string()])
             .arg("--data-dir")
@@ -77,11 +78,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .args(["--grpc-addr", &grpc_of(i), "--http-addr", &http, "--gossip-addr", &gossip_of(i)])
             .args(["--seeds", &seeds, "--initial-cluster-size", &args.nodes.to_string()])
             .arg("--cluster-secret-file")
-            .arg(&secret_file)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()?;
+            .arg(&secret_file);
+        let child = crate::chaos::spawn_logged(&mut command, &log_file)?;
+        // What `strata cluster chaos` needs to find, signal and restart this node.
+        crate::chaos::record_dev_node(&data_dir, i as u64, child.id(), &command)?;
         nodes.push(DevNode { id: i, grpc: grpc_of(i), http, log, child });
     }
     println!("strata dev: {} nodes on 127.0.0.1, data in {}", args.nodes, data_dir.display());
@@ -108,6 +108,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     println!("stopping {} nodes", nodes.len());
     stop_all(&mut nodes);
+    // Nodes `strata cluster chaos` restarted are not our children: stop them by pid file.
+    crate::chaos::stop_recorded_dev_nodes(&data_dir, nodes.len() as u64, Duration::from_secs(STOP_GRACE_SECS));
     Ok(())
 }
 

@@ -15,6 +15,7 @@ pub mod api;
 pub mod batcher;
 pub mod bench;
 pub mod bootstrap;
+pub mod chaos;
 pub mod cli;
 pub mod clock;
 pub mod config;
