@@ -168,7 +168,7 @@ fn undo(action: ChaosAction) -> Option<ChaosAction> {
     }
 }
 
-pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+pub async fn run(args: ChaosArgs, json: bool) -> anyhow::Result<()> {
     let apply = |action: ChaosAction, heal: bool| -> anyhow::Result<()> {
         match (args.compose, heal) {
             (true, true) => compose_heal(&args.project, action, args.node),
@@ -178,11 +178,18 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     };
     apply(args.action, false)?;
     let target = if args.compose { format!("compose project {}", args.project) } else { format!("dev cluster {}", args.dev_dir.display()) };
-    println!("chaos: {:?} node {} ({target})", args.action, args.node);
+    let report = |event: &str, action: ChaosAction| {
+        if json {
+            println!("{}", serde_json::json!({"event": event, "action": format!("{action:?}").to_lowercase(), "node": args.node, "target": target}));
+        } else {
+            println!("chaos: {event} {action:?} node {} ({target})", args.node);
+        }
+    };
+    report("applied", args.action);
     if let (Some(secs), Some(heal)) = (args.for_secs, undo(args.action)) {
         tokio::time::sleep(Duration::from_secs(secs)).await;
         apply(heal, true)?;
-        println!("chaos: healed node {} after {secs} s ({heal:?})", args.node);
+        report("healed", heal);
     }
     Ok(())
 }

@@ -94,8 +94,8 @@ pub enum ComposeCommand {
 
 pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result<(), CliError> {
     let command = match command {
-        ClusterCommand::Chaos(args) => return crate::chaos::run(args).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
-        ClusterCommand::Compose(args) => return compose(args).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
+        ClusterCommand::Chaos(args) => return crate::chaos::run(args, options.json).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
+        ClusterCommand::Compose(args) => return compose(args, options.json).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
         other => other,
     };
     let mut client = ClusterClient::new(connect(&options.endpoints).await?);
@@ -288,15 +288,24 @@ fn write_scale_file(args: &ComposeArgs, nodes: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn compose(args: ComposeArgs) -> anyhow::Result<()> {
+async fn compose(args: ComposeArgs, json: bool) -> anyhow::Result<()> {
     match &args.command {
         ComposeCommand::Up => {
             docker_compose(&args, &["up", "-d"])?;
             let nodes = compose_nodes(&args);
             let took = wait_healthy(&args.project, nodes).await?;
-            println!("compose cluster {} ready: {nodes} nodes healthy in {:.1} s; try: strata cluster status --endpoints 127.0.0.1:7711", args.project, took.as_secs_f64());
+            if json {
+                println!("{}", json!({"project": args.project, "nodes": nodes, "ready_secs": took.as_secs_f64()}));
+            } else {
+                println!("compose cluster {} ready: {nodes} nodes healthy in {:.1} s; try: strata cluster status --endpoints 127.0.0.1:7711", args.project, took.as_secs_f64());
+            }
         }
-        ComposeCommand::Down { volumes } => docker_compose(&args, if *volumes { &["down", "--volumes"] } else { &["down"] })?,
+        ComposeCommand::Down { volumes } => {
+            docker_compose(&args, if *volumes { &["down", "--volumes"] } else { &["down"] })?;
+            if json {
+                println!("{}", json!({"project": args.project, "down": true, "volumes_removed": volumes}));
+            }
+        }
         ComposeCommand::Logs { follow, tail } => {
             let tail = format!("--tail={tail}");
             let mut extra = vec!["logs", "--no-color", tail.as_str()];
@@ -324,7 +333,11 @@ async fn compose(args: ComposeArgs) -> anyhow::Result<()> {
             write_scale_file(&args, nodes)?;
             docker_compose(&args, &["up", "-d", "--remove-orphans"])?;
             let took = wait_healthy(&args.project, nodes).await?;
-            println!("compose cluster {} runs {nodes} nodes ({:.1} s to healthy)", args.project, took.as_secs_f64());
+            if json {
+                println!("{}", json!({"project": args.project, "nodes": nodes, "ready_secs": took.as_secs_f64()}));
+            } else {
+                println!("compose cluster {} runs {nodes} nodes ({:.1} s to healthy)", args.project, took.as_secs_f64());
+            }
         }
     }
     Ok(())

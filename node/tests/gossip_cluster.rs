@@ -221,3 +221,24 @@ async fn a_node_with_the_wrong_secret_never_joins_and_is_counted() {
     );
     assert!(metric_value(&metrics, "strata_gossip_datagrams_total", "\"accepted\"") > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_dead_beyond_auto_remove_after_is_removed() {
+    let mut cluster = TestCluster::new(26, Formation::Gossip { initial_size: 3 });
+    for id in 1..=3 {
+        cluster.spawn_with(id, &["--auto-remove-after", "3"]);
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+    // Alive members stay, however long.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(1)).await;
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill(victim);
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != victim).collect();
+    wait_voters(&cluster, &rest, Duration::from_secs(30)).await;
+    let logs = std::fs::read_to_string(cluster.log_path(leader)).unwrap_or_default();
+    assert!(logs.contains("member dead beyond --auto-remove-after"), "the leader says why it removed the member");
+    let request = append_request("after-auto-removal", ExpectedVersionKind::NoStream, 0, vec![event(&uuid::Uuid::new_v4().to_string(), "T", "{}")]);
+    append_retrying(&cluster, request, Duration::from_secs(20)).await.expect("appends after the removal");
+}
