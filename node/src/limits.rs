@@ -87,3 +87,6 @@ pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 100;
 /// How long a leadership transfer may take before the call (or the SIGTERM hand-over)
 /// gives up.
 pub const TRANSFER_LEADER_TIMEOUT_MS: u64 = 5_000;
+/// Pause before a leader proposes again after openraft refused a proposal while this node
+/// still leads (a new leader settling into its term); retried until `LEADER_CHANGE_WAIT_MS`.
+pub const LOCAL_RETRY_PAUSE_MS: u64 = 50;

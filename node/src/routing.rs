@@ -100,6 +100,11 @@ impl Router {
         })
     }
 
+    /// Whether this node's Raft metrics name it the leader right now.
+    pub fn believes_it_leads(&self) -> bool {
+        self.raft.metrics().borrow_watched().current_leader == Some(self.node_id)
+    }
+
     /// Waits (at most `LEADER_CHANGE_WAIT_MS`) until this node knows a leader other than
     /// `old`; returns early if one is known already. After the wait the caller routes again
     /// either way: the old leader may simply still lead.

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use prost::Message;
@@ -204,12 +204,21 @@ impl Streams for StreamsService {
                 }
                 Route::Local => {
                     let result = self.append_local(request.clone(), request_bytes).await;
-                    if matches!(result, Err(ApiError::Unavailable { .. })) && !forwarded && attempt < FORWARD_ATTEMPTS_MAX {
-                        // Leadership moved between routing and proposing; nothing was
-                        // proposed. Route again once another leader is known.
-                        attempt += 1;
-                        self.ctx.router.wait_for_other_leader(self.ctx.router.node_id).await;
-                        continue;
+                    if let Err(ApiError::Unavailable { reason, .. }) = &result {
+                        // Nothing was proposed. Either leadership moved between routing and
+                        // proposing (route again once another leader is known), or this node
+                        // still leads and openraft refused while it settles into its new term:
+                        // then retry soon, not after a leader change that will not come.
+                        if !forwarded && started.elapsed() < Duration::from_millis(LEADER_CHANGE_WAIT_MS) {
+                            tracing::debug!(attempt, reason, "proposal refused on this node; routing again");
+                            attempt += 1;
+                            if self.ctx.router.believes_it_leads() {
+                                tokio::time::sleep(Duration::from_millis(LOCAL_RETRY_PAUSE_MS)).await;
+                            } else {
+                                self.ctx.router.wait_for_other_leader(self.ctx.router.node_id).await;
+                            }
+                            continue;
+                        }
                     }
                     self.ctx.metrics.appends_total.with_label_values(&[outcome_label(&result)]).inc();
                     self.ctx.metrics.append_latency_seconds.observe(started.elapsed().as_secs_f64());
