@@ -209,15 +209,20 @@ impl Streams for StreamsService {
                         // proposing (route again once another leader is known), or this node
                         // still leads and openraft refused while it settles into its new term:
                         // then retry soon, not after a leader change that will not come.
-                        if !forwarded && started.elapsed() < Duration::from_millis(LEADER_CHANGE_WAIT_MS) {
-                            tracing::debug!(attempt, reason, "proposal refused on this node; routing again");
-                            attempt += 1;
+                        // Also for a forwarded request: the follower that sent it would
+                        // otherwise wait for a leader change that will not come.
+                        if started.elapsed() < Duration::from_millis(LEADER_CHANGE_WAIT_MS) {
                             if self.ctx.router.believes_it_leads() {
+                                tracing::debug!(attempt, reason, "proposal refused while leading; proposing again");
+                                attempt += 1;
                                 tokio::time::sleep(Duration::from_millis(LOCAL_RETRY_PAUSE_MS)).await;
-                            } else {
-                                self.ctx.router.wait_for_other_leader(self.ctx.router.node_id).await;
+                                continue;
                             }
-                            continue;
+                            if !forwarded {
+                                attempt += 1;
+                                self.ctx.router.wait_for_other_leader(self.ctx.router.node_id).await;
+                                continue;
+                            }
                         }
                     }
                     self.ctx.metrics.appends_total.with_label_values(&[outcome_label(&result)]).inc();

@@ -196,22 +196,23 @@ impl TestCluster {
         panic!("no leader within {timeout:?}; logs in {}", self.dir.path().display());
     }
 
-    /// Waits until every live node has applied at least what the leader has.
+    /// Waits until every live node has applied as much as the most advanced one (call it
+    /// once writes have stopped). Not "as much as the leader": a restarted old leader
+    /// reports itself leader of its old term for a moment, from its persisted vote, and
+    /// its stale applied index must not be taken as the target.
     pub async fn wait_converged(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        self.wait_leader(timeout).await;
         loop {
-            let leader = self.wait_leader(timeout).await;
-            let target = self.status(leader).await.map_or(u64::MAX, |s| s.applied_index);
-            let mut all = true;
+            let mut applied = Vec::new();
             for id in self.running() {
-                if self.status(id).await.is_none_or(|s| s.applied_index < target) {
-                    all = false;
-                }
+                applied.push(self.status(id).await.map(|s| s.applied_index));
             }
-            if all {
+            let target = applied.iter().flatten().max().copied().unwrap_or(0);
+            if applied.iter().all(|a| *a == Some(target)) {
                 return;
             }
-            assert!(Instant::now() < deadline, "nodes did not converge; logs in {}", self.dir.path().display());
+            assert!(Instant::now() < deadline, "nodes did not converge ({applied:?}); logs in {}", self.dir.path().display());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
