@@ -4,8 +4,10 @@
 //!
 //! - dev: `strata dev` records each node's pid and command line in its data dir
 //!   (`node-<id>.pid`, `node-<id>.argv`); kill is SIGKILL, pause/resume SIGSTOP/SIGCONT,
-//!   start re-runs the recorded command. A partition needs the node on its own network
-//!   address, which the dev cluster (all on 127.0.0.1) does not have: refused, with why.
+//!   start re-runs the recorded command. A partition is an nftables table (root and `nft`
+//!   needed) that drops, on the loopback output path, everything sent to the node's gRPC
+//!   and gossip ports, its gossip replies, and everything from its own source address
+//!   (`strata dev` gives each node one for its peer connections); healing deletes the table.
 //! - compose: `docker kill|start|pause|unpause`, and a partition is `docker network
 //!   disconnect` (and `connect` back with the service alias).
 
@@ -26,8 +28,10 @@ pub enum ChaosAction {
     Resume,
     /// Start a killed node again.
     Start,
-    /// Cut the node off the network (compose); with --for, reconnected afterwards.
+    /// Cut the node off the network; with --for, healed afterwards.
     Partition,
+    /// Undo a partition.
+    Heal,
 }
 
 #[derive(Args, Debug)]
@@ -122,11 +126,53 @@ fn dev_fault(dir: &Path, action: ChaosAction, node: u64) -> anyhow::Result<()> {
         ChaosAction::Pause => signal(pid()?, libc::SIGSTOP),
         ChaosAction::Resume => signal(pid()?, libc::SIGCONT),
         ChaosAction::Start => dev_start(dir, node),
-        ChaosAction::Partition => anyhow::bail!(
-            "partition needs the node on its own network address; the dev cluster runs every node on 127.0.0.1 \
-             (use --compose, or tests/chaos for namespace partitions)"
-        ),
+        ChaosAction::Partition => dev_partition(dir, node),
+        ChaosAction::Heal => dev_heal_partition(node),
     }
+}
+
+/// The value of `--flag` in a dev node's recorded command line.
+fn recorded_arg(dir: &Path, node: u64, flag: &str) -> anyhow::Result<String> {
+    let argv = std::fs::read_to_string(argv_path(dir, node))
+        .map_err(|e| anyhow::anyhow!("no recorded command for node {node} in {}: {e}", dir.display()))?;
+    let parts: Vec<&str> = argv.split('\0').collect();
+    parts
+        .windows(2)
+        .find(|pair| pair[0] == flag)
+        .map(|pair| pair[1].to_string())
+        .ok_or_else(|| anyhow::anyhow!("node {node} was not started with {flag} (restart the dev cluster with this version)"))
+}
+
+fn nft_table(node: u64) -> String {
+    format!("strata_chaos_node_{node}")
+}
+
+fn nft(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("nft").args(args).output().map_err(|e| anyhow::anyhow!("cannot run nft (install nftables): {e}"))?;
+    anyhow::ensure!(output.status.success(), "nft {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    Ok(())
+}
+
+fn dev_partition(dir: &Path, node: u64) -> anyhow::Result<()> {
+    let port = |flag: &str| -> anyhow::Result<String> {
+        let addr = recorded_arg(dir, node, flag)?;
+        Ok(addr.rsplit_once(':').map(|(_, port)| port.to_string()).unwrap_or(addr))
+    };
+    let (grpc, gossip) = (port("--grpc-addr")?, port("--gossip-addr")?);
+    let source = recorded_arg(dir, node, "--source-ip")?;
+    let table = nft_table(node);
+    nft(&["add", "table", "inet", &table])?;
+    nft(&["add", "chain", "inet", &table, "out", "{ type filter hook output priority 0; policy accept; }"])?;
+    for rule in [format!("ip saddr {source} drop"), format!("tcp dport {grpc} drop"), format!("udp dport {gossip} drop"), format!("udp sport {gossip} drop")] {
+        let mut args = vec!["add", "rule", "inet", &table, "out"];
+        args.extend(rule.split(' '));
+        nft(&args)?;
+    }
+    Ok(())
+}
+
+fn dev_heal_partition(node: u64) -> anyhow::Result<()> {
+    nft(&["delete", "table", "inet", &nft_table(node)])
 }
 
 fn docker(args: &[&str]) -> anyhow::Result<()> {
@@ -146,15 +192,7 @@ fn compose_fault(project: &str, action: ChaosAction, node: u64) -> anyhow::Resul
         ChaosAction::Pause => docker(&["pause", &container]),
         ChaosAction::Resume => docker(&["unpause", &container]),
         ChaosAction::Partition => docker(&["network", "disconnect", &network, &container]),
-    }
-}
-
-fn compose_heal(project: &str, action: ChaosAction, node: u64) -> anyhow::Result<()> {
-    let service = format!("strata-{}", node - 1);
-    let container = format!("{project}_{service}_1");
-    match action {
-        ChaosAction::Partition => docker(&["network", "connect", "--alias", &service, &format!("{project}_default"), &container]),
-        other => compose_fault(project, other, node),
+        ChaosAction::Heal => docker(&["network", "connect", "--alias", &service, &network, &container]),
     }
 }
 
@@ -163,20 +201,16 @@ fn undo(action: ChaosAction) -> Option<ChaosAction> {
     match action {
         ChaosAction::Kill => Some(ChaosAction::Start),
         ChaosAction::Pause => Some(ChaosAction::Resume),
-        ChaosAction::Partition => Some(ChaosAction::Partition),
-        ChaosAction::Resume | ChaosAction::Start => None,
+        ChaosAction::Partition => Some(ChaosAction::Heal),
+        ChaosAction::Resume | ChaosAction::Start | ChaosAction::Heal => None,
     }
 }
 
 pub async fn run(args: ChaosArgs, json: bool) -> anyhow::Result<()> {
-    let apply = |action: ChaosAction, heal: bool| -> anyhow::Result<()> {
-        match (args.compose, heal) {
-            (true, true) => compose_heal(&args.project, action, args.node),
-            (true, false) => compose_fault(&args.project, action, args.node),
-            (false, _) => dev_fault(&args.dev_dir, action, args.node),
-        }
+    let apply = |action: ChaosAction| -> anyhow::Result<()> {
+        if args.compose { compose_fault(&args.project, action, args.node) } else { dev_fault(&args.dev_dir, action, args.node) }
     };
-    apply(args.action, false)?;
+    apply(args.action)?;
     let target = if args.compose { format!("compose project {}", args.project) } else { format!("dev cluster {}", args.dev_dir.display()) };
     let report = |event: &str, action: ChaosAction| {
         if json {
@@ -188,7 +222,7 @@ pub async fn run(args: ChaosArgs, json: bool) -> anyhow::Result<()> {
     report("applied", args.action);
     if let (Some(secs), Some(heal)) = (args.for_secs, undo(args.action)) {
         tokio::time::sleep(Duration::from_secs(secs)).await;
-        apply(heal, true)?;
+        apply(heal)?;
         report("healed", heal);
     }
     Ok(())

@@ -68,6 +68,11 @@ pub struct NodeConfig {
     /// Largest event accepted (data + metadata + type), in bytes; at most 16 MiB.
     #[arg(long, env = "STRATA_MAX_EVENT_BYTES", default_value_t = EVENT_BYTES_MAX_DEFAULT)]
     pub max_event_bytes: usize,
+    /// Local address this node's connections to other nodes start from (default: chosen
+    /// by the kernel). `strata dev` gives each node its own loopback address, so that
+    /// `strata cluster chaos partition` can cut one node's traffic off.
+    #[arg(long, env = "STRATA_SOURCE_IP")]
+    pub source_ip: Option<std::net::IpAddr>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -14,6 +14,8 @@ use strata_proto::v1::StatusRequest;
 const LEADER_WAIT_SECS: u64 = 60;
 /// How long a node gets to stop after SIGTERM before it is killed.
 const STOP_GRACE_SECS: u64 = 10;
+/// Node i's connections to other nodes start from 127.0.0.(base + i).
+const DEV_SOURCE_IP_BASE: u16 = 10;
 /// Most nodes `strata dev` starts: it is a laptop cluster.
 const DEV_NODES_MAX: u16 = 9;
 
@@ -77,6 +79,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg(data_dir.join(format!("node-{i}")))
             .args(["--grpc-addr", &grpc_of(i), "--http-addr", &http, "--gossip-addr", &gossip_of(i)])
             .args(["--seeds", &seeds, "--initial-cluster-size", &args.nodes.to_string()])
+            // Its own source address for peer traffic: what a chaos partition cuts.
+            .args(["--source-ip", &format!("127.0.0.{}", DEV_SOURCE_IP_BASE + i)])
             .arg("--cluster-secret-file")
             .arg(&secret_file);
         let child = crate::chaos::spawn_logged(&mut command, &log_file)?;

@@ -42,7 +42,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let committed_at_start = log_store.read_committed().await?.map_or(0, |id| id.index);
     let state_machine = StateMachine::new(events.clone(), raft_store.clone(), &config.data_dir.join("snapshots"))?;
     let applied = state_machine.applied_watch();
-    let channels = PeerChannels::default();
+    let channels = PeerChannels::with_source_ip(config.source_ip);
     let raft = Raft::new(
         node_id,
         raft_config(&config.cluster_name),

@@ -35,9 +35,17 @@ const SNAPSHOT_CHUNKS_IN_FLIGHT_MAX: usize = 2;
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Local address every peer connection is made from (None: the kernel picks).
+    source_ip: Option<std::net::IpAddr>,
 }
 
 impl PeerChannels {
+    /// Channels whose connections all start from `source_ip`, so that this node's outgoing
+    /// traffic can be told apart (and cut off, by `strata cluster chaos partition`).
+    pub fn with_source_ip(source_ip: Option<std::net::IpAddr>) -> Self {
+        Self { channels: Arc::default(), source_ip }
+    }
+
     /// The channel to `addr` (host:port), created on first use; reconnects by itself.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = self.channels.lock().expect("peer channel map is never poisoned");
@@ -51,6 +59,7 @@ impl PeerChannels {
             .initial_connection_window_size(Some(crate::HTTP2_CONNECTION_WINDOW_BYTES))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
+            .local_address(self.source_ip)
             .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
