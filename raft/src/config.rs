@@ -45,6 +45,10 @@ pub fn raft_config(cluster_name: &str) -> Arc<openraft::Config> {
         // fsync and the followers' run in parallel rather than one after the other. Safe:
         // the leader still counts itself towards the quorum only once its own fsync is done.
         broadcast_submitted_on_append: Some(true),
+        // A node that was paused, partitioned or restarted asks first whether it could win
+        // before it bumps its term: without this, a follower resumed from SIGSTOP was seen
+        // to depose a healthy leader (two term bumps) for nothing.
+        enable_pre_vote: Some(true),
         ..Default::default()
     };
     Arc::new(config.validate().expect("the raft settings above are valid"))
