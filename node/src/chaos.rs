@@ -216,7 +216,7 @@ pub async fn run(args: ChaosArgs, json: bool) -> anyhow::Result<()> {
         if json {
             println!("{}", serde_json::json!({"event": event, "action": format!("{action:?}").to_lowercase(), "node": args.node, "target": target}));
         } else {
-            println!("chaos: {event} {action:?} node {} ({target})", args.node);
+            println!("chaos: {event} node {} with {action:?} ({target})", args.node);
         }
     };
     report("applied", args.action);

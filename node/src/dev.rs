@@ -1,6 +1,7 @@
 //! `strata dev`: a local cluster of N `strata serve` processes on 127.0.0.1 in one command.
 //! Starts them, waits for a leader, prints each node's endpoints and commands to try, and
-//! stops them all cleanly on Ctrl-C (SIGTERM, then SIGKILL after a grace period).
+//! stops them all cleanly on Ctrl-C or SIGTERM (SIGTERM to each node, then SIGKILL after a
+//! grace period).
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -94,7 +95,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let leader = tokio::select! {
         leader = wait_for_leader(&nodes) => leader,
-        _ = tokio::signal::ctrl_c() => None,
+        _ = stop_requested() => None,
     };
     match leader {
         Some((leader, term)) => {
@@ -106,7 +107,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             println!("  {client} read orders-1");
             println!("  {client} cluster status --endpoints {}", endpoints.join(","));
             println!("Ctrl-C stops the cluster.");
-            let _ = tokio::signal::ctrl_c().await;
+            stop_requested().await;
         }
         None => eprintln!("no leader within {LEADER_WAIT_SECS} s (or interrupted); see the node logs"),
     }
@@ -115,6 +116,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // Nodes `strata cluster chaos` restarted are not our children: stop them by pid file.
     crate::chaos::stop_recorded_dev_nodes(&data_dir, nodes.len() as u64, Duration::from_secs(STOP_GRACE_SECS));
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM: either stops the whole dev cluster cleanly.
+async fn stop_requested() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 async fn wait_for_leader(nodes: &[DevNode]) -> Option<(u64, u64)> {
