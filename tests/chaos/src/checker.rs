@@ -1,0 +1,329 @@
+//! The invariants of SPEC §3, checked over a recorded history and every node's final
+//! `$all` (read after healing and draining).
+//!
+//! - `divergent_all`: a node's `$all` differs from the first node's;
+//! - `position_gap`: `$all` positions are not exactly 0..n;
+//! - `version_gap`: a stream's versions are not 0..k in position order;
+//! - `duplicate`: an event id appears more than once;
+//! - `phantom`: an event no client ever tried to append;
+//! - `lost`: an acknowledged event is missing; `moved`: present, but not at the version and
+//!   position it was acknowledged with;
+//! - `double_occ_success`: two different appends succeeded with the same exact expected
+//!   version on one stream;
+//! - `stale_read`: a linearizable read missed an append acknowledged before it started;
+//! - `session_behind`: a session read missed an append covered by its token;
+//! - `read_not_prefix`: a read returned events that are not the stream's final prefix.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::history::{AppendOutcome, Consistency, Expected, FinalEvent, Op, OpKind, ReadOutcome};
+
+/// Examples kept per anomaly kind.
+pub const EXAMPLES_PER_KIND_MAX: usize = 5;
+
+/// Anomalies by kind, with the first examples of each.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub counts: BTreeMap<&'static str, u64>,
+    pub examples: BTreeMap<&'static str, Vec<String>>,
+    pub acknowledged_events: u64,
+    pub operations: u64,
+}
+
+impl Report {
+    fn flag(&mut self, kind: &'static str, example: String) {
+        *self.counts.entry(kind).or_insert(0) += 1;
+        let examples = self.examples.entry(kind).or_default();
+        if examples.len() < EXAMPLES_PER_KIND_MAX {
+            examples.push(example);
+        }
+    }
+
+    /// Total anomalies (0 for a correct run).
+    pub fn anomalies(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    pub fn count(&self, kind: &str) -> u64 {
+        self.counts.get(kind).copied().unwrap_or(0)
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "operations {}, acknowledged events {}, anomalies {}", self.operations, self.acknowledged_events, self.anomalies())?;
+        for (kind, count) in &self.counts {
+            writeln!(f, "  {kind}: {count}")?;
+            for example in &self.examples[kind] {
+                writeln!(f, "    e.g. {example}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks `ops` against the final `$all` of every node (`finals[node]`).
+pub fn check(ops: &[Op], finals: &BTreeMap<u64, Vec<FinalEvent>>) -> Report {
+    let mut report = Report { operations: ops.len() as u64, ..Default::default() };
+    let Some((&reference_node, reference)) = finals.iter().next() else {
+        report.flag("divergent_all", "no node's $all was read".into());
+        return report;
+    };
+    for (node, events) in finals {
+        if events != reference {
+            let at = events.iter().zip(reference).position(|(a, b)| a != b).unwrap_or(events.len().min(reference.len()));
+            report.flag(
+                "divergent_all",
+                format!("node {node} differs from node {reference_node} at index {at} ({} vs {} events)", events.len(), reference.len()),
+            );
+        }
+    }
+    check_shape(reference, &mut report);
+    let by_id: HashMap<&str, &FinalEvent> = reference.iter().map(|e| (e.id.as_str(), e)).collect();
+    let streams = stream_orders(reference);
+    check_appends(ops, &by_id, &mut report);
+    check_reads(ops, &streams, &mut report);
+    report
+}
+
+/// Gapless positions, contiguous versions, no duplicate ids.
+fn check_shape(all: &[FinalEvent], report: &mut Report) {
+    let mut next_version: HashMap<&str, u64> = HashMap::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (index, event) in all.iter().enumerate() {
+        if event.position != index as u64 {
+            report.flag("position_gap", format!("index {index} holds position {}", event.position));
+        }
+        let expected = next_version.entry(event.stream.as_str()).or_insert(0);
+        if event.version != *expected {
+            report.flag("version_gap", format!("{}: version {} where {} was due", event.stream, event.version, expected));
+        }
+        *expected = event.version + 1;
+        if !seen.insert(event.id.as_str()) {
+            report.flag("duplicate", format!("event {} appears again at position {}", event.id, event.position));
+        }
+    }
+}
+
+/// Each stream's event ids in version order.
+fn stream_orders(all: &[FinalEvent]) -> HashMap<&str, Vec<&str>> {
+    let mut streams: HashMap<&str, Vec<&str>> = HashMap::new();
+    for event in all {
+        streams.entry(event.stream.as_str()).or_default().push(event.id.as_str());
+    }
+    streams
+}
+
+fn check_appends(ops: &[Op], by_id: &HashMap<&str, &FinalEvent>, report: &mut Report) {
+    let mut attempted: HashSet<&str> = HashSet::new();
+    // (stream, exact version) → the event ids of the append that succeeded with it.
+    let mut occ_winners: HashMap<(&str, u64), (&[String], u64)> = HashMap::new();
+    for op in ops {
+        let OpKind::Append { stream, expected, event_ids, outcome } = &op.kind else { continue };
+        attempted.extend(event_ids.iter().map(String::as_str));
+        let AppendOutcome::Ok { first_version, first_position, .. } = outcome else { continue };
+        report.acknowledged_events += event_ids.len() as u64;
+        for (offset, id) in event_ids.iter().enumerate() {
+            let (version, position) = (first_version + offset as u64, first_position + offset as u64);
+            match by_id.get(id.as_str()) {
+                None => report.flag("lost", format!("op {}: event {id} acknowledged at {stream}@{version} #{position}", op.id)),
+                Some(found) if (found.stream.as_str(), found.version, found.position) != (stream.as_str(), version, position) => {
+                    report.flag(
+                        "moved",
+                        format!("op {}: event {id} acknowledged at {stream}@{version} #{position}, found at {}@{} #{}", op.id, found.stream, found.version, found.position),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        if let Expected::Exact(version) = expected {
+            match occ_winners.get(&(stream.as_str(), *version)) {
+                // The same append acknowledged twice (a retry answered as a replay) is one success.
+                Some((ids, _)) if *ids == event_ids.as_slice() => {}
+                Some((_, first_op)) => report.flag(
+                    "double_occ_success",
+                    format!("ops {first_op} and {} both succeeded on {stream} expecting version {version}", op.id),
+                ),
+                None => {
+                    occ_winners.insert((stream.as_str(), *version), (event_ids.as_slice(), op.id));
+                }
+            }
+        }
+    }
+    for id in by_id.keys() {
+        if !attempted.contains(id) {
+            report.flag("phantom", format!("event {id} in $all was never appended by a client"));
+        }
+    }
+}
+
+fn check_reads(ops: &[Op], streams: &HashMap<&str, Vec<&str>>, report: &mut Report) {
+    // Per stream, acknowledged appends: (complete time, commit token, event ids).
+    let mut acked: HashMap<&str, Vec<(u64, u64, &[String])>> = HashMap::new();
+    for op in ops {
+        if let OpKind::Append { stream, event_ids, outcome: AppendOutcome::Ok { commit_token, .. }, .. } = &op.kind {
+            acked.entry(stream.as_str()).or_default().push((op.complete_ms, *commit_token, event_ids.as_slice()));
+        }
+    }
+    let empty: Vec<&str> = Vec::new();
+    for op in ops {
+        let OpKind::ReadStream { stream, consistency, outcome } = &op.kind else { continue };
+        let returned: Vec<&str> = match outcome {
+            ReadOutcome::Ok { event_ids } => event_ids.iter().map(String::as_str).collect(),
+            ReadOutcome::NotFound => Vec::new(),
+            ReadOutcome::Failed { .. } => continue,
+        };
+        let final_order = streams.get(stream.as_str()).unwrap_or(&empty);
+        if returned.len() > final_order.len() || returned[..] != final_order[..returned.len()] {
+            report.flag("read_not_prefix", format!("op {}: read of {stream} is not a prefix of its final order", op.id));
+        }
+        let present: HashSet<&str> = returned.iter().copied().collect();
+        let must_see = |(complete_ms, token, _): &&(u64, u64, &[String])| match consistency {
+            Consistency::Linearizable => *complete_ms < op.invoke_ms,
+            Consistency::Session(session) => token <= session,
+            Consistency::Local => false,
+        };
+        for (_, _, ids) in acked.get(stream.as_str()).into_iter().flatten().filter(must_see) {
+            if let Some(missing) = ids.iter().find(|id| !present.contains(id.as_str())) {
+                let kind = if matches!(consistency, Consistency::Linearizable) { "stale_read" } else { "session_behind" };
+                report.flag(kind, format!("op {}: read of {stream} misses acknowledged event {missing}", op.id));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(id: u64, stream: &str, expected: Expected, ids: &[&str], outcome: AppendOutcome, at: u64) -> Op {
+        Op {
+            id,
+            client: 1,
+            node: 1,
+            invoke_ms: at,
+            complete_ms: at + 1,
+            kind: OpKind::Append { stream: stream.into(), expected, event_ids: ids.iter().map(|s| s.to_string()).collect(), outcome },
+        }
+    }
+
+    fn ok(version: u64, position: u64, token: u64) -> AppendOutcome {
+        AppendOutcome::Ok { first_version: version, first_position: position, commit_token: token, replay: false }
+    }
+
+    fn read(id: u64, stream: &str, consistency: Consistency, ids: &[&str], at: u64) -> Op {
+        Op {
+            id,
+            client: 2,
+            node: 2,
+            invoke_ms: at,
+            complete_ms: at + 1,
+            kind: OpKind::ReadStream {
+                stream: stream.into(),
+                consistency,
+                outcome: ReadOutcome::Ok { event_ids: ids.iter().map(|s| s.to_string()).collect() },
+            },
+        }
+    }
+
+    fn event(id: &str, stream: &str, version: u64, position: u64) -> FinalEvent {
+        FinalEvent { id: id.into(), stream: stream.into(), version, position }
+    }
+
+    fn on_all_nodes(events: Vec<FinalEvent>) -> BTreeMap<u64, Vec<FinalEvent>> {
+        (1..=3).map(|node| (node, events.clone())).collect()
+    }
+
+    /// A correct history: two appends to `s`, one to `t`, reads at every level.
+    fn good() -> (Vec<Op>, Vec<FinalEvent>) {
+        let ops = vec![
+            append(1, "s", Expected::NoStream, &["a", "b"], ok(0, 0, 2), 10),
+            append(2, "t", Expected::Any, &["c"], ok(0, 2, 3), 20),
+            append(3, "s", Expected::Exact(1), &["d"], ok(2, 3, 4), 30),
+            append(4, "s", Expected::Exact(1), &["e"], AppendOutcome::WrongVersion { actual: Some(2) }, 31),
+            append(5, "t", Expected::Any, &["f"], AppendOutcome::Indeterminate { reason: "timeout".into() }, 40),
+            read(6, "s", Consistency::Linearizable, &["a", "b", "d"], 50),
+            read(7, "s", Consistency::Session(2), &["a", "b"], 25),
+            read(8, "s", Consistency::Local, &["a"], 26),
+        ];
+        let all = vec![event("a", "s", 0, 0), event("b", "s", 1, 1), event("c", "t", 0, 2), event("d", "s", 2, 3)];
+        (ops, all)
+    }
+
+    #[test]
+    fn a_correct_history_has_no_anomaly() {
+        let (ops, all) = good();
+        let report = check(&ops, &on_all_nodes(all));
+        assert_eq!(report.anomalies(), 0, "{report}");
+        assert_eq!(report.acknowledged_events, 4);
+    }
+
+    #[test]
+    fn a_lost_write_is_caught() {
+        let (ops, mut all) = good();
+        all.pop(); // "d", acknowledged, is gone
+        let report = check(&ops, &on_all_nodes(all));
+        assert_eq!(report.count("lost"), 1, "{report}");
+    }
+
+    #[test]
+    fn a_moved_write_is_caught() {
+        let (mut ops, all) = good();
+        ops[2] = append(3, "s", Expected::Exact(1), &["d"], ok(2, 7, 4), 30);
+        assert_eq!(check(&ops, &on_all_nodes(all)).count("moved"), 1);
+    }
+
+    #[test]
+    fn a_duplicate_is_caught() {
+        let (ops, mut all) = good();
+        all.push(event("d", "s", 3, 4)); // the indeterminate retry landed twice
+        let report = check(&ops, &on_all_nodes(all));
+        assert_eq!(report.count("duplicate"), 1, "{report}");
+    }
+
+    #[test]
+    fn a_double_occ_success_is_caught_but_a_replay_is_not() {
+        let (mut ops, mut all) = good();
+        // A replay of op 3 answered with the original result: one success.
+        ops.push(append(9, "s", Expected::Exact(1), &["d"], ok(2, 3, 4), 35));
+        assert_eq!(check(&ops, &on_all_nodes(all.clone())).anomalies(), 0);
+        // A different append also succeeding with expected version 1.
+        ops.push(append(10, "s", Expected::Exact(1), &["g"], ok(3, 4, 5), 36));
+        all.push(event("g", "s", 3, 4));
+        assert_eq!(check(&ops, &on_all_nodes(all)).count("double_occ_success"), 1);
+    }
+
+    #[test]
+    fn a_stale_linearizable_read_and_a_session_read_behind_its_token_are_caught() {
+        let (mut ops, all) = good();
+        ops.push(read(11, "s", Consistency::Linearizable, &["a", "b"], 60)); // misses "d", acked at 31
+        ops.push(read(12, "s", Consistency::Session(4), &["a", "b"], 60)); // token 4 covers "d"
+        ops.push(read(13, "s", Consistency::Local, &["a", "b"], 60)); // local may lag: fine
+        let report = check(&ops, &on_all_nodes(all));
+        assert_eq!(report.count("stale_read"), 1, "{report}");
+        assert_eq!(report.count("session_behind"), 1, "{report}");
+        assert_eq!(report.anomalies(), 2);
+    }
+
+    #[test]
+    fn a_reordered_read_is_caught() {
+        let (mut ops, all) = good();
+        ops.push(read(14, "s", Consistency::Local, &["b", "a"], 60));
+        assert_eq!(check(&ops, &on_all_nodes(all)).count("read_not_prefix"), 1);
+    }
+
+    #[test]
+    fn a_phantom_event_gaps_and_divergence_are_caught() {
+        let (ops, all) = good();
+        let mut finals = on_all_nodes(all.clone());
+        let mut bad = all.clone();
+        bad.push(event("zzz", "t", 2, 5)); // never appended; version 1 and position 4 skipped
+        finals.insert(2, bad.clone());
+        let report = check(&ops, &finals);
+        assert_eq!(report.count("divergent_all"), 1, "{report}");
+        let report = check(&ops, &on_all_nodes(bad));
+        assert_eq!(report.count("phantom"), 1, "{report}");
+        assert_eq!(report.count("version_gap"), 1, "{report}");
+        assert_eq!(report.count("position_gap"), 1, "{report}");
+    }
+}
