@@ -157,9 +157,11 @@ fn check_appends(ops: &[Op], by_id: &HashMap<&str, &FinalEvent>, report: &mut Re
     }
 }
 
+/// An acknowledged append as reads judge it: (complete time, commit token, event ids).
+type AckedAppend<'a> = (u64, u64, &'a [String]);
+
 fn check_reads(ops: &[Op], streams: &HashMap<&str, Vec<&str>>, report: &mut Report) {
-    // Per stream, acknowledged appends: (complete time, commit token, event ids).
-    let mut acked: HashMap<&str, Vec<(u64, u64, &[String])>> = HashMap::new();
+    let mut acked: HashMap<&str, Vec<AckedAppend<'_>>> = HashMap::new();
     for op in ops {
         if let OpKind::Append { stream, event_ids, outcome: AppendOutcome::Ok { commit_token, .. }, .. } = &op.kind {
             acked.entry(stream.as_str()).or_default().push((op.complete_ms, *commit_token, event_ids.as_slice()));
