@@ -146,6 +146,14 @@ impl TestCluster {
         }
     }
 
+    /// SIGSTOP (`pause = true`) or SIGCONT a running node.
+    pub fn signal_pause(&self, id: u64, pause: bool) {
+        if let Some(child) = self.children[(id - 1) as usize].as_ref() {
+            // SAFETY: signalling a child process we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, if pause { libc::SIGSTOP } else { libc::SIGCONT }) };
+        }
+    }
+
     /// `kill -9` a node.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut child) = self.children[(id - 1) as usize].take() {
