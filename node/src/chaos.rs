@@ -181,10 +181,29 @@ fn docker(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The compose service of the node with this ordinal (`strata-0` is node 1).
+pub fn compose_service(ordinal: u64) -> String {
+    format!("strata-{ordinal}")
+}
+
+/// The container docker-compose 1.29 names for that service in `project`.
+pub fn compose_container(project: &str, ordinal: u64) -> String {
+    format!("{project}_{}_1", compose_service(ordinal))
+}
+
+/// The container's health check status (`healthy`, `starting`, ...; empty if unknown).
+pub fn container_health(container: &str) -> String {
+    Command::new("docker")
+        .args(["inspect", "--format", "{{.State.Health.Status}}", container])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 fn compose_fault(project: &str, action: ChaosAction, node: u64) -> anyhow::Result<()> {
     anyhow::ensure!(node >= 1, "node ids start at 1");
-    let service = format!("strata-{}", node - 1);
-    let container = format!("{project}_{service}_1");
+    let service = compose_service(node - 1);
+    let container = compose_container(project, node - 1);
     let network = format!("{project}_default");
     match action {
         ChaosAction::Kill => docker(&["kill", &container]),

@@ -127,9 +127,14 @@ pub enum ConfigError {
 impl NodeConfig {
     /// The address other nodes and clients use to reach this node's gRPC server.
     pub fn advertised_grpc_addr(&self) -> String {
+        self.advertised(self.grpc_addr)
+    }
+
+    /// `addr` as others reach it: the advertised host with `addr`'s port, if one is set.
+    fn advertised(&self, addr: SocketAddr) -> String {
         match &self.advertise_host {
-            Some(host) => format!("{host}:{}", self.grpc_addr.port()),
-            None => self.grpc_addr.to_string(),
+            Some(host) => format!("{host}:{}", addr.port()),
+            None => addr.to_string(),
         }
     }
 
@@ -148,10 +153,7 @@ impl NodeConfig {
 
     /// The HTTP address operators and other nodes reach this node's HTTP server at.
     pub fn advertised_http_addr(&self) -> String {
-        match &self.advertise_host {
-            Some(host) => format!("{host}:{}", self.http_addr.port()),
-            None => self.http_addr.to_string(),
-        }
+        self.advertised(self.http_addr)
     }
 
     /// The gossip address other nodes reach this one at: the advertised host (resolved)

@@ -37,9 +37,14 @@ pub const FORMATION_STABLE_ROUNDS: u32 = 3;
 /// Timeout of one probe or join call.
 const DISCOVERY_CALL_TIMEOUT_MS: u64 = 2_000;
 
+/// Whether this node belongs to a Raft cluster (has a membership).
+fn in_cluster(metrics: &RaftMetrics) -> bool {
+    metrics.membership_config.membership().nodes().next().is_some()
+}
+
 /// What this node says about itself now.
 pub fn advert_of(metrics: &RaftMetrics, grpc_addr: &str, http_addr: &str) -> NodeAdvert {
-    let in_cluster = metrics.membership_config.membership().nodes().next().is_some();
+    let in_cluster = in_cluster(metrics);
     NodeAdvert {
         grpc_addr: grpc_addr.to_string(),
         http_addr: http_addr.to_string(),
@@ -125,8 +130,7 @@ pub async fn form_or_join(
     let mut last_reason = String::new();
     loop {
         let pristine = log_store.is_pristine().unwrap_or(false);
-        let in_cluster = raft.metrics().borrow_watched().membership_config.membership().nodes().next().is_some();
-        if in_cluster || !pristine {
+        if in_cluster(&raft.metrics().borrow_watched()) || !pristine {
             tracing::info!(node_id, "member of a cluster; formation done");
             return;
         }
@@ -176,7 +180,7 @@ pub async fn form_or_join(
 async fn wait_until_member(raft: &Raft) {
     let _ = raft
         .wait(Some(Duration::from_secs(30)))
-        .metrics(|m| m.membership_config.membership().nodes().next().is_some(), "replicated to by the leader")
+        .metrics(in_cluster, "replicated to by the leader")
         .await;
 }
 

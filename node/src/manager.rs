@@ -242,19 +242,11 @@ fn docker_compose(args: &ComposeArgs, extra: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn container_health(project: &str, node: u16) -> String {
-    std::process::Command::new("docker")
-        .args(["inspect", "--format", "{{.State.Health.Status}}", &format!("{project}_strata-{node}_1")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 async fn wait_healthy(project: &str, nodes: u16) -> anyhow::Result<Duration> {
     let started = std::time::Instant::now();
     let deadline = started + Duration::from_secs(COMPOSE_READY_TIMEOUT_SECS);
     loop {
-        if (0..nodes).all(|node| container_health(project, node) == "healthy") {
+        if (0..nodes).all(|node| crate::chaos::container_health(&crate::chaos::compose_container(project, u64::from(node))) == "healthy") {
             return Ok(started.elapsed());
         }
         anyhow::ensure!(std::time::Instant::now() < deadline, "containers not healthy within {COMPOSE_READY_TIMEOUT_SECS} s");
@@ -327,7 +319,7 @@ async fn compose(args: ComposeArgs, json: bool) -> anyhow::Result<()> {
                         Err(status) if status.code() == tonic::Code::NotFound => {}
                         Err(status) => anyhow::bail!("removing node {}: {}", node + 1, status.message()),
                     }
-                    docker_compose(&args, &["rm", "--stop", "--force", &format!("strata-{node}")])?;
+                    docker_compose(&args, &["rm", "--stop", "--force", &crate::chaos::compose_service(u64::from(node))])?;
                 }
             }
             write_scale_file(&args, nodes)?;

@@ -88,14 +88,21 @@ pub async fn add_learner(raft: &Raft, node_id: NodeId, addr: String) -> Result<M
     Ok(members(&raft.metrics().borrow_watched().clone()))
 }
 
-/// Makes the learner `node_id` a voter.
-pub async fn promote(raft: &Raft, node_id: NodeId) -> Result<MembershipResponse, ApiError> {
+/// This node's metrics and the current voters, once `node_id` is known to be a member.
+fn member_view(raft: &Raft, node_id: NodeId) -> Result<(RaftMetrics, BTreeSet<NodeId>), ApiError> {
     let metrics = raft.metrics().borrow_watched().clone();
     let membership = metrics.membership_config.membership();
     if membership.get_node(&node_id).is_none() {
         return Err(ApiError::NodeNotFound { node_id });
     }
-    if membership.voter_ids().any(|id| id == node_id) {
+    let voters = membership.voter_ids().collect();
+    Ok((metrics, voters))
+}
+
+/// Makes the learner `node_id` a voter.
+pub async fn promote(raft: &Raft, node_id: NodeId) -> Result<MembershipResponse, ApiError> {
+    let (metrics, voters) = member_view(raft, node_id)?;
+    if voters.contains(&node_id) {
         return Ok(members(&metrics));
     }
     with_timeout(async {
@@ -110,12 +117,7 @@ pub async fn promote(raft: &Raft, node_id: NodeId) -> Result<MembershipResponse,
 
 /// Removes `node_id` (voter or learner) from the membership.
 pub async fn remove(raft: &Raft, node_id: NodeId) -> Result<MembershipResponse, ApiError> {
-    let metrics = raft.metrics().borrow_watched().clone();
-    let membership = metrics.membership_config.membership();
-    if membership.get_node(&node_id).is_none() {
-        return Err(ApiError::NodeNotFound { node_id });
-    }
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let (_, voters) = member_view(raft, node_id)?;
     let change = if voters.contains(&node_id) {
         if voters.len() == 1 {
             return Err(ApiError::MembershipRefused { node_id, reason: "the last voter cannot be removed".into() });
@@ -173,7 +175,6 @@ pub fn transfer_target(metrics: &RaftMetrics) -> Option<NodeId> {
 fn promotable(metrics: &RaftMetrics, max_voters: usize) -> Vec<NodeId> {
     let Some(replication) = metrics.replication.as_ref() else { return Vec::new() };
     let membership = metrics.membership_config.membership();
-    let voters = membership.voter_ids().count();
     let last = metrics.last_log_index.unwrap_or(0);
     let voter_ids: BTreeSet<NodeId> = membership.voter_ids().collect();
     membership
@@ -184,7 +185,7 @@ fn promotable(metrics: &RaftMetrics, max_voters: usize) -> Vec<NodeId> {
             let matched = replication.get(id).cloned().flatten().map_or(0, |log_id| log_id.index);
             matched > 0 && matched + PROMOTE_LAG_ENTRIES_MAX >= last
         })
-        .take(max_voters.saturating_sub(voters))
+        .take(max_voters.saturating_sub(voter_ids.len()))
         .collect()
 }
 

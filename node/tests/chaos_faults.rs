@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Formation, TestCluster};
+use common::TestCluster;
 use strata_chaos::checker::check;
 use strata_chaos::history::{write_op, AppendOutcome, Consistency, Expected, FinalEvent, Op, OpKind, ReadOutcome};
 use strata_node::error::detail_of;
@@ -209,16 +209,18 @@ async fn client(cluster: Arc<Mutex<Option<Vec<String>>>>, recorder: Arc<Mutex<Re
     }
 }
 
+/// `kill -9` node `id`, and start it again with its data dir after `down`.
+async fn kill_for(cluster: &mut TestCluster, id: u64, down: Duration) {
+    cluster.kill(id);
+    tokio::time::sleep(down).await;
+    cluster.spawn(id);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_and_pause_faults_lose_duplicate_and_reorder_nothing() {
     let seed: u64 = std::env::var("STRATA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_124);
     eprintln!("chaos seed: STRATA_CHAOS_SEED={seed}");
-    let mut cluster = TestCluster::new(27, Formation::Gossip { initial_size: 3 });
-    for id in 1..=3 {
-        cluster.spawn(id);
-    }
-    cluster.wait_leader(Duration::from_secs(30)).await;
-    common::wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+    let (mut cluster, _) = TestCluster::start_gossip(27, &[]).await;
 
     let addrs = Arc::new(Mutex::new(Some((1..=3).map(|id| cluster.addr(id)).collect::<Vec<_>>())));
     let recorder = Arc::new(Mutex::new(Recorder { started: Instant::now(), next_op: 0, ops: Vec::new() }));
@@ -234,18 +236,14 @@ async fn kill_and_pause_faults_lose_duplicate_and_reorder_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await;
     let t = Instant::now();
-    cluster.kill(leader);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    cluster.spawn(leader);
+    kill_for(&mut cluster, leader, Duration::from_secs(3)).await;
     log_fault(format!("kill -9 leader {leader}, restart after 3 s"), t);
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let t = Instant::now();
-    cluster.kill(follower);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    cluster.spawn(follower);
+    kill_for(&mut cluster, follower, Duration::from_secs(3)).await;
     log_fault(format!("kill -9 follower {follower}, restart after 3 s"), t);
 
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use strata_node::chaos::{compose_container, container_health};
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::streams_client::StreamsClient;
 use strata_proto::v1::{AppendRequest, Consistency, ExpectedVersionKind, ProposedEvent, ReadAllRequest, RecordedEvent, StatusRequest, StatusResponse};
@@ -42,7 +43,7 @@ impl Project {
     }
 
     fn container(&self, node: u16) -> String {
-        format!("{}_strata-{node}_1", self.name)
+        compose_container(&self.name, u64::from(node))
     }
 
     fn docker(&self, args: &[&str]) {
@@ -51,12 +52,7 @@ impl Project {
     }
 
     fn healthy(&self) -> bool {
-        (0..3).all(|node| {
-            Command::new("docker")
-                .args(["inspect", "--format", "{{.State.Health.Status}}", &self.container(node)])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "healthy")
-        })
+        (0..3).all(|node| container_health(&self.container(node)) == "healthy")
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{append_request, append_retrying, event, http_get, members, metric_value, wait_voters, Formation, TestCluster};
+use common::{append_request, append_retrying, event, members, metric_value, wait_voters, Formation, TestCluster};
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::{ExpectedVersionKind, NodeRequest, RecordedEvent};
 
@@ -114,12 +114,7 @@ fn assert_contains_all(events: &[RecordedEvent], acknowledged: &[String], node: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fourth_and_fifth_node_join_while_appends_run() {
-    let mut cluster = TestCluster::new(23, Formation::Gossip { initial_size: 3 });
-    for id in 1..=3 {
-        cluster.spawn(id);
-    }
-    cluster.wait_leader(Duration::from_secs(30)).await;
-    wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+    let (mut cluster, _) = TestCluster::start_gossip(23, &[]).await;
     // The joiners start while a writer runs; they are added as learners and promoted.
     cluster.spawn(4);
     cluster.spawn(5);
@@ -142,12 +137,7 @@ async fn a_fourth_and_fifth_node_join_while_appends_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_transfer_rolling_restart_and_removal() {
-    let mut cluster = TestCluster::new(24, Formation::Gossip { initial_size: 3 });
-    for id in 1..=3 {
-        cluster.spawn(id);
-    }
-    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
-    wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+    let (cluster, leader) = TestCluster::start_gossip(24, &[]).await;
 
     // Transfer, asked through a node that is not the leader (forwarded).
     let target = (1..=3).find(|id| *id != leader).unwrap();
@@ -197,12 +187,7 @@ async fn leader_transfer_rolling_restart_and_removal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_with_the_wrong_secret_never_joins_and_is_counted() {
-    let mut cluster = TestCluster::new(25, Formation::Gossip { initial_size: 3 });
-    for id in 1..=3 {
-        cluster.spawn(id);
-    }
-    cluster.wait_leader(Duration::from_secs(30)).await;
-    wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+    let (mut cluster, _) = TestCluster::start_gossip(25, &[]).await;
     cluster.spawn_with(4, &["--cluster-secret", "a-wrong-secret-of-enough-bytes"]);
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(members(&cluster, 1).await, Some((vec![1, 2, 3], vec![])));
@@ -214,7 +199,7 @@ async fn a_node_with_the_wrong_secret_never_joins_and_is_counted() {
     assert!(status.members.iter().all(|m| m.id != 4), "gossip never showed the intruder: {:?}", status.members);
     let intruder = cluster.status(4).await.expect("the intruder runs");
     assert_eq!(intruder.leader_id, 0, "the intruder found no cluster");
-    let metrics = http_get(&cluster.http_addr(1), "/metrics").await;
+    let metrics = strata_node::http::check_health(&cluster.http_addr(1), "/metrics", Duration::from_secs(3)).await.expect("metrics");
     assert!(
         metric_value(&metrics, "strata_gossip_datagrams_total", "dropped_bad_mac") > 0,
         "the intruder's datagrams are dropped and counted:\n{metrics}"
@@ -224,12 +209,7 @@ async fn a_node_with_the_wrong_secret_never_joins_and_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_dead_beyond_auto_remove_after_is_removed() {
-    let mut cluster = TestCluster::new(26, Formation::Gossip { initial_size: 3 });
-    for id in 1..=3 {
-        cluster.spawn_with(id, &["--auto-remove-after", "3"]);
-    }
-    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
-    wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+    let (mut cluster, leader) = TestCluster::start_gossip(26, &["--auto-remove-after", "3"]).await;
     // Alive members stay, however long.
     tokio::time::sleep(Duration::from_secs(4)).await;
     wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(1)).await;

@@ -53,6 +53,18 @@ impl TestCluster {
         cluster
     }
 
+    /// Starts nodes 1..=3 forming through gossip (each with `extra` serve arguments) and
+    /// waits until they are one cluster of three voters; returns it and its leader.
+    pub async fn start_gossip(subnet: u8, extra: &[&str]) -> (Self, u64) {
+        let mut cluster = Self::new(subnet, Formation::Gossip { initial_size: 3 });
+        for id in 1..=3 {
+            cluster.spawn_with(id, extra);
+        }
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+        (cluster, leader)
+    }
+
     /// A cluster with no node started yet.
     pub fn new(subnet: u8, formation: Formation) -> Self {
         Self { subnet, size: 0, formation, dir: tempfile::tempdir().expect("temp dir"), children: Vec::new() }
@@ -315,16 +327,6 @@ pub async fn wait_voters(cluster: &TestCluster, voters: &[u64], timeout: Duratio
         assert!(Instant::now() < deadline, "voters {voters:?} not reached, last seen {seen:?}; logs in {}", cluster.dir.path().display());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// `GET path` on a node's HTTP server: the body.
-pub async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTP server");
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read response");
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
 }
 
 /// The value of one Prometheus sample whose line starts with `prefix` (0 when absent).
