@@ -148,7 +148,14 @@ async fn leader_transfer_rolling_restart_and_removal() {
         .expect("transfer leadership")
         .into_inner();
     assert_eq!(reply.leader_id, target);
-    assert_eq!(cluster.status(via).await.map(|s| s.leader_id), Some(target));
+    // `via` learns of the new leader from its first heartbeat, not from the reply above.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = cluster.status(via).await.map(|s| s.leader_id);
+    while seen != Some(target) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = cluster.status(via).await.map(|s| s.leader_id);
+    }
+    assert_eq!(seen, Some(target));
 
     // A rolling restart (SIGTERM: a leader hands over first) while a writer appends: no
     // append fails beyond retries that succeed, nothing acknowledged is lost.
