@@ -89,13 +89,12 @@ fn classify(result: Result<tonic::Response<strata_proto::v1::AppendResponse>, to
     }
 }
 
-async fn client(cluster: Arc<Mutex<Option<Vec<String>>>>, recorder: Arc<Mutex<Recorder>>, client_id: u32, seed: u64, until: Instant) {
+async fn client(addrs: Arc<Vec<String>>, recorder: Arc<Mutex<Recorder>>, client_id: u32, seed: u64, until: Instant) {
     let mut rng = Rng(seed ^ (u64::from(client_id) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut known_version: BTreeMap<String, u64> = BTreeMap::new();
     let mut session_token = 0u64;
     let mut event_counter = 0u64;
     while Instant::now() < until {
-        let addrs = cluster.lock().unwrap().clone().expect("addresses");
         let node = rng.below(addrs.len() as u64);
         let endpoint = format!("http://{}", addrs[node as usize]);
         let stream = format!("chaos-{}", rng.below(STREAMS));
@@ -200,7 +199,6 @@ async fn client(cluster: Arc<Mutex<Option<Vec<String>>>>, recorder: Arc<Mutex<Re
             assert!(attempt + 1 < RETRIES_MAX, "append on {stream} stayed indeterminate for {RETRIES_MAX} attempts");
             tokio::time::sleep(Duration::from_millis(100)).await;
             // Reconnect through another node for the retry.
-            let addrs = cluster.lock().unwrap().clone().expect("addresses");
             let other = format!("http://{}", addrs[rng.below(addrs.len() as u64) as usize]);
             if let Ok(channel) = tonic::transport::Endpoint::from_shared(other).unwrap().connect_timeout(Duration::from_millis(300)).connect().await {
                 streams = StreamsClient::new(channel);
@@ -222,7 +220,8 @@ async fn kill_and_pause_faults_lose_duplicate_and_reorder_nothing() {
     eprintln!("chaos seed: STRATA_CHAOS_SEED={seed}");
     let (mut cluster, _) = TestCluster::start_gossip(27, &[]).await;
 
-    let addrs = Arc::new(Mutex::new(Some((1..=3).map(|id| cluster.addr(id)).collect::<Vec<_>>())));
+    // Nodes keep their addresses across restarts: one fixed list for every client.
+    let addrs: Arc<Vec<String>> = Arc::new((1..=3).map(|id| cluster.addr(id)).collect());
     let recorder = Arc::new(Mutex::new(Recorder { started: Instant::now(), next_op: 0, ops: Vec::new() }));
     let until = Instant::now() + Duration::from_secs(WORKLOAD_SECS);
     let clients: Vec<_> = (0..CLIENTS).map(|c| tokio::spawn(client(addrs.clone(), recorder.clone(), c, seed, until))).collect();
