@@ -141,13 +141,7 @@ impl From<strata_storage::AppendFailure> for ApiError {
     }
 }
 
-/// The typed detail of a status returned by a Strata server (client side).
-pub fn detail_of(status: &Status) -> Option<ErrorDetail> {
-    if status.details().is_empty() {
-        return None;
-    }
-    ErrorDetail::decode(status.details()).ok()
-}
+pub use strata_proto::detail_of;
 
 #[cfg(test)]
 mod tests {

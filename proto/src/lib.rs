@@ -1,6 +1,8 @@
 //! The wire contract of Strata: `strata.v1` (public) and `strata.v1.raft` (node to node).
 //!
-//! Generated at build time from `proto/strata/v1/*.proto`; no logic lives here.
+//! Generated at build time from `proto/strata/v1/*.proto`. The one piece of logic here is
+//! [`detail_of`], the client-side decoding of the typed error every status carries, so the
+//! CLI, the tests and the chaos suite read errors one way.
 
 /// The public API: streams, cluster administration, typed error details.
 pub mod v1 {
@@ -10,4 +12,13 @@ pub mod v1 {
     pub mod raft {
         tonic::include_proto!("strata.v1.raft");
     }
+}
+
+/// The typed [`v1::ErrorDetail`] a Strata server puts in a status's details, if any.
+pub fn detail_of(status: &tonic::Status) -> Option<v1::ErrorDetail> {
+    use prost::Message;
+    if status.details().is_empty() {
+        return None;
+    }
+    v1::ErrorDetail::decode(status.details()).ok()
 }

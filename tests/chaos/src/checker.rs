@@ -12,11 +12,17 @@
 //!   version on one stream;
 //! - `stale_read`: a linearizable read missed an append acknowledged before it started;
 //! - `session_behind`: a session read missed an append covered by its token;
-//! - `read_not_prefix`: a read returned events that are not the stream's final prefix.
+//! - `read_not_prefix`: a read returned events that are not the stream's final prefix;
+//! - `subscription_gap` / `subscription_duplicate`: an epoch of a subscription skipped a
+//!   position of `$all`, or went back to one (a repeat or a reordering);
+//! - `subscription_wrong_event`: it delivered at a position an event `$all` does not hold
+//!   there;
+//! - `dishonest_checkpoint`: an epoch stored a checkpoint past what it delivered, or the
+//!   next epoch did not resubscribe after the stored checkpoint.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::history::{AppendOutcome, Consistency, Expected, FinalEvent, Op, OpKind, ReadOutcome};
+use crate::history::{AppendOutcome, Consistency, Delivered, Expected, FinalEvent, Op, OpKind, ReadOutcome};
 
 /// Examples kept per anomaly kind.
 pub const EXAMPLES_PER_KIND_MAX: usize = 5;
@@ -83,6 +89,7 @@ pub fn check(ops: &[Op], finals: &BTreeMap<u64, Vec<FinalEvent>>) -> Report {
     let streams = stream_orders(reference);
     check_appends(ops, &by_id, &mut report);
     check_reads(ops, &streams, &mut report);
+    check_subscriptions(ops, reference, &mut report);
     report
 }
 
@@ -194,6 +201,45 @@ fn check_reads(ops: &[Op], streams: &HashMap<&str, Vec<&str>>, report: &mut Repo
     }
 }
 
+/// One subscription's epochs in epoch order: (epoch, after, delivered, checkpoint, op id).
+type Epoch<'a> = (u32, Option<u64>, &'a [Delivered], Option<u64>, u64);
+
+fn check_subscriptions(ops: &[Op], all: &[FinalEvent], report: &mut Report) {
+    let mut subscriptions: BTreeMap<u32, Vec<Epoch<'_>>> = BTreeMap::new();
+    for op in ops {
+        if let OpKind::SubscriptionEpoch { subscription, epoch, after, delivered, checkpoint, .. } = &op.kind {
+            subscriptions.entry(*subscription).or_default().push((*epoch, *after, delivered.as_slice(), *checkpoint, op.id));
+        }
+    }
+    for (subscription, mut epochs) in subscriptions {
+        epochs.sort_by_key(|epoch| epoch.0);
+        let mut stored: Option<u64> = None;
+        for (epoch, after, delivered, checkpoint, op) in epochs {
+            let name = format!("op {op}: subscription {subscription} epoch {epoch}");
+            if after != stored {
+                report.flag("dishonest_checkpoint", format!("{name} resubscribed after {after:?}, but the stored checkpoint was {stored:?}"));
+            }
+            let mut next = after.map_or(0, |p| p + 1);
+            for event in delivered {
+                if event.position < next {
+                    report.flag("subscription_duplicate", format!("{name} delivered position {} again (next due {next})", event.position));
+                } else if event.position > next {
+                    report.flag("subscription_gap", format!("{name} skipped positions {next}..{}", event.position));
+                }
+                next = next.max(event.position + 1);
+                if all.get(event.position as usize).is_none_or(|found| found.id != event.id) {
+                    report.flag("subscription_wrong_event", format!("{name} delivered {} at position {}, which $all does not hold there", event.id, event.position));
+                }
+            }
+            let delivered_up_to = delivered.last().map(|event| event.position).or(after);
+            if checkpoint > delivered_up_to {
+                report.flag("dishonest_checkpoint", format!("{name} stored checkpoint {checkpoint:?} past its last delivery {delivered_up_to:?}"));
+            }
+            stored = checkpoint;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +274,24 @@ mod tests {
         }
     }
 
+    fn epoch(id: u64, epoch: u32, after: Option<u64>, positions: &[(&str, u64)], checkpoint: Option<u64>) -> Op {
+        Op {
+            id,
+            client: 9,
+            node: 3,
+            invoke_ms: 0,
+            complete_ms: 70,
+            kind: OpKind::SubscriptionEpoch {
+                subscription: 1,
+                epoch,
+                after,
+                delivered: positions.iter().map(|(id, position)| Delivered { id: id.to_string(), position: *position }).collect(),
+                checkpoint,
+                ended: "dropped".into(),
+            },
+        }
+    }
+
     fn event(id: &str, stream: &str, version: u64, position: u64) -> FinalEvent {
         FinalEvent { id: id.into(), stream: stream.into(), version, position }
     }
@@ -247,6 +311,10 @@ mod tests {
             read(6, "s", Consistency::Linearizable, &["a", "b", "d"], 50),
             read(7, "s", Consistency::Session(2), &["a", "b"], 25),
             read(8, "s", Consistency::Local, &["a"], 26),
+            // Two epochs: the second resubscribes after the first's checkpoint (1) and
+            // sees "b" again only in a new epoch, which is allowed.
+            epoch(20, 0, None, &[("a", 0), ("b", 1)], Some(0)),
+            epoch(21, 1, Some(0), &[("b", 1), ("c", 2), ("d", 3)], Some(3)),
         ];
         let all = vec![event("a", "s", 0, 0), event("b", "s", 1, 1), event("c", "t", 0, 2), event("d", "s", 2, 3)];
         (ops, all)
@@ -327,5 +395,25 @@ mod tests {
         assert_eq!(report.count("phantom"), 1, "{report}");
         assert_eq!(report.count("version_gap"), 1, "{report}");
         assert_eq!(report.count("position_gap"), 1, "{report}");
+    }
+
+    #[test]
+    fn a_subscription_gap_duplicate_wrong_event_and_dishonest_checkpoint_are_caught() {
+        let (mut ops, all) = good();
+        let base = ops.len();
+        ops.truncate(base - 2);
+        ops.push(epoch(20, 0, None, &[("a", 0), ("c", 2)], Some(2))); // skipped "b"
+        assert_eq!(check(&ops, &on_all_nodes(all.clone())).count("subscription_gap"), 1);
+        ops.pop();
+        ops.push(epoch(20, 0, None, &[("a", 0), ("b", 1), ("b", 1)], Some(1))); // "b" twice in one epoch
+        assert_eq!(check(&ops, &on_all_nodes(all.clone())).count("subscription_duplicate"), 1);
+        ops.pop();
+        ops.push(epoch(20, 0, None, &[("a", 0), ("x", 1)], Some(1))); // not what $all holds at 1
+        assert_eq!(check(&ops, &on_all_nodes(all.clone())).count("subscription_wrong_event"), 1);
+        ops.pop();
+        ops.push(epoch(20, 0, None, &[("a", 0)], Some(2))); // checkpoint past the delivery
+        ops.push(epoch(21, 1, Some(1), &[("c", 2)], Some(2))); // and not resubscribed after it
+        let report = check(&ops, &on_all_nodes(all));
+        assert_eq!(report.count("dishonest_checkpoint"), 2, "{report}");
     }
 }

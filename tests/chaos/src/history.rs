@@ -49,11 +49,36 @@ pub enum ReadOutcome {
     Failed { reason: String },
 }
 
+/// One event a subscription delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub id: String,
+    pub position: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum OpKind {
     Append { stream: String, expected: Expected, event_ids: Vec<String>, outcome: AppendOutcome },
     ReadStream { stream: String, consistency: Consistency, outcome: ReadOutcome },
+    /// One epoch of a catch-up subscription to `$all`: subscribed after position
+    /// `after` (`None`: from the start), delivered `delivered` in order, and ended
+    /// (dropped, failed or stopped) with `checkpoint` stored: the position the next epoch
+    /// of subscription `subscription` resubscribes after.
+    SubscriptionEpoch { subscription: u32, epoch: u32, after: Option<u64>, delivered: Vec<Delivered>, checkpoint: Option<u64>, ended: String },
+}
+
+/// One injected fault, logged with its start and end (milliseconds since the run started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRecord {
+    /// The fault's kind (`kill_leader`, `pause_leader`, `partition_isolate_leader`, ...).
+    pub kind: String,
+    /// What exactly was done, for the timeline.
+    pub detail: String,
+    /// Whether the fault removed the leader (its recovery time counts as leader loss).
+    pub leader_loss: bool,
+    pub start_ms: u64,
+    pub end_ms: u64,
 }
 
 /// One client operation.
@@ -80,14 +105,14 @@ pub struct FinalEvent {
     pub position: u64,
 }
 
-/// Appends `op` to a JSONL history.
-pub fn write_op(out: &mut impl Write, op: &Op) -> std::io::Result<()> {
-    serde_json::to_writer(&mut *out, op)?;
+/// Appends `record` (an [`Op`] or a [`FaultRecord`]) to a JSONL file.
+pub fn write_jsonl<T: Serialize>(out: &mut impl Write, record: &T) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, record)?;
     out.write_all(b"\n")
 }
 
-/// Reads a JSONL history; a malformed line is an error naming its number.
-pub fn read_ops(input: impl BufRead) -> Result<Vec<Op>, String> {
+/// Reads a JSONL history (or fault timeline); a malformed line is an error naming its number.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(input: impl BufRead) -> Result<Vec<T>, String> {
     let mut ops = Vec::new();
     for (number, line) in input.lines().enumerate() {
         let line = line.map_err(|e| format!("history line {}: {e}", number + 1))?;
@@ -119,9 +144,9 @@ mod tests {
             },
         };
         let mut buffer = Vec::new();
-        write_op(&mut buffer, &op).unwrap();
-        write_op(&mut buffer, &op).unwrap();
-        assert_eq!(read_ops(&buffer[..]).unwrap(), vec![op.clone(), op]);
-        assert!(read_ops(&b"{not json}\n"[..]).unwrap_err().contains("line 1"));
+        write_jsonl(&mut buffer, &op).unwrap();
+        write_jsonl(&mut buffer, &op).unwrap();
+        assert_eq!(read_jsonl::<Op>(&buffer[..]).unwrap(), vec![op.clone(), op]);
+        assert!(read_jsonl::<Op>(&b"{not json}\n"[..]).unwrap_err().contains("line 1"));
     }
 }

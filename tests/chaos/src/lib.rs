@@ -1,9 +1,20 @@
-//! The chaos suite's history and its checker (issue 5).
+//! The chaos suite (issue 5): proves the guarantees of SPEC §3 under faults.
 //!
-//! - [`history`]: what a run records: every operation (invoke and complete time, node,
-//!   outcome, returned versions and positions) as JSONL, and every node's final `$all`;
-//! - [`checker`]: the invariants of SPEC §3 checked over a history, with every anomaly
-//!   counted by kind and the first examples kept.
+//! - [`cluster`]: real `strata serve` processes on 127.0.<subnet>.x (also the integration
+//!   tests' harness);
+//! - [`workload`]: seeded clients (OCC appends, reads at every consistency level,
+//!   catch-up subscribers) recording every operation;
+//! - [`nemesis`]: the faults (kill -9, SIGSTOP, nftables partitions, libfaketime clock
+//!   skew, a corrupted record, a crash of every node), each logged with start and end;
+//! - [`history`]: the JSONL history and fault timeline;
+//! - [`checker`]: the invariants, every anomaly counted by kind with examples;
+//! - [`figures`]: operations, faults, recovery times and unavailable windows;
+//! - [`scenario`]: named scenarios that put these together; `strata-chaos` runs one.
 
 pub mod checker;
+pub mod cluster;
+pub mod figures;
 pub mod history;
+pub mod nemesis;
+pub mod scenario;
+pub mod workload;

@@ -1,0 +1,196 @@
+//! Named scenarios: a three-node cluster formed through gossip, the seeded workload for
+//! the run's duration, and a seeded schedule of faults drawn from the scenario's set.
+//! After the workload ends every fault is healed, the cluster drains, and every node's
+//! full `$all` goes to the checker.
+//!
+//! A run writes `history.jsonl` (every operation), `faults.jsonl` (the fault timeline) and
+//! `report.txt` beside the node logs and data dirs; all of it is kept when the run finds
+//! an anomaly (or when asked to keep it).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::checker::{check, Report};
+use crate::cluster::{NodeLaunch, TestCluster};
+use crate::figures::Figures;
+use crate::history::{write_jsonl, FinalEvent};
+use crate::nemesis::{FaultKind, Nemesis};
+use crate::workload::{client, subscriber, Recorder, Rng};
+
+/// The server's failpoint that keeps Raft log writes in process memory until they are
+/// fsynced, so a `kill -9` loses every unsynced write as a power cut loses the page cache.
+pub const UNSYNCED_TAIL_FAILPOINT: &str = "STRATA_FAILPOINT_WAL_UNSYNCED_IN_MEMORY";
+
+/// Quiet time at the start of a run and before its end: no fault is injected then.
+const EDGE_QUIET: Duration = Duration::from_secs(3);
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub faults: &'static [FaultKind],
+    /// Extra environment for every node.
+    pub node_env: &'static [(&'static str, &'static str)],
+}
+
+use FaultKind::*;
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "kill", about: "kill -9 of the leader or a follower, restarted with its data", faults: &[KillLeader, KillFollower], node_env: &[] },
+    Scenario { name: "pause", about: "SIGSTOP of the leader or a follower beyond the election timeout", faults: &[PauseLeader, PauseFollower], node_env: &[] },
+    Scenario {
+        name: "partition",
+        about: "isolated leader, isolated follower (minority), one-way cuts from and to the leader",
+        faults: &[IsolateLeader, IsolateFollower, OneWayFromLeader, OneWayToLeader],
+        node_env: &[],
+    },
+    Scenario { name: "clock-skew", about: "nodes restarted under libfaketime (fast, slow, +/-90 s) while leaders fail", faults: &[ClockSkew, KillLeader, PauseLeader], node_env: &[] },
+    Scenario { name: "rolling-restart", about: "every node restarted in turn with SIGTERM", faults: &[RollingRestart], node_env: &[] },
+    Scenario {
+        name: "crash-all",
+        about: "kill -9 of every node at once while un-fsynced Raft log writes live only in process memory",
+        faults: &[CrashAll],
+        node_env: &[(UNSYNCED_TAIL_FAILPOINT, "1")],
+    },
+    Scenario { name: "corrupt-record", about: "a byte flipped in a stopped follower's Raft log, then leaders fail", faults: &[CorruptFollower, KillLeader], node_env: &[] },
+    Scenario {
+        name: "mixed",
+        about: "all of the above but crash-all, drawn at random (the soak)",
+        faults: &[KillLeader, KillFollower, PauseLeader, PauseFollower, IsolateLeader, IsolateFollower, OneWayFromLeader, OneWayToLeader, ClockSkew, RollingRestart, CorruptFollower],
+        node_env: &[],
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+pub struct RunConfig {
+    pub seed: u64,
+    pub duration: Duration,
+    /// Nodes listen on 127.0.<subnet>.1..=3; distinct per concurrent run.
+    pub subnet: u8,
+    pub clients: u32,
+    pub subscribers: u32,
+    /// Keep the run's dir even when it passes.
+    pub keep: bool,
+}
+
+pub struct Outcome {
+    pub report: Report,
+    pub figures: Figures,
+    pub faults_injected: usize,
+    pub skipped: Vec<String>,
+    pub dir: PathBuf,
+}
+
+impl Outcome {
+    pub fn summary(&self, scenario: &str, seed: u64) -> String {
+        let recovery = match self.figures.recovery_summary() {
+            Some((p50, p99, max, _)) => format!("recovery p50 {p50} ms, p99 {p99} ms, max {max} ms"),
+            None => "no leader-loss fault".into(),
+        };
+        format!(
+            "scenario {scenario} seed {seed}: {} operations, {} acknowledged events, {} faults, {} anomalies, {recovery}",
+            self.report.operations,
+            self.report.acknowledged_events,
+            self.faults_injected,
+            self.report.anomalies()
+        )
+    }
+}
+
+/// How long one fault of `kind` is held.
+fn hold(kind: FaultKind, rng: &mut Rng) -> Duration {
+    match kind {
+        KillLeader | KillFollower => rng.millis(1_000, 4_000),
+        // Beyond the election timeout (at most 1.5 s), so a paused leader is deposed.
+        PauseLeader | PauseFollower => rng.millis(2_000, 5_000),
+        IsolateLeader | IsolateFollower | OneWayFromLeader | OneWayToLeader => rng.millis(2_000, 6_000),
+        ClockSkew => rng.millis(2_000, 4_000),
+        CrashAll => rng.millis(500, 2_000),
+        CorruptFollower => rng.millis(500, 1_000),
+        RollingRestart => Duration::ZERO,
+    }
+}
+
+/// Runs `scenario` as `config` says.
+pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
+    eprintln!("chaos: scenario {} ({}), seed {}, {} s; replay with: tests/chaos/run --scenario {} --seed {} --duration {}",
+        scenario.name, scenario.about, config.seed, config.duration.as_secs(), scenario.name, config.seed, config.duration.as_secs());
+    let mut cluster = TestCluster::new(config.subnet, crate::cluster::Formation::Gossip { initial_size: 3 });
+    let env: Vec<(String, String)> = scenario.node_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    for id in 1..=3 {
+        cluster.spawn_launch(id, NodeLaunch { args: Vec::new(), env: env.clone() });
+    }
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    crate::cluster::wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
+    eprintln!("chaos: cluster up in {}", cluster.dir.path().display());
+
+    let recorder = Recorder::new();
+    let started = recorder.lock().unwrap().started();
+    let until = started + config.duration;
+    let addrs = Arc::new((1..=3).map(|id| cluster.addr(id)).collect::<Vec<_>>());
+    let mut tasks = Vec::new();
+    for c in 0..config.clients {
+        tasks.push(tokio::spawn(client(addrs.clone(), recorder.clone(), c, config.seed, until)));
+    }
+    for s in 0..config.subscribers {
+        tasks.push(tokio::spawn(subscriber(addrs.clone(), recorder.clone(), s, config.seed, until)));
+    }
+
+    let mut nemesis = Nemesis::new(&cluster, started);
+    let mut rng = Rng::new(config.seed, 7_777);
+    let kinds: Vec<FaultKind> = scenario.faults.iter().copied().filter(|k| nemesis.available(*k)).collect();
+    tokio::time::sleep(EDGE_QUIET).await;
+    while !kinds.is_empty() && Instant::now() + EDGE_QUIET < until {
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        let held = hold(kind, &mut rng);
+        nemesis.inject(&mut cluster, kind, held, &mut rng).await;
+        tokio::time::sleep(rng.millis(1_500, 3_500)).await;
+    }
+    nemesis.heal_all(&mut cluster);
+    for task in tasks {
+        task.await.expect("workload task");
+    }
+
+    // The history is on disk before draining, so a run that cannot drain keeps it.
+    let ops = recorder.lock().unwrap().take_ops();
+    let dir = cluster.dir.path().to_path_buf();
+    write_lines(&dir.join("history.jsonl"), &ops);
+    write_lines(&dir.join("faults.jsonl"), &nemesis.log);
+
+    // Drain: every node up and caught up, then every node's full $all.
+    cluster.wait_converged(Duration::from_secs(90)).await;
+    let mut finals = BTreeMap::new();
+    for id in 1..=3 {
+        let events: Vec<FinalEvent> = cluster
+            .read_all_local(id)
+            .await
+            .into_iter()
+            .map(|e| FinalEvent { id: e.id, stream: e.stream, version: e.version, position: e.position })
+            .collect();
+        finals.insert(id, events);
+    }
+    let report = check(&ops, &finals);
+    let figures = Figures::of(&ops, &nemesis.log);
+    let outcome = Outcome { report, figures, faults_injected: nemesis.log.len(), skipped: nemesis.skipped.clone(), dir };
+    let text = format!("{}\n{}{}", outcome.summary(scenario.name, config.seed), outcome.report, outcome.figures);
+    std::fs::write(outcome.dir.join("report.txt"), &text).expect("write the report");
+    eprintln!("{text}");
+    nemesis.teardown();
+    if outcome.report.anomalies() > 0 || config.keep {
+        cluster.keep = true;
+    }
+    outcome
+}
+
+fn write_lines<T: serde::Serialize>(path: &std::path::Path, records: &[T]) {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create a run file"));
+    for record in records {
+        write_jsonl(&mut out, record).expect("write a run file");
+    }
+    out.flush().expect("flush a run file");
+}

@@ -1,0 +1,288 @@
+//! The seeded workload: concurrent clients doing OCC appends (every expected-version mode,
+//! client-chosen event ids, an indeterminate outcome retried with the same ids, through
+//! another node) and stream reads at every consistency level, plus catch-up subscribers
+//! to `$all` that resubscribe after their last stored checkpoint. Every operation is
+//! recorded in a shared [`Recorder`].
+//!
+//! The subscribers read `$all` page by page from their checkpoint and poll at its head:
+//! the catch-up protocol a client library runs over `ReadAll`. They check what a
+//! subscription promises (ordered, gapless, duplicate-free, honest checkpoints) across
+//! node failures; the server-side `Subscribe` call of SPEC §4 replaces the polling when it
+//! exists, with the same record.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_proto::detail_of;
+use strata_proto::v1::streams_client::StreamsClient;
+use strata_proto::v1::{AppendRequest, AppendResponse, ExpectedVersionKind, ProposedEvent, ReadAllRequest, ReadStreamRequest};
+use tonic::transport::Channel;
+
+use crate::history::{AppendOutcome, Consistency, Delivered, Expected, Op, OpKind, ReadOutcome};
+
+/// Streams the clients write to: few, so that OCC conflicts are common.
+pub const STREAMS: u64 = 6;
+/// Attempts of one append whose outcome stays unknown before the client gives up on it
+/// (the events stay "indeterminate": present at most once).
+pub const RETRIES_MAX: u32 = 40;
+/// Deadline of one append or read call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events one subscriber poll asks for.
+pub const SUBSCRIPTION_PAGE_EVENTS: u64 = 500;
+
+/// xorshift64: a seeded, dependency-free random source; a seed replays a run's choices.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64, stream: u64) -> Self {
+        Rng((seed ^ (stream + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// A duration uniformly in `[min, max]` milliseconds.
+    pub fn millis(&mut self, min: u64, max: u64) -> Duration {
+        Duration::from_millis(min + self.below(max - min + 1))
+    }
+}
+
+/// Every operation of a run, with times relative to its start.
+pub struct Recorder {
+    started: Instant,
+    next_op: u64,
+    ops: Vec<Op>,
+}
+
+impl Recorder {
+    pub fn new() -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Recorder { started: Instant::now(), next_op: 0, ops: Vec::new() }))
+    }
+
+    /// Milliseconds since the run started.
+    pub fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn record(&mut self, client: u32, node: u64, invoke_ms: u64, kind: OpKind) {
+        let id = self.next_op;
+        self.next_op += 1;
+        let complete_ms = self.now();
+        self.ops.push(Op { id, client, node, invoke_ms, complete_ms, kind });
+    }
+
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+}
+
+/// Where the clients connect: node `i + 1` is `addrs[i]`. Fixed for the run: nodes keep
+/// their addresses across restarts.
+pub type Addrs = Arc<Vec<String>>;
+
+async fn connect(addr: &str) -> Option<StreamsClient<Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
+    Some(StreamsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+pub fn append_request(stream: &str, expected: Expected, ids: &[String]) -> AppendRequest {
+    let (kind, version) = match expected {
+        Expected::Any => (ExpectedVersionKind::Any, 0),
+        Expected::NoStream => (ExpectedVersionKind::NoStream, 0),
+        Expected::StreamExists => (ExpectedVersionKind::StreamExists, 0),
+        Expected::Exact(v) => (ExpectedVersionKind::Exact, v),
+    };
+    AppendRequest {
+        stream: stream.into(),
+        expected_kind: kind as i32,
+        expected_version: version,
+        events: ids
+            .iter()
+            .map(|id| ProposedEvent { id: id.clone(), r#type: "Chaos".into(), data: b"{}".to_vec(), metadata: Vec::new(), content_type: "application/json".into() })
+            .collect(),
+    }
+}
+
+/// What an append's answer tells the client, by the typed error of SPEC §4: definitely
+/// written, definitely not, or unknown (to be retried with the same ids).
+pub fn classify(result: Result<AppendResponse, tonic::Status>) -> AppendOutcome {
+    match result {
+        Ok(r) => AppendOutcome::Ok {
+            first_version: r.first_version,
+            first_position: r.first_position,
+            commit_token: r.commit_token.parse().unwrap_or(0),
+            replay: r.idempotent_replay,
+        },
+        Err(status) => match detail_of(&status) {
+            Some(detail) if detail.kind == "wrong_expected_version" => AppendOutcome::WrongVersion { actual: detail.actual_version },
+            Some(detail) if !detail.indeterminate && status.code() != tonic::Code::Internal => {
+                AppendOutcome::Refused { reason: format!("{}: {}", detail.kind, status.message()) }
+            }
+            _ => AppendOutcome::Indeterminate { reason: format!("{:?}: {}", status.code(), status.message()) },
+        },
+    }
+}
+
+/// One writing and reading client until `until`.
+pub async fn client(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, client_id: u32, seed: u64, until: Instant) {
+    let mut rng = Rng::new(seed, u64::from(client_id));
+    let mut known_version: BTreeMap<String, u64> = BTreeMap::new();
+    let mut session_token = 0u64;
+    let mut event_counter = 0u64;
+    while Instant::now() < until {
+        let node = rng.below(addrs.len() as u64);
+        let stream = format!("chaos-{}", rng.below(STREAMS));
+        let Some(mut streams) = connect(&addrs[node as usize]).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if rng.below(4) == 0 {
+            let (consistency, level, token) = match rng.below(3) {
+                0 => (Consistency::Linearizable, strata_proto::v1::Consistency::Linearizable, String::new()),
+                1 => (Consistency::Local, strata_proto::v1::Consistency::Local, String::new()),
+                _ => (Consistency::Session(session_token), strata_proto::v1::Consistency::Session, session_token.to_string()),
+            };
+            let invoke_ms = recorder.lock().unwrap().now();
+            let request = ReadStreamRequest { stream: stream.clone(), consistency: level as i32, session_token: token, ..Default::default() };
+            let outcome = read_stream(&mut streams, request).await;
+            recorder.lock().unwrap().record(client_id, node + 1, invoke_ms, OpKind::ReadStream { stream, consistency, outcome });
+            continue;
+        }
+        let expected = match rng.below(4) {
+            0 => Expected::Any,
+            1 => Expected::NoStream,
+            2 => Expected::StreamExists,
+            _ => Expected::Exact(known_version.get(&stream).copied().unwrap_or(0)),
+        };
+        let ids: Vec<String> = (0..=rng.below(3))
+            .map(|_| {
+                event_counter += 1;
+                format!("00000000-0000-4000-8{client_id:03x}-{event_counter:012x}")
+            })
+            .collect();
+        let request = append_request(&stream, expected, &ids);
+        let mut node = node;
+        // The same request (same ids) until the outcome is known; every attempt recorded.
+        for _ in 0..RETRIES_MAX {
+            let invoke_ms = recorder.lock().unwrap().now();
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(CALL_TIMEOUT);
+            let outcome = classify(streams.append(call).await.map(tonic::Response::into_inner));
+            let definite = !matches!(outcome, AppendOutcome::Indeterminate { .. });
+            match &outcome {
+                AppendOutcome::Ok { first_version, commit_token, .. } => {
+                    known_version.insert(stream.clone(), first_version + ids.len() as u64 - 1);
+                    session_token = session_token.max(*commit_token);
+                }
+                AppendOutcome::WrongVersion { actual: Some(actual) } => {
+                    known_version.insert(stream.clone(), *actual);
+                }
+                _ => {}
+            }
+            let kind = OpKind::Append { stream: stream.clone(), expected, event_ids: ids.clone(), outcome };
+            recorder.lock().unwrap().record(client_id, node + 1, invoke_ms, kind);
+            if definite {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Retry through another node: the one asked may be the one that is down.
+            loop {
+                node = rng.below(addrs.len() as u64);
+                if let Some(client) = connect(&addrs[node as usize]).await {
+                    streams = client;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn read_stream(streams: &mut StreamsClient<Channel>, request: ReadStreamRequest) -> ReadOutcome {
+    let mut call = tonic::Request::new(request);
+    call.set_timeout(CALL_TIMEOUT);
+    let mut pages = match streams.read_stream(call).await {
+        Ok(response) => response.into_inner(),
+        Err(status) if status.code() == tonic::Code::NotFound => return ReadOutcome::NotFound,
+        Err(status) => return ReadOutcome::Failed { reason: status.message().to_string() },
+    };
+    let mut event_ids = Vec::new();
+    loop {
+        match pages.message().await {
+            Ok(Some(page)) => event_ids.extend(page.events.into_iter().map(|e| e.id)),
+            Ok(None) => return ReadOutcome::Ok { event_ids },
+            Err(status) => return ReadOutcome::Failed { reason: status.message().to_string() },
+        }
+    }
+}
+
+/// One catch-up subscriber to `$all` until `until`: each epoch subscribes through a random
+/// node after the stored checkpoint, catches up page by page, follows the head for a few
+/// seconds, and ends (or is dropped by a failure) storing the last delivered position.
+pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscription: u32, seed: u64, until: Instant) {
+    let mut rng = Rng::new(seed, 1000 + u64::from(subscription));
+    let mut checkpoint: Option<u64> = None;
+    let mut epoch = 0u32;
+    while Instant::now() < until {
+        let node = rng.below(addrs.len() as u64);
+        let Some(mut streams) = connect(&addrs[node as usize]).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let invoke_ms = recorder.lock().unwrap().now();
+        let after = checkpoint;
+        let epoch_ends = Instant::now() + rng.millis(1_000, 5_000);
+        let mut delivered: Vec<Delivered> = Vec::new();
+        let ended = loop {
+            if Instant::now() >= epoch_ends.min(until) {
+                break "stopped".to_string();
+            }
+            let from = delivered.last().map(|e| e.position + 1).or(after.map(|p| p + 1)).unwrap_or(0);
+            let request = ReadAllRequest {
+                from_position: from,
+                max_count: SUBSCRIPTION_PAGE_EVENTS,
+                consistency: strata_proto::v1::Consistency::Local as i32,
+                ..Default::default()
+            };
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(CALL_TIMEOUT);
+            let mut pages = match streams.read_all(call).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => break format!("dropped: {:?}", status.code()),
+            };
+            let mut got = 0usize;
+            let failed = loop {
+                match pages.message().await {
+                    Ok(Some(page)) => {
+                        got += page.events.len();
+                        delivered.extend(page.events.into_iter().map(|e| Delivered { id: e.id, position: e.position }));
+                    }
+                    Ok(None) => break None,
+                    Err(status) => break Some(format!("dropped: {:?}", status.code())),
+                }
+            };
+            if let Some(reason) = failed {
+                break reason;
+            }
+            if got == 0 {
+                // Live: at the head, poll again shortly.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        checkpoint = delivered.last().map(|e| e.position).or(after);
+        let kind = OpKind::SubscriptionEpoch { subscription, epoch, after, delivered, checkpoint, ended };
+        recorder.lock().unwrap().record(10_000 + subscription, node + 1, invoke_ms, kind);
+        epoch += 1;
+    }
+}
