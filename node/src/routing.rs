@@ -15,7 +15,7 @@ use openraft::async_runtime::WatchReceiver;
 use strata_proto::v1::raft::raft_transport_client::RaftTransportClient;
 use strata_proto::v1::raft::ReadIndexRequest;
 use strata_proto::v1::Consistency;
-use strata_raft::{AppliedWatch, NodeId, PeerChannels, Raft};
+use strata_raft::{AppliedWatch, NodeId, PeerChannels, Raft, ResyncGate};
 use tonic::transport::Channel;
 
 use crate::error::ApiError;
@@ -23,6 +23,8 @@ use crate::limits::{LEADER_CHANGE_WAIT_MS, LEADER_WAIT_TIMEOUT_MS, READ_WAIT_TIM
 
 /// Marks a request forwarded by a follower.
 pub const FORWARDED_HEADER: &str = "x-strata-forwarded";
+/// How often a node re-syncing after a corrupt raft log checks whether it has caught up.
+pub const RESYNC_POLL_MS: u64 = 500;
 
 /// Where to send a write.
 pub enum Route {
@@ -167,6 +169,28 @@ impl Router {
             }
         }
         Ok(commit_token(*self.applied.borrow()))
+    }
+
+    /// Holds `gate` closed until this node has applied everything another node, as
+    /// leader, had committed (a read index taken from it); then lets the node vote and
+    /// stand for election again.
+    pub async fn resync_from_leader(&self, gate: &ResyncGate) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(RESYNC_POLL_MS)).await;
+            match self.leader().await {
+                Ok((leader, _)) if leader != self.node_id => {}
+                _ => continue,
+            }
+            match self.linearize().await {
+                Ok(()) => {
+                    gate.open();
+                    self.raft.runtime_config().elect(true);
+                    tracing::info!(node_id = self.node_id, applied = *self.applied.borrow(), "re-synced from the leader after a corrupt raft log: voting again");
+                    return;
+                }
+                Err(e) => tracing::info!(node_id = self.node_id, error = %e, "still re-syncing from the leader"),
+            }
+        }
     }
 
     async fn linearize(&self) -> Result<(), ApiError> {

@@ -9,7 +9,7 @@ use openraft::async_runtime::WatchReceiver;
 use strata_proto::v1::cluster_server::ClusterServer;
 use strata_proto::v1::raft::raft_transport_server::RaftTransportServer;
 use strata_proto::v1::streams_server::StreamsServer;
-use strata_raft::{raft_config, LogStore, Network, PeerChannels, Raft, RaftTransportService, StateMachine, RAFT_RPC_MESSAGE_BYTES_MAX};
+use strata_raft::{raft_config, LogStore, Network, PeerChannels, Raft, RaftTransportService, ResyncGate, StateMachine, RAFT_RPC_MESSAGE_BYTES_MAX};
 use strata_gossip::{Gossip, GossipConfig};
 use strata_storage::{open_database, EventState, RaftLogStore};
 use tokio::sync::watch;
@@ -40,7 +40,8 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let events = Arc::new(EventState::open(&db)?);
     let mut log_store = LogStore::new(raft_store.clone());
     let committed_at_start = log_store.read_committed().await?.map_or(0, |id| id.index);
-    let state_machine = StateMachine::new(events.clone(), raft_store.clone(), &config.data_dir.join("snapshots"))?;
+    let mut state_machine = StateMachine::new(events.clone(), raft_store.clone(), &config.data_dir.join("snapshots"))?;
+    strata_raft::snapshot_past_a_salvaged_log(&log_store, &mut state_machine).await?;
     let applied = state_machine.applied_watch();
     let channels = PeerChannels::with_source_ip(config.source_ip);
     let raft = Raft::new(
@@ -51,6 +52,12 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         state_machine.clone(),
     )
     .await?;
+    // A log cut short by corruption: no voting or leading until re-synced (see ResyncGate).
+    let resync = ResyncGate::new(log_store.was_salvaged());
+    if resync.is_resyncing() {
+        raft.runtime_config().elect(false);
+        tracing::warn!(node_id, "raft log was cut short by a corrupt record: not voting or leading until re-synced from the leader");
+    }
 
     let metrics = Arc::new(Metrics::new(node_id));
     let grpc_advertised = config.advertised_grpc_addr();
@@ -112,7 +119,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         )
         .add_service(ClusterServer::new(ClusterService::new(ctx.clone())))
         .add_service(
-            RaftTransportServer::new(RaftTransportService::new(node_id, raft.clone(), log_store.clone(), state_machine))
+            RaftTransportServer::new(RaftTransportService::new(node_id, raft.clone(), log_store.clone(), state_machine, resync.clone()))
                 .max_decoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX),
         )
@@ -128,6 +135,10 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let http_task = tokio::spawn(axum::serve(http_listener, http_app).with_graceful_shutdown(wait_for(shutdown.clone())).into_future());
 
     tokio::spawn(watch_raft(raft.clone(), metrics));
+    if resync.is_resyncing() {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.router.resync_from_leader(&resync).await });
+    }
     if let Some(gossip) = &gossip {
         tokio::spawn(publish_adverts(gossip.clone(), raft.clone(), grpc_advertised.clone(), http_advertised));
     }

@@ -10,6 +10,7 @@ mod codec;
 mod config;
 mod log_store;
 mod network;
+mod resync;
 mod state_machine;
 mod transport_service;
 
@@ -19,6 +20,7 @@ pub use config::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES,
 };
 pub use log_store::LogStore;
 pub use network::{Network, PeerChannels};
+pub use resync::{snapshot_past_a_salvaged_log, ResyncGate};
 pub use state_machine::{AppliedWatch, SnapshotFile, StateMachine};
 pub use transport_service::RaftTransportService;
 

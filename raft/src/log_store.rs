@@ -26,8 +26,36 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    /// Wraps `store`. If opening it cut a corrupt log short, this node may lack entries it
+    /// acknowledged, so two hints that would trust the old log are dropped first: the
+    /// committed index (openraft would re-apply entries that are gone) and a committed
+    /// vote (a node that led before the crash would resume leading with a short log). The
+    /// vote keeps its term and candidate; only the "leader seen" flag goes.
     pub fn new(store: RaftLogStore) -> Self {
-        Self { store }
+        let log_store = Self { store };
+        if let Some(salvage) = log_store.store.salvaged() {
+            tracing::error!(kept_last = ?salvage.kept_last, "raft log was cut short by corruption: forgetting the committed index and un-committing the vote");
+            if let Err(e) = log_store.forget_trust_in_the_old_log() {
+                // Left as it was, openraft refuses to start on the missing entries: safe.
+                tracing::error!(error = %e, "could not reset the committed index and vote after a corrupt raft log");
+            }
+        }
+        log_store
+    }
+
+    fn forget_trust_in_the_old_log(&self) -> Result<(), io::Error> {
+        self.store.remove_meta(META_COMMITTED)?;
+        if let Some(mut vote) = self.read_meta::<Vote>(META_VOTE)? {
+            vote.committed = false;
+            self.store.put_meta(META_VOTE, &encode(&vote), true)?;
+        }
+        Ok(())
+    }
+
+    /// Whether opening found a corrupt record and cut the log short: the node must re-sync
+    /// from a leader before it votes or leads (see [`crate::ResyncGate`]).
+    pub fn was_salvaged(&self) -> bool {
+        self.store.salvaged().is_some()
     }
 
     /// Whether this node has never been part of a cluster (no vote, no log).

@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{decode, encode};
-use crate::{LogStore, NodeId, Raft, Snapshot, SnapshotFile, SnapshotMeta, StateMachine, Vote};
+use crate::{LogStore, NodeId, Raft, ResyncGate, Snapshot, SnapshotFile, SnapshotMeta, StateMachine, Vote};
 
 /// Serves `RaftTransport` for one node.
 pub struct RaftTransportService {
@@ -18,11 +18,23 @@ pub struct RaftTransportService {
     raft: Raft,
     log_store: LogStore,
     state_machine: StateMachine,
+    resync: ResyncGate,
 }
 
 impl RaftTransportService {
-    pub fn new(node_id: NodeId, raft: Raft, log_store: LogStore, state_machine: StateMachine) -> Self {
-        Self { node_id, raft, log_store, state_machine }
+    pub fn new(node_id: NodeId, raft: Raft, log_store: LogStore, state_machine: StateMachine, resync: ResyncGate) -> Self {
+        Self { node_id, raft, log_store, state_machine, resync }
+    }
+
+    /// Refuses a vote, pre-vote or leadership hand-over while this node re-syncs.
+    fn refuse_while_resyncing(&self, what: &str) -> Result<(), Status> {
+        if self.resync.is_resyncing() {
+            return Err(Status::unavailable(format!(
+                "node {} is re-syncing after a corrupt raft log: it takes no part in {what} until it has caught up",
+                self.node_id
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -47,18 +59,21 @@ impl RaftTransport for RaftTransportService {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.refuse_while_resyncing("elections")?;
         let rpc = decode("vote request", &request.into_inner().payload).map_err(bad_request)?;
         let response = self.raft.vote(rpc).await.map_err(raft_failure)?;
         reply(&response)
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.refuse_while_resyncing("elections")?;
         let rpc = decode("pre-vote request", &request.into_inner().payload).map_err(bad_request)?;
         let response = self.raft.pre_vote(rpc).await.map_err(raft_failure)?;
         reply(&response)
     }
 
     async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.refuse_while_resyncing("leadership transfers")?;
         let rpc = decode("transfer leader request", &request.into_inner().payload).map_err(bad_request)?;
         let response = self.raft.handle_transfer_leader(rpc).await.map_err(raft_failure)?;
         reply(&response)

@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 
 use crate::record;
-use crate::wal::Wal;
+use crate::wal::{Salvage, Wal};
 use crate::{DurableFlush, StorageError};
 
 /// Log appends waiting for the flusher. openraft issues log writes one at a time and the
@@ -36,6 +36,8 @@ struct Inner {
     /// Flushes sled: the metadata, and the applied state sharing its database.
     durable: DurableFlush,
     wal: Arc<Wal>,
+    /// Set when opening cut a corrupt log short (see [`RaftLogStore::salvaged`]).
+    salvage: Option<Salvage>,
     meta: sled::Tree,
     flush_queue: Option<mpsc::SyncSender<LogFlushWaiter>>,
     flusher: Option<thread::JoinHandle<()>>,
@@ -53,9 +55,12 @@ impl Drop for Inner {
 }
 
 impl RaftLogStore {
-    /// Opens the log under `data_dir/raft-log` and the metadata in `db`.
+    /// Opens the log under `data_dir/raft-log` and the metadata in `db`. A record that
+    /// fails its checksum in the middle of the log does not stop the node: the log is cut
+    /// off before it (see [`Wal::open_salvaging`]) and [`RaftLogStore::salvaged`] says so.
     pub fn open(db: &sled::Db, data_dir: &Path) -> Result<Self, StorageError> {
-        let wal = Arc::new(Wal::open(&data_dir.join(WAL_DIR))?);
+        let (wal, salvage) = Wal::open_salvaging(&data_dir.join(WAL_DIR))?;
+        let wal = Arc::new(wal);
         let meta = db.open_tree(META_TREE)?;
         let (flush_queue, waiting) = mpsc::sync_channel::<LogFlushWaiter>(LOG_FLUSH_QUEUE_MAX);
         let durable = DurableFlush::new(db, data_dir)?;
@@ -63,7 +68,7 @@ impl RaftLogStore {
         let flusher = thread::Builder::new()
             .name("strata-log-flush".into())
             .spawn(move || run_flusher(flusher_wal, waiting))?;
-        let inner = Inner { durable, wal, meta, flush_queue: Some(flush_queue), flusher: Some(flusher) };
+        let inner = Inner { durable, wal, salvage, meta, flush_queue: Some(flush_queue), flusher: Some(flusher) };
         Ok(Self { inner: Arc::new(inner) })
     }
 
@@ -128,6 +133,18 @@ impl RaftLogStore {
             self.inner.durable.flush()?;
         }
         Ok(())
+    }
+
+    /// Removes a named metadata value, durably.
+    pub fn remove_meta(&self, name: &str) -> Result<(), StorageError> {
+        self.inner.meta.remove(name.as_bytes())?;
+        self.inner.durable.flush()
+    }
+
+    /// What opening cut off, if the log held a corrupt record: this node's log may now end
+    /// before entries it acknowledged, so it must not vote or lead until it has re-synced.
+    pub fn salvaged(&self) -> Option<&Salvage> {
+        self.inner.salvage.as_ref()
     }
 
     /// Whether this store has ever held Raft state (a vote or a log entry).

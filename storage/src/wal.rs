@@ -76,6 +76,22 @@ impl State {
     }
 }
 
+/// What [`Wal::open_salvaging`] cut off.
+#[derive(Debug, Clone)]
+pub struct Salvage {
+    /// The segment holding the first corrupt record, and its offset there.
+    pub segment: PathBuf,
+    pub offset: u64,
+    /// The last index kept.
+    pub kept_last: Option<u64>,
+    /// Where the affected segments were copied before the cut.
+    pub quarantine: PathBuf,
+}
+
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
 /// A segmented, checksummed, append-only log of `(index, bytes)` records.
 pub struct Wal {
     dir: PathBuf,
@@ -83,8 +99,21 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir`, verifying every record.
+    /// Opens (or creates) the log in `dir`, verifying every record; a corrupt one fails it.
+    #[cfg(test)]
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        Self::open_inner(dir, false).map(|(wal, _)| wal)
+    }
+
+    /// Opens the log in `dir`; if a record in the middle is corrupt, keeps every record
+    /// before it and cuts it and everything after it off, after copying the affected
+    /// segments to `dir/quarantine-<unix ms>/`. The caller must then treat this node's log
+    /// as behind what it once acknowledged: it must re-sync from the leader before it votes.
+    pub fn open_salvaging(dir: &Path) -> Result<(Self, Option<Salvage>), StorageError> {
+        Self::open_inner(dir, true)
+    }
+
+    fn open_inner(dir: &Path, salvage: bool) -> Result<(Self, Option<Salvage>), StorageError> {
         std::fs::create_dir_all(dir)?;
         let (purged, purged_note) = match read_purged(dir)? {
             Some((floor, note)) => (Some(floor), Some(note)),
@@ -101,13 +130,44 @@ impl Wal {
         names.sort();
         let mut state = State { segments: BTreeMap::new(), first: 0, locations: VecDeque::new(), purged, purged_note };
         let count = names.len();
-        for (position, (first, path)) in names.into_iter().enumerate() {
+        let mut salvaged = None;
+        for (position, (first, path)) in names.iter().enumerate() {
             let newest = position + 1 == count;
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let len = scan_segment(&file, &path, first, newest, &mut state)?;
-            state.segments.insert(first, Segment { file: Arc::new(file), len });
+            let file = OpenOptions::new().read(true).write(true).open(path)?;
+            match scan_segment(&file, path, *first, newest, &mut state)? {
+                Ok(len) => {
+                    state.segments.insert(*first, Segment { file: Arc::new(file), len });
+                }
+                Err(offset) if salvage => {
+                    let quarantine = dir.join(format!("quarantine-{}", unix_millis()));
+                    std::fs::create_dir_all(&quarantine)?;
+                    for (_, affected) in &names[position..] {
+                        std::fs::copy(affected, quarantine.join(affected.file_name().expect("segment file name")))?;
+                    }
+                    for (_, later) in &names[position + 1..] {
+                        std::fs::remove_file(later)?;
+                    }
+                    if offset == 0 {
+                        // Nothing of this segment is kept: drop it, so its name never
+                        // disagrees with the index of its first record.
+                        drop(file);
+                        std::fs::remove_file(path)?;
+                    } else {
+                        file.set_len(offset)?;
+                        preallocate(&file);
+                        file.sync_all()?;
+                        state.segments.insert(*first, Segment { file: Arc::new(file), len: offset });
+                    }
+                    sync_dir(dir)?;
+                    tracing::error!(segment = %path.display(), offset, kept_last = ?state.last(), quarantine = %quarantine.display(),
+                        "corrupt raft log record: cut the log off before it; the node re-syncs from the leader before it votes");
+                    salvaged = Some(Salvage { segment: path.clone(), offset, kept_last: state.last(), quarantine });
+                    break;
+                }
+                Err(offset) => return Err(StorageError::Corrupt { what: "raft log segment", key: format!("{}@{offset}", path.display()) }),
+            }
         }
-        Ok(Self { dir: dir.to_path_buf(), state: Mutex::new(state) })
+        Ok((Self { dir: dir.to_path_buf(), state: Mutex::new(state) }, salvaged))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -333,10 +393,12 @@ fn checksum(index: u64, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&index.to_le_bytes()), payload)
 }
 
-/// Reads every record of one segment into `state` and returns the segment's valid length.
-fn scan_segment(file: &File, path: &Path, first: u64, newest: bool, state: &mut State) -> Result<u64, StorageError> {
+/// Reads every record of one segment into `state` and returns the segment's valid length,
+/// or `Err(offset)` of the first record that is corrupt (the records before it are in
+/// `state`).
+fn scan_segment(file: &File, path: &Path, first: u64, newest: bool, state: &mut State) -> Result<Result<u64, u64>, StorageError> {
     let file_len = file.metadata()?.len();
-    let corrupt = |offset: u64| StorageError::Corrupt { what: "raft log segment", key: format!("{}@{offset}", path.display()) };
+    let corrupt = |offset: u64| -> Result<Result<u64, u64>, StorageError> { Ok(Err(offset)) };
     // Segments are read whole; they are bounded by WAL_SEGMENT_BYTES_MAX plus one record.
     let mut bytes = vec![0u8; file_len as usize];
     file.read_exact_at(&mut bytes, 0)?;
@@ -360,18 +422,18 @@ fn scan_segment(file: &File, path: &Path, first: u64, newest: bool, state: &mut 
                 tracing::warn!(path = %path.display(), offset, "cutting off an incomplete record at the end of the raft log");
                 break;
             }
-            return Err(corrupt(offset as u64));
+            return corrupt(offset as u64);
         };
         if offset == 0 && index != first {
             // A segment is named after the index of its first record.
-            return Err(corrupt(offset as u64));
+            return corrupt(offset as u64);
         }
         // A purged record is skipped, and the next kept one may start anywhere above the
         // floor; kept records are contiguous.
         let kept = state.purged.is_none_or(|floor| index > floor);
         if kept {
             match state.last() {
-                Some(last) if index != last + 1 => return Err(corrupt(offset as u64)),
+                Some(last) if index != last + 1 => return corrupt(offset as u64),
                 Some(_) => {}
                 None => state.first = index,
             }
@@ -386,7 +448,7 @@ fn scan_segment(file: &File, path: &Path, first: u64, newest: bool, state: &mut 
         preallocate(file);
         file.sync_all()?;
     }
-    Ok(offset as u64)
+    Ok(Ok(offset as u64))
 }
 
 /// Reserves the segment's blocks up front, so an fdatasync after an append does not also
@@ -578,6 +640,34 @@ mod tests {
         bytes[HEADER_BYTES + 2] ^= 0x01; // a payload bit of entry 1
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(Wal::open(dir.path()), Err(StorageError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn salvaging_keeps_the_records_before_a_corrupt_one_and_quarantines_the_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let wal = Wal::open(dir.path()).unwrap();
+            wal.append(&entries(1..=5)).unwrap();
+            wal.sync().unwrap();
+        }
+        let path = segment_path(dir.path(), 1);
+        let record = HEADER_BYTES + b"entry-1".len();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[2 * record + HEADER_BYTES + 1] ^= 0x20; // a payload bit of entry 3
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(Wal::open(dir.path()), Err(StorageError::Corrupt { .. })), "plain open still refuses");
+        let (wal, salvage) = Wal::open_salvaging(dir.path()).unwrap();
+        let salvage = salvage.expect("salvaged");
+        assert_eq!((salvage.offset, salvage.kept_last), (2 * record as u64, Some(2)));
+        assert_eq!(std::fs::read(salvage.quarantine.join(path.file_name().unwrap())).unwrap(), bytes, "the damaged segment is kept aside");
+        assert_eq!(wal.bounds(), Some((1, 2)));
+        // The log goes on from the cut, and reopens cleanly.
+        wal.append(&entries(3..=4)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (wal, salvage) = Wal::open_salvaging(dir.path()).unwrap();
+        assert!(salvage.is_none());
+        assert_eq!(indexes(&wal, 0, 10), vec![1, 2, 3, 4]);
     }
 
     #[test]
