@@ -41,7 +41,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let mut log_store = LogStore::new(raft_store.clone());
     let committed_at_start = log_store.read_committed().await?.map_or(0, |id| id.index);
     let mut state_machine = StateMachine::new(events.clone(), raft_store.clone(), &config.data_dir.join("snapshots"))?;
-    strata_raft::snapshot_past_a_salvaged_log(&log_store, &mut state_machine).await?;
+    strata_raft::snapshot_applied_state_ahead_of_log(&mut log_store, &mut state_machine).await?;
     let applied = state_machine.applied_watch();
     let channels = PeerChannels::with_source_ip(config.source_ip);
     let raft = Raft::new(

@@ -20,7 +20,7 @@ pub use config::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES,
 };
 pub use log_store::LogStore;
 pub use network::{Network, PeerChannels};
-pub use resync::{snapshot_past_a_salvaged_log, ResyncGate};
+pub use resync::{snapshot_applied_state_ahead_of_log, ResyncGate};
 pub use state_machine::{AppliedWatch, SnapshotFile, StateMachine};
 pub use transport_service::RaftTransportService;
 

@@ -13,17 +13,22 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 
 use crate::{LogStore, StateMachine};
 
-/// Before openraft starts on a log cut short by corruption: if the applied state is ahead
-/// of the log's new end, snapshots it. openraft then purges the log up to the applied
-/// index, which it may only do up to a snapshot (without one it refuses to start).
-pub async fn snapshot_past_a_salvaged_log(log_store: &LogStore, state_machine: &mut StateMachine) -> Result<(), std::io::Error> {
-    if log_store.was_salvaged() {
+/// Before openraft starts: if the applied state is ahead of the log's end, snapshots it.
+/// openraft then purges the log up to the applied index, which it may only do up to a
+/// snapshot (without one it refuses to start). Two ways to get there: a log cut short by
+/// a corrupt record, and a crash that lost a follower's un-fsynced log tail after it had
+/// applied those entries (committed on other nodes; its applied state flushed).
+pub async fn snapshot_applied_state_ahead_of_log(log_store: &mut LogStore, state_machine: &mut StateMachine) -> Result<(), std::io::Error> {
+    let last_log = log_store.get_log_state().await?.last_log_id.map(|id| id.index);
+    let (applied, _) = state_machine.applied_state().await?;
+    let applied = applied.map(|id| id.index);
+    if applied > last_log {
         let snapshot = state_machine.get_snapshot_builder().await.build_snapshot().await?;
-        tracing::warn!(index = ?snapshot.meta.last_log_id, "snapshot of the applied state taken before starting on a salvaged raft log");
+        tracing::warn!(?last_log, ?applied, index = ?snapshot.meta.last_log_id, "applied state ahead of the raft log: snapshot taken before starting");
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
 pub use snapshot::{verify_snapshot, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
 pub use state::{EventState, ReadAllOptions, StagedApply, StreamHead};
 pub use id_filter::ID_FILTER_BYTES;
-pub use wal::{Salvage, WAL_RECORD_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
+pub use wal::{Salvage, LOSE_UNSYNCED_TAIL_FAILPOINT, WAL_RECORD_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
 
 use std::path::Path;
 

@@ -37,6 +37,14 @@ pub const WAL_SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// length field can only be corruption.
 pub const WAL_RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// Failpoint for the chaos suite: when this variable is set (to anything) at open, every
+/// `sync` also records how far the log was fsynced, and opening cuts the log back to that
+/// mark, so a `kill -9` loses every write that was not fsynced, as a power cut loses the
+/// page cache. It proves the fsync discipline: a node that acknowledged before fsync
+/// would lose acknowledged entries under it.
+pub const LOSE_UNSYNCED_TAIL_FAILPOINT: &str = "STRATA_FAILPOINT_LOSE_UNSYNCED_WAL_TAIL";
+const SYNCED_MARK_FILE: &str = "synced-mark";
+
 const HEADER_BYTES: usize = 16;
 const SEGMENT_SUFFIX: &str = ".wal";
 const PURGED_FILE: &str = "purged";
@@ -96,13 +104,15 @@ fn unix_millis() -> u128 {
 pub struct Wal {
     dir: PathBuf,
     state: Mutex<State>,
+    /// [`LOSE_UNSYNCED_TAIL_FAILPOINT`] is on.
+    synced_mark: bool,
 }
 
 impl Wal {
     /// Opens (or creates) the log in `dir`, verifying every record; a corrupt one fails it.
     #[cfg(test)]
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        Self::open_inner(dir, false).map(|(wal, _)| wal)
+        Self::open_inner(dir, false, false).map(|(wal, _)| wal)
     }
 
     /// Opens the log in `dir`; if a record in the middle is corrupt, keeps every record
@@ -110,10 +120,10 @@ impl Wal {
     /// segments to `dir/quarantine-<unix ms>/`. The caller must then treat this node's log
     /// as behind what it once acknowledged: it must re-sync from the leader before it votes.
     pub fn open_salvaging(dir: &Path) -> Result<(Self, Option<Salvage>), StorageError> {
-        Self::open_inner(dir, true)
+        Self::open_inner(dir, true, std::env::var_os(LOSE_UNSYNCED_TAIL_FAILPOINT).is_some())
     }
 
-    fn open_inner(dir: &Path, salvage: bool) -> Result<(Self, Option<Salvage>), StorageError> {
+    fn open_inner(dir: &Path, salvage: bool, synced_mark: bool) -> Result<(Self, Option<Salvage>), StorageError> {
         std::fs::create_dir_all(dir)?;
         let (purged, purged_note) = match read_purged(dir)? {
             Some((floor, note)) => (Some(floor), Some(note)),
@@ -128,6 +138,9 @@ impl Wal {
             }
         }
         names.sort();
+        if synced_mark {
+            names = drop_unsynced_tail(dir, names)?;
+        }
         let mut state = State { segments: BTreeMap::new(), first: 0, locations: VecDeque::new(), purged, purged_note };
         let count = names.len();
         let mut salvaged = None;
@@ -167,7 +180,7 @@ impl Wal {
                 Err(offset) => return Err(StorageError::Corrupt { what: "raft log segment", key: format!("{}@{offset}", path.display()) }),
             }
         }
-        Ok((Self { dir: dir.to_path_buf(), state: Mutex::new(state) }, salvaged))
+        Ok((Self { dir: dir.to_path_buf(), state: Mutex::new(state), synced_mark }, salvaged))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -252,9 +265,12 @@ impl Wal {
 
     /// Makes every write that returned before this call durable (one fdatasync).
     pub fn sync(&self) -> Result<(), StorageError> {
-        let newest = self.lock().segments.values().next_back().map(|s| s.file.clone());
-        if let Some(file) = newest {
+        let newest = self.lock().segments.iter().next_back().map(|(first, s)| (*first, s.len, s.file.clone()));
+        if let Some((first, len, file)) = newest {
             file.sync_data()?;
+            if self.synced_mark {
+                write_synced_mark(&self.dir, first, len)?;
+            }
         }
         Ok(())
     }
@@ -328,6 +344,9 @@ impl Wal {
         segment.file.sync_all()?;
         segment.len = cut.offset;
         sync_dir(&self.dir)?;
+        if self.synced_mark {
+            write_synced_mark(&self.dir, cut.segment, cut.offset)?;
+        }
         Ok(())
     }
 
@@ -391,6 +410,44 @@ fn decode_record(record: &[u8]) -> Option<(u64, &[u8])> {
 
 fn checksum(index: u64, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&index.to_le_bytes()), payload)
+}
+
+/// Under [`LOSE_UNSYNCED_TAIL_FAILPOINT`]: writes that the fsync mark says are synced:
+/// (segment, length). Written after the fsync and before anyone is told "flushed".
+fn write_synced_mark(dir: &Path, segment: u64, len: u64) -> Result<(), StorageError> {
+    let mut mark = [0u8; 16];
+    mark[..8].copy_from_slice(&segment.to_le_bytes());
+    mark[8..].copy_from_slice(&len.to_le_bytes());
+    let file = OpenOptions::new().write(true).create(true).truncate(false).open(dir.join(SYNCED_MARK_FILE))?;
+    // One 16-byte write: a process kill cannot tear it.
+    file.write_all_at(&mark, 0)?;
+    Ok(())
+}
+
+/// Under [`LOSE_UNSYNCED_TAIL_FAILPOINT`]: cuts every segment back to the last fsync mark,
+/// dropping what a power cut would have dropped; returns the segments left.
+fn drop_unsynced_tail(dir: &Path, names: Vec<(u64, PathBuf)>) -> Result<Vec<(u64, PathBuf)>, StorageError> {
+    let mark = std::fs::read(dir.join(SYNCED_MARK_FILE)).ok().filter(|m| m.len() == 16).map(|m| {
+        (u64::from_le_bytes(m[..8].try_into().expect("8 bytes")), u64::from_le_bytes(m[8..].try_into().expect("8 bytes")))
+    });
+    let mut kept = Vec::new();
+    for (first, path) in names {
+        match mark {
+            Some((segment, _)) if first < segment => kept.push((first, path)),
+            Some((segment, len)) if first == segment => {
+                let file = OpenOptions::new().write(true).open(&path)?;
+                let cut = len.min(file.metadata()?.len());
+                file.set_len(cut)?;
+                tracing::warn!(segment = %path.display(), synced_len = cut, "failpoint {LOSE_UNSYNCED_TAIL_FAILPOINT}: dropped the unsynced tail");
+                kept.push((first, path));
+            }
+            _ => {
+                tracing::warn!(segment = %path.display(), "failpoint {LOSE_UNSYNCED_TAIL_FAILPOINT}: dropped a segment never fsynced");
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    Ok(kept)
 }
 
 /// Reads every record of one segment into `state` and returns the segment's valid length,
@@ -640,6 +697,24 @@ mod tests {
         bytes[HEADER_BYTES + 2] ^= 0x01; // a payload bit of entry 1
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(Wal::open(dir.path()), Err(StorageError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn the_unsynced_tail_failpoint_loses_exactly_what_was_not_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (wal, _) = Wal::open_inner(dir.path(), true, true).unwrap();
+            wal.append(&entries(1..=3)).unwrap();
+            wal.sync().unwrap();
+            wal.append(&entries(4..=5)).unwrap(); // in the page cache only
+        }
+        let (wal, _) = Wal::open_inner(dir.path(), true, true).unwrap();
+        assert_eq!(indexes(&wal, 0, 10), vec![1, 2, 3], "the fsynced records survive, the rest is gone");
+        wal.append(&entries(4..=4)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (wal, _) = Wal::open_inner(dir.path(), true, true).unwrap();
+        assert_eq!(indexes(&wal, 0, 10), vec![1, 2, 3, 4]);
     }
 
     #[test]

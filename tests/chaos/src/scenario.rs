@@ -20,9 +20,9 @@ use crate::history::{write_jsonl, FinalEvent};
 use crate::nemesis::{FaultKind, Nemesis};
 use crate::workload::{client, subscriber, Recorder, Rng};
 
-/// The server's failpoint that keeps Raft log writes in process memory until they are
-/// fsynced, so a `kill -9` loses every unsynced write as a power cut loses the page cache.
-pub const UNSYNCED_TAIL_FAILPOINT: &str = "STRATA_FAILPOINT_WAL_UNSYNCED_IN_MEMORY";
+/// The server's failpoint that makes a `kill -9` lose every Raft log write that was not
+/// fsynced, as a power cut loses the page cache.
+pub use strata_storage::LOSE_UNSYNCED_TAIL_FAILPOINT;
 
 /// Quiet time at the start of a run and before its end: no fault is injected then.
 const EDGE_QUIET: Duration = Duration::from_secs(3);
@@ -50,9 +50,9 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "rolling-restart", about: "every node restarted in turn with SIGTERM", faults: &[RollingRestart], node_env: &[] },
     Scenario {
         name: "crash-all",
-        about: "kill -9 of every node at once while un-fsynced Raft log writes live only in process memory",
-        faults: &[CrashAll],
-        node_env: &[(UNSYNCED_TAIL_FAILPOINT, "1")],
+        about: "kill -9 of every node at once, losing every Raft log write that was not fsynced (a power cut)",
+        faults: &[CrashAll, KillLeader],
+        node_env: &[(LOSE_UNSYNCED_TAIL_FAILPOINT, "1")],
     },
     Scenario { name: "corrupt-record", about: "a byte flipped in a stopped follower's Raft log, then leaders fail", faults: &[CorruptFollower, KillLeader], node_env: &[] },
     Scenario {
