@@ -60,6 +60,28 @@ async fn crashing_every_node_at_once_and_losing_unsynced_writes_loses_nothing_ac
     run("crash-all", 34).await;
 }
 
+/// The compose tier: the same workload and checker against three real containers, with
+/// `docker kill`, `docker pause` and `docker network disconnect` through `strata cluster
+/// chaos --compose`. Skipped, visibly, without docker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compose_cluster_under_docker_kill_pause_and_disconnect_loses_nothing() {
+    if !strata_chaos::compose::compose_available() {
+        eprintln!("chaos compose: skipped: docker or docker-compose is not available");
+        return;
+    }
+    let workspace = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    // A no-op when scripts/test has built the image already.
+    let build = std::process::Command::new(workspace.join("scripts/build-image")).output().expect("run scripts/build-image");
+    assert!(build.status.success(), "scripts/build-image failed: {}", String::from_utf8_lossy(&build.stderr));
+    let seed: u64 = std::env::var("STRATA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_124);
+    let config = RunConfig { seed, duration: Duration::from_secs(30), subnet: 35, clients: 4, subscribers: 2, keep: false };
+    let outcome = strata_chaos::compose::run(&workspace, &config).await.expect("docker is available");
+    eprintln!("{}", outcome.summary("compose", seed));
+    assert_eq!(outcome.report.anomalies(), 0, "anomalies found; run kept in {}\n{}", outcome.dir.display(), outcome.report);
+    assert!(outcome.report.acknowledged_events > 50, "the workload made progress: {}", outcome.report);
+    assert!(outcome.faults_injected > 0, "faults were injected");
+}
+
 /// Regression (found by the corrupt-record scenario): a follower whose log was cut short
 /// by a corrupt record must not vote until it has re-synced. Here the leader is paused
 /// while that follower restarts, so the only other node asks it for a vote: granting it

@@ -9,10 +9,13 @@
 //! - [`history`]: the JSONL history and fault timeline;
 //! - [`checker`]: the invariants, every anomaly counted by kind with examples;
 //! - [`figures`]: operations, faults, recovery times and unavailable windows;
-//! - [`scenario`]: named scenarios that put these together; `strata-chaos` runs one.
+//! - [`scenario`]: named scenarios that put these together; `strata-chaos` runs one;
+//! - [`compose`]: the same workload and checker against the docker-compose cluster, with
+//!   faults through `strata cluster chaos --compose`.
 
 pub mod checker;
 pub mod cluster;
+pub mod compose;
 pub mod figures;
 pub mod history;
 pub mod nemesis;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use strata_chaos::scenario::{self, RunConfig, SCENARIOS};
+use strata_chaos::scenario::{self, Outcome, RunConfig, SCENARIOS};
 
 #[derive(Parser)]
 #[command(about = "Run a chaos scenario against a local three-node Strata cluster and check its history")]
@@ -44,12 +44,9 @@ async fn main() {
         for s in SCENARIOS {
             println!("{:16} {}", s.name, s.about);
         }
+        println!("{:16} the compose cluster (run from the workspace root, image built): docker kill, pause, network disconnect", "compose");
         return;
     }
-    let Some(chosen) = scenario::find(&args.scenario) else {
-        eprintln!("unknown scenario {:?}; --list shows them", args.scenario);
-        std::process::exit(2);
-    };
     let config = RunConfig {
         seed: args.seed,
         duration: Duration::from_secs(args.duration),
@@ -58,13 +55,29 @@ async fn main() {
         subscribers: args.subscribers,
         keep: args.keep,
     };
+    if args.scenario == "compose" {
+        let workspace = std::env::current_dir().expect("current dir");
+        match strata_chaos::compose::run(&workspace, &config).await {
+            Some(outcome) => report(&outcome, "compose", args.seed, args.keep),
+            None => println!("scenario compose: skipped (no docker)"),
+        }
+        return;
+    }
+    let Some(chosen) = scenario::find(&args.scenario) else {
+        eprintln!("unknown scenario {:?}; --list shows them", args.scenario);
+        std::process::exit(2);
+    };
     let outcome = scenario::run(chosen, &config).await;
-    println!("{}", outcome.summary(chosen.name, args.seed));
+    report(&outcome, chosen.name, args.seed, args.keep);
+}
+
+fn report(outcome: &Outcome, name: &str, seed: u64, keep: bool) {
+    println!("{}", outcome.summary(name, seed));
     if outcome.report.anomalies() > 0 {
         println!("ANOMALIES FOUND; history, fault timeline, node logs and data dirs kept in {}", outcome.dir.display());
         std::process::exit(1);
     }
-    if args.keep {
+    if keep {
         println!("run kept in {}", outcome.dir.display());
     }
 }

@@ -10,15 +10,15 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::checker::{check, Report};
 use crate::cluster::{NodeLaunch, TestCluster};
 use crate::figures::Figures;
-use crate::history::{write_jsonl, FinalEvent};
+use crate::history::{write_jsonl, FaultRecord, FinalEvent, Op};
 use crate::nemesis::{FaultKind, Nemesis};
-use crate::workload::{client, subscriber, Recorder, Rng};
+use crate::workload::{client, subscriber, Addrs, Recorder, Rng};
 
 /// The server's failpoint that makes a `kill -9` lose every Raft log write that was not
 /// fsynced, as a power cut loses the page cache.
@@ -103,7 +103,7 @@ impl Outcome {
 }
 
 /// How long one fault of `kind` is held.
-fn hold(kind: FaultKind, rng: &mut Rng) -> Duration {
+pub fn hold(kind: FaultKind, rng: &mut Rng) -> Duration {
     match kind {
         KillLeader | KillFollower => rng.millis(1_000, 4_000),
         // Beyond the election timeout (at most 1.5 s), so a paused leader is deposed.
@@ -129,17 +129,8 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     crate::cluster::wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
     eprintln!("chaos: cluster up in {}", cluster.dir.path().display());
 
-    let recorder = Recorder::new();
-    let started = recorder.lock().unwrap().started();
-    let until = started + config.duration;
     let addrs = Arc::new((1..=3).map(|id| cluster.addr(id)).collect::<Vec<_>>());
-    let mut tasks = Vec::new();
-    for c in 0..config.clients {
-        tasks.push(tokio::spawn(client(addrs.clone(), recorder.clone(), c, config.seed, until)));
-    }
-    for s in 0..config.subscribers {
-        tasks.push(tokio::spawn(subscriber(addrs.clone(), recorder.clone(), s, config.seed, until)));
-    }
+    let (recorder, started, until, tasks) = start_workload(addrs, config);
 
     let mut nemesis = Nemesis::new(&cluster, started);
     let mut rng = Rng::new(config.seed, 7_777);
@@ -174,20 +165,42 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
             .collect();
         finals.insert(id, events);
     }
-    let report = check(&ops, &finals);
-    let figures = Figures::of(&ops, &nemesis.log);
-    let outcome = Outcome { report, figures, faults_injected: nemesis.log.len(), skipped: nemesis.skipped.clone(), dir };
-    let text = format!("{}\n{}{}", outcome.summary(scenario.name, config.seed), outcome.report, outcome.figures);
-    std::fs::write(outcome.dir.join("report.txt"), &text).expect("write the report");
-    eprintln!("{text}");
     nemesis.teardown();
+    let outcome = finish(scenario.name, config.seed, &ops, &finals, &nemesis.log, nemesis.skipped.clone(), dir);
     if outcome.report.anomalies() > 0 || config.keep {
         cluster.keep = true;
     }
     outcome
 }
 
-fn write_lines<T: serde::Serialize>(path: &std::path::Path, records: &[T]) {
+/// Starts the run's clients and subscribers against `addrs`; returns the recorder, the
+/// run's time origin, when the workload stops, and the tasks to await.
+pub fn start_workload(addrs: Addrs, config: &RunConfig) -> (Arc<Mutex<Recorder>>, Instant, Instant, Vec<tokio::task::JoinHandle<()>>) {
+    let recorder = Recorder::new();
+    let started = recorder.lock().unwrap().started();
+    let until = started + config.duration;
+    let mut tasks = Vec::new();
+    for c in 0..config.clients {
+        tasks.push(tokio::spawn(client(addrs.clone(), recorder.clone(), c, config.seed, until)));
+    }
+    for s in 0..config.subscribers {
+        tasks.push(tokio::spawn(subscriber(addrs.clone(), recorder.clone(), s, config.seed, until)));
+    }
+    (recorder, started, until, tasks)
+}
+
+/// Checks a drained run, computes its figures, and writes `report.txt` into `dir`.
+pub fn finish(name: &str, seed: u64, ops: &[Op], finals: &BTreeMap<u64, Vec<FinalEvent>>, faults: &[FaultRecord], skipped: Vec<String>, dir: PathBuf) -> Outcome {
+    let report = check(ops, finals);
+    let figures = Figures::of(ops, faults);
+    let outcome = Outcome { report, figures, faults_injected: faults.len(), skipped, dir };
+    let text = format!("{}\n{}{}", outcome.summary(name, seed), outcome.report, outcome.figures);
+    std::fs::write(outcome.dir.join("report.txt"), &text).expect("write the report");
+    eprintln!("{text}");
+    outcome
+}
+
+pub fn write_lines<T: serde::Serialize>(path: &std::path::Path, records: &[T]) {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create a run file"));
     for record in records {
         write_jsonl(&mut out, record).expect("write a run file");

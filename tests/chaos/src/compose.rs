@@ -1,0 +1,193 @@
+//! The chaos scenario against the docker-compose cluster (`dev-env/docker-compose.yml`,
+//! the real image in real containers): the same seeded workload and checker, with the
+//! faults injected through the product's own `strata cluster chaos --compose` (which runs
+//! `docker kill` / `start`, `docker pause` / `unpause`, `docker network disconnect` /
+//! `connect`). The project is torn down at the end; its logs are kept beside the history
+//! when the run finds an anomaly.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::streams_client::StreamsClient;
+use strata_proto::v1::{Consistency, ReadAllRequest, StatusRequest, StatusResponse};
+
+use crate::cluster::strata_binary;
+use crate::history::{FaultRecord, FinalEvent};
+use crate::scenario::{finish, start_workload, write_lines, Outcome, RunConfig};
+use crate::workload::Rng;
+
+/// Host ports the project publishes: node `n` (1-based) gets `base + n - 1`.
+pub const COMPOSE_GRPC_PORT_BASE: u16 = 29711;
+pub const COMPOSE_HTTP_PORT_BASE: u16 = 29781;
+
+/// A compose project of three nodes; `down -v` on drop.
+pub struct ComposeProject {
+    pub name: String,
+    file: PathBuf,
+    pub dir: tempfile::TempDir,
+    keep: bool,
+}
+
+/// Whether docker and docker-compose work here (the scenario says "skipped" otherwise).
+pub fn compose_available() -> bool {
+    let works = |program: &str, args: &[&str]| Command::new(program).args(args).output().is_ok_and(|o| o.status.success());
+    works("docker", &["info"]) && works("docker-compose", &["version"])
+}
+
+impl ComposeProject {
+    pub fn new(workspace: &Path, name: &str) -> Self {
+        Self { name: name.into(), file: workspace.join("dev-env/docker-compose.yml"), dir: tempfile::tempdir().expect("temp dir"), keep: false }
+    }
+
+    fn compose(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new("docker-compose");
+        command.arg("-f").arg(&self.file).args(["-p", &self.name]).args(args);
+        for ordinal in 0..3u16 {
+            command.env(format!("STRATA_{ordinal}_GRPC_PORT"), (COMPOSE_GRPC_PORT_BASE + ordinal).to_string());
+            command.env(format!("STRATA_{ordinal}_HTTP_PORT"), (COMPOSE_HTTP_PORT_BASE + ordinal).to_string());
+        }
+        command.output().expect("run docker-compose")
+    }
+
+    pub fn addr(node: u64) -> String {
+        format!("127.0.0.1:{}", COMPOSE_GRPC_PORT_BASE + node as u16 - 1)
+    }
+
+    /// `strata cluster chaos <action> <node> --compose --project <name>`.
+    fn chaos(&self, action: &str, node: u64) -> Result<(), String> {
+        let output = Command::new(strata_binary())
+            .args(["cluster", "chaos", action, &node.to_string(), "--compose", "--project", &self.name])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if output.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&output.stderr).trim().to_string()) }
+    }
+}
+
+impl Drop for ComposeProject {
+    fn drop(&mut self) {
+        if self.keep || std::thread::panicking() {
+            let logs = self.compose(&["logs", "--no-color"]);
+            let _ = std::fs::write(self.dir.path().join("compose.log"), &logs.stdout);
+            let kept = self.dir.path().to_path_buf();
+            eprintln!("compose run kept in {} (compose.log, history.jsonl, faults.jsonl)", kept.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")));
+        }
+        let _ = self.compose(&["down", "-v", "--timeout", "5"]);
+    }
+}
+
+async fn status(node: u64) -> Option<StatusResponse> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ComposeProject::addr(node))).ok()?;
+    let channel = endpoint.connect_timeout(Duration::from_millis(500)).connect().await.ok()?;
+    let mut request = tonic::Request::new(StatusRequest { local_only: true });
+    request.set_timeout(Duration::from_secs(2));
+    ClusterClient::new(channel).status(request).await.ok().map(|r| r.into_inner())
+}
+
+async fn leader_within(timeout: Duration) -> Option<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for node in 1..=3 {
+            if status(node).await.is_some_and(|s| s.role == "leader") {
+                return Some(node);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn read_all_local(node: u64) -> Vec<FinalEvent> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ComposeProject::addr(node))).expect("endpoint");
+    let channel = endpoint.connect_timeout(Duration::from_secs(2)).connect().await.expect("node reachable after healing");
+    let request = ReadAllRequest { consistency: Consistency::Local as i32, ..Default::default() };
+    let mut pages = StreamsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024).read_all(request).await.expect("read $all").into_inner();
+    let mut events = Vec::new();
+    while let Some(page) = pages.message().await.expect("read $all page") {
+        events.extend(page.events.into_iter().map(|e| FinalEvent { id: e.id, stream: e.stream, version: e.version, position: e.position }));
+    }
+    events
+}
+
+/// Runs the compose scenario; `None` (after a visible "skipped" line) where docker or
+/// docker-compose is missing. The image must be built (`scripts/build-image`).
+pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
+    if !compose_available() {
+        eprintln!("chaos compose: skipped: docker or docker-compose is not available");
+        return None;
+    }
+    let mut project = ComposeProject::new(workspace, &format!("strata-chaos-{}", config.subnet));
+    let _ = project.compose(&["down", "-v", "--timeout", "1"]);
+    let up = project.compose(&["up", "-d"]);
+    assert!(up.status.success(), "docker-compose up: {}", String::from_utf8_lossy(&up.stderr));
+    leader_within(Duration::from_secs(60)).await.expect("the compose cluster elects a leader");
+    eprintln!("chaos: compose project {} up", project.name);
+
+    let addrs = Arc::new((1..=3).map(ComposeProject::addr).collect::<Vec<_>>());
+    let (recorder, started, until, tasks) = start_workload(addrs, config);
+    let mut rng = Rng::new(config.seed, 8_888);
+    let mut faults: Vec<FaultRecord> = Vec::new();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while Instant::now() + Duration::from_secs(3) < until {
+        let leader = leader_within(Duration::from_secs(10)).await.unwrap_or(1);
+        let follower = (1..=3).filter(|n| *n != leader).nth(rng.below(2) as usize).expect("two followers");
+        let (action, undo, hold) = match rng.below(3) {
+            0 => ("kill", "start", rng.millis(1_000, 4_000)),
+            1 => ("pause", "resume", rng.millis(2_000, 5_000)),
+            _ => ("partition", "heal", rng.millis(2_000, 5_000)),
+        };
+        let node = if rng.below(3) == 0 { follower } else { leader };
+        if let Err(e) = project.chaos(action, node) {
+            panic!("strata cluster chaos {action} {node} --compose: {e}");
+        }
+        // The fault is in place once docker has returned (that takes a few hundred ms).
+        let start_ms = started.elapsed().as_millis() as u64;
+        tokio::time::sleep(hold).await;
+        project.chaos(undo, node).unwrap_or_else(|e| panic!("strata cluster chaos {undo} {node} --compose: {e}"));
+        let record = FaultRecord {
+            kind: format!("compose_{action}_{}", if node == leader { "leader" } else { "follower" }),
+            detail: format!("strata cluster chaos {action} {node} --compose, undone after {} ms", hold.as_millis()),
+            leader_loss: node == leader,
+            start_ms,
+            end_ms: started.elapsed().as_millis() as u64,
+        };
+        eprintln!("chaos fault: {} [{} .. {} ms] {}", record.kind, record.start_ms, record.end_ms, record.detail);
+        faults.push(record);
+        tokio::time::sleep(rng.millis(1_500, 3_500)).await;
+    }
+    for task in tasks {
+        task.await.expect("workload task");
+    }
+    let ops = recorder.lock().unwrap().take_ops();
+    let dir = project.dir.path().to_path_buf();
+    write_lines(&dir.join("history.jsonl"), &ops);
+    write_lines(&dir.join("faults.jsonl"), &faults);
+
+    // Drain: every node answers and has applied as much as the most advanced one.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut applied = Vec::new();
+        for node in 1..=3 {
+            applied.push(status(node).await.map(|s| s.applied_index));
+        }
+        let target = applied.iter().flatten().max().copied().unwrap_or(0);
+        if applied.iter().all(|a| *a == Some(target)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the compose nodes did not converge: {applied:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut finals = BTreeMap::new();
+    for node in 1..=3 {
+        finals.insert(node, read_all_local(node).await);
+    }
+    let outcome = finish("compose", config.seed, &ops, &finals, &faults, Vec::new(), dir);
+    project.keep = outcome.report.anomalies() > 0 || config.keep;
+    Some(outcome)
+}
