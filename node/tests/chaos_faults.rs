@@ -82,6 +82,49 @@ async fn compose_cluster_under_docker_kill_pause_and_disconnect_loses_nothing() 
     assert!(outcome.faults_injected > 0, "faults were injected");
 }
 
+/// A one-way partition at its worst for Raft: the leader can still send to its followers
+/// but hears nothing back, so it commits nothing. The followers must still elect a new
+/// leader (over TCP the leader's stream stalls without acknowledgements, so their election
+/// timers fire: measured about 3 s), and the new leader must commit while the old one is
+/// still cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_that_cannot_hear_its_followers_is_replaced() {
+    use strata_chaos::cluster::{append_request, append_retrying, event, TestCluster};
+    use strata_chaos::nemesis::{FaultKind, Nemesis};
+    use strata_proto::v1::ExpectedVersionKind;
+    let (cluster, leader) = TestCluster::start_gossip(36, &[]).await;
+    let mut nemesis = Nemesis::new(&cluster, std::time::Instant::now());
+    if !nemesis.available(FaultKind::OneWayToLeader) {
+        eprintln!("skipped: nftables is not usable here");
+        return;
+    }
+    nemesis.partition(&cluster, leader, false, true);
+    let cut_at = std::time::Instant::now();
+    let deadline = cut_at + Duration::from_secs(10);
+    let new_leader = loop {
+        let mut found = None;
+        for id in (1..=3).filter(|id| *id != leader) {
+            if cluster.status(id).await.is_some_and(|s| s.role == "leader") {
+                found = Some(id);
+            }
+        }
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(std::time::Instant::now() < deadline, "no follower took over within 10 s of the leader going deaf; logs in {}", cluster.dir.path().display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("node {new_leader} took over {} ms after node {leader} stopped hearing the others", cut_at.elapsed().as_millis());
+    let mut streams = cluster.streams(new_leader).await;
+    let request = append_request("deaf-leader", ExpectedVersionKind::NoStream, 0, vec![event("00000000-0000-4000-8000-0000000000de", "E", "{}")]);
+    let mut call = tonic::Request::new(request);
+    call.set_timeout(Duration::from_secs(5));
+    streams.append(call).await.expect("the new leader commits while the old one is still cut off");
+    nemesis.heal_partitions();
+    let request = append_request("deaf-leader", ExpectedVersionKind::Exact, 0, vec![event("00000000-0000-4000-8000-0000000000df", "E", "{}")]);
+    append_retrying(&cluster, request, Duration::from_secs(20)).await.expect("appends go on after healing");
+}
+
 /// Regression (found by the corrupt-record scenario): a follower whose log was cut short
 /// by a corrupt record must not vote until it has re-synced. Here the leader is paused
 /// while that follower restarts, so the only other node asks it for a vote: granting it

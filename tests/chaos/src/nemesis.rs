@@ -144,6 +144,24 @@ impl Nemesis {
         nft(&args).unwrap_or_else(|e| panic!("partition rule {rule}: {e}"));
     }
 
+    /// Cuts node `node` off from every other node: its packets to them (`outbound`), theirs
+    /// to it (`inbound`), or both. Check [`Nemesis::available`] first.
+    pub fn partition(&mut self, cluster: &TestCluster, node: u64, outbound: bool, inbound: bool) {
+        for other in (1..=cluster.size).filter(|id| *id != node) {
+            if outbound {
+                self.cut(cluster, node, other);
+            }
+            if inbound {
+                self.cut(cluster, other, node);
+            }
+        }
+    }
+
+    /// Removes every partition rule.
+    pub fn heal_partitions(&mut self) {
+        nft(&["flush", "chain", "inet", &self.table, "out"]).expect("heal the partitions");
+    }
+
     /// Heals every partition, resumes every paused node and starts every stopped one.
     pub fn heal_all(&mut self, cluster: &mut TestCluster) {
         if self.nft_ready == Some(true) {
@@ -199,16 +217,9 @@ impl Nemesis {
                     FaultKind::OneWayFromLeader => (leader, true, false),
                     _ => (leader, false, true),
                 };
-                for other in (1..=cluster.size).filter(|id| *id != node) {
-                    if outbound {
-                        self.cut(cluster, node, other);
-                    }
-                    if inbound {
-                        self.cut(cluster, other, node);
-                    }
-                }
+                self.partition(cluster, node, outbound, inbound);
                 tokio::time::sleep(hold).await;
-                nft(&["flush", "chain", "inet", &self.table, "out"]).expect("heal the partition");
+                self.heal_partitions();
                 let how = match (outbound, inbound) {
                     (true, true) => "isolated",
                     (true, false) => "cannot send to the others",
