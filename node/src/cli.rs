@@ -184,6 +184,32 @@ pub struct ReadArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SubscribeArgs {
+    /// A stream, or `$all`.
+    pub stream: String,
+    /// `start`, `end`, or a version (stream) / position ($all) to start at, inclusive.
+    #[arg(long, default_value = "start")]
+    pub from: String,
+    /// Only these streams (repeatable; for `$all`).
+    #[arg(long = "stream")]
+    pub streams: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub stream_prefix: String,
+    /// Only these event types (repeatable).
+    #[arg(long = "type")]
+    pub event_types: Vec<String>,
+    /// Only events whose metadata contains this JSON object.
+    #[arg(long, default_value = "")]
+    pub metadata_pattern: String,
+    /// Only events whose data contains this JSON object.
+    #[arg(long, default_value = "")]
+    pub data_pattern: String,
+    /// Also print the CaughtUp, Checkpoint and FellBehind markers (to stderr).
+    #[arg(long)]
+    pub markers: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ReadAllArgs {
     /// First position to read (default: the start, or the end with --backwards).
     #[arg(long)]
@@ -378,6 +404,43 @@ pub async fn read_all(options: &ClientOptions, args: ReadAllArgs) -> Result<(), 
     };
     let stream = streams_client(connect(&options.endpoints).await?).read_all(request).await?.into_inner();
     print_events(stream, options.json).await
+}
+
+/// `strata subscribe`: prints every matching event as it comes, history then live, until
+/// interrupted.
+pub async fn subscribe(options: &ClientOptions, args: SubscribeArgs) -> Result<(), CliError> {
+    use strata_proto::v1::subscribe_response::Kind;
+    use strata_proto::v1::{SubscribeFrom, SubscribeRequest, SubscriptionFilter};
+    let (from, from_revision) = match args.from.as_str() {
+        "start" => (SubscribeFrom::Start, 0),
+        "end" => (SubscribeFrom::End, 0),
+        n => (SubscribeFrom::Revision, n.parse().map_err(|_| CliError::Usage(format!("--from takes start, end or a number, not `{n}`")))?),
+    };
+    let request = SubscribeRequest {
+        stream: args.stream,
+        from: from as i32,
+        from_revision,
+        filter: Some(SubscriptionFilter {
+            streams: args.streams,
+            stream_prefix: args.stream_prefix,
+            event_types: args.event_types,
+            metadata_pattern: args.metadata_pattern,
+            data_pattern: args.data_pattern,
+        }),
+    };
+    let channel = connect(&options.endpoints).await?;
+    let mut client = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel).max_decoding_message_size(CLIENT_DECODE_BYTES_MAX);
+    let mut stream = client.subscribe(request).await?.into_inner();
+    while let Some(message) = stream.message().await? {
+        match message.kind {
+            Some(Kind::Event(event)) => print_event(&event, options.json),
+            Some(Kind::CaughtUp(m)) if args.markers => eprintln!("caught up at {:?}", m.position),
+            Some(Kind::Checkpoint(m)) if args.markers => eprintln!("checkpoint {:?}", m.position),
+            Some(Kind::FellBehind(m)) if args.markers => eprintln!("fell behind at {} (head {})", m.position, m.head_position),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Prints every event of a read as it arrives (the server streams pages).

@@ -90,3 +90,15 @@ pub const TRANSFER_LEADER_TIMEOUT_MS: u64 = 5_000;
 /// Pause before a leader proposes again after openraft refused a proposal while this node
 /// still leads (a new leader settling into its term); retried until `LEADER_CHANGE_WAIT_MS`.
 pub const LOCAL_RETRY_PAUSE_MS: u64 = 50;
+
+/// Streams one subscription filter may name.
+pub const FILTER_STREAMS_MAX: usize = 256;
+/// Bytes of a subscription's JSON metadata or data pattern.
+pub const FILTER_PATTERN_BYTES_MAX: usize = 64 * 1024;
+/// Messages (one event or marker each) buffered per subscription: a consumer that stops
+/// reading holds the subscription's loop here, never the writers.
+pub const SUBSCRIPTION_BUFFER_MESSAGES: usize = 256;
+/// How often a subscription sends a Checkpoint when its position has moved.
+pub const SUBSCRIPTION_CHECKPOINT_INTERVAL_MS: u64 = 1_000;
+/// A live subscription this far behind the head says FellBehind and catches up again.
+pub const SUBSCRIPTION_FELL_BEHIND_EVENTS: u64 = 10_000;

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use strata_node::bench::BenchArgs;
-use strata_node::cli::{self, AppendArgs, ClientOptions, ReadAllArgs, ReadArgs, StreamInfoArgs, StreamsArgs};
+use strata_node::cli::{self, AppendArgs, ClientOptions, ReadAllArgs, ReadArgs, SubscribeArgs, StreamInfoArgs, StreamsArgs};
 use strata_node::manager::{self, ClusterCommand};
 use strata_node::config::NodeConfig;
 use strata_node::dev::DevArgs;
@@ -36,6 +36,8 @@ enum Command {
     Read(ReadArgs),
     /// Read $all, the global order.
     ReadAll(ReadAllArgs),
+    /// Follow a stream or $all: history, then live (Ctrl-C stops).
+    Subscribe(SubscribeArgs),
     /// List streams.
     Streams(StreamsArgs),
     /// Show a stream's head, count and timestamps.
@@ -110,6 +112,7 @@ fn main() {
                     Command::Append(args) => cli::append(&options, args).await,
                     Command::Read(args) => cli::read(&options, args).await,
                     Command::ReadAll(args) => cli::read_all(&options, args).await,
+                    Command::Subscribe(args) => cli::subscribe(&options, args).await,
                     Command::Streams(args) => cli::streams(&options, args).await,
                     Command::StreamInfo(args) => cli::stream_info(&options, args).await,
                     Command::Cluster(command) => manager::cluster(&options, command).await,

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub batch_appends: Histogram,
     pub reads_total: IntCounterVec,
     pub events_read_total: IntCounter,
+    pub subscriptions_active: IntGauge,
+    pub subscription_events_total: IntCounter,
     pub raft_term: IntGauge,
     pub raft_last_log_index: IntGauge,
     pub raft_commit_index: IntGauge,
@@ -48,6 +50,8 @@ impl Metrics {
         .expect("valid metric");
         let reads_total = IntCounterVec::new(Opts::new("reads_total", "read calls, by kind"), &["kind"]).expect("valid metric");
         let events_read_total = IntCounter::new("events_read_total", "events returned by reads").expect("valid metric");
+        let subscriptions_active = IntGauge::new("subscriptions_active", "catch-up and live subscriptions open on this node").expect("valid metric");
+        let subscription_events_total = IntCounter::new("subscription_events_total", "events sent to subscriptions").expect("valid metric");
         let raft_term = IntGauge::new("raft_term", "current raft term").expect("valid metric");
         let raft_last_log_index = IntGauge::new("raft_last_log_index", "last raft log index on this node").expect("valid metric");
         let raft_commit_index = IntGauge::new("raft_commit_index", "committed raft log index known to this node").expect("valid metric");
@@ -69,6 +73,8 @@ impl Metrics {
             batch_appends,
             reads_total,
             events_read_total,
+            subscriptions_active,
+            subscription_events_total,
             raft_term,
             raft_last_log_index,
             raft_commit_index,
@@ -87,6 +93,8 @@ impl Metrics {
             Box::new(metrics.batch_appends.clone()),
             Box::new(metrics.reads_total.clone()),
             Box::new(metrics.events_read_total.clone()),
+            Box::new(metrics.subscriptions_active.clone()),
+            Box::new(metrics.subscription_events_total.clone()),
             Box::new(metrics.raft_term.clone()),
             Box::new(metrics.raft_last_log_index.clone()),
             Box::new(metrics.raft_commit_index.clone()),

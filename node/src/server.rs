@@ -9,6 +9,7 @@ use openraft::async_runtime::WatchReceiver;
 use strata_proto::v1::cluster_server::ClusterServer;
 use strata_proto::v1::raft::raft_transport_server::RaftTransportServer;
 use strata_proto::v1::streams_server::StreamsServer;
+use strata_proto::v1::subscriptions_server::SubscriptionsServer;
 use strata_raft::{raft_config, LogStore, Network, PeerChannels, Raft, RaftTransportService, ResyncGate, StateMachine, RAFT_RPC_MESSAGE_BYTES_MAX};
 use strata_gossip::{Gossip, GossipConfig};
 use strata_storage::{open_database, EventState, RaftLogStore};
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::api::cluster::{role_name, ClusterService};
 use crate::api::streams::StreamsService;
+use crate::api::subscriptions::SubscriptionsService;
 use crate::api::NodeContext;
 use crate::batcher::Batcher;
 use crate::bootstrap::bootstrap_static;
@@ -116,6 +118,9 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
             StreamsServer::new(StreamsService::new(ctx.clone()))
                 .max_decoding_message_size(GRPC_DECODE_BYTES_MAX)
                 .max_encoding_message_size(GRPC_ENCODE_BYTES_MAX),
+        )
+        .add_service(
+            SubscriptionsServer::new(SubscriptionsService::new(ctx.clone())).max_encoding_message_size(GRPC_ENCODE_BYTES_MAX),
         )
         .add_service(ClusterServer::new(ClusterService::new(ctx.clone())))
         .add_service(

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod streams;
+pub mod subscriptions;
 pub mod validate;
 
 use std::sync::Arc;

@@ -1,0 +1,212 @@
+//! Catch-up and live subscriptions (issue 6, part 1) on a real three-node cluster: the
+//! history → live switch while appends run (no gap, no duplicate), every filter on history
+//! and live alike, stream subscriptions from a version, and checkpoints while a filter
+//! matches nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{append_request, append_retrying, TestCluster};
+use strata_proto::v1::subscribe_response::Kind;
+use strata_proto::v1::subscriptions_client::SubscriptionsClient;
+use strata_proto::v1::{ExpectedVersionKind, ProposedEvent, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscriptionFilter};
+
+fn event(n: u64, event_type: &str, data: &str, metadata: &str) -> ProposedEvent {
+    ProposedEvent {
+        id: format!("00000000-0000-4000-8000-{n:012x}"),
+        r#type: event_type.into(),
+        data: data.as_bytes().to_vec(),
+        metadata: metadata.as_bytes().to_vec(),
+        content_type: "application/json".into(),
+    }
+}
+
+async fn append(cluster: &TestCluster, stream: &str, events: Vec<ProposedEvent>) {
+    append_retrying(cluster, append_request(stream, ExpectedVersionKind::Any, 0, events), Duration::from_secs(20)).await.expect("append");
+}
+
+async fn subscribe(cluster: &TestCluster, node: u64, request: SubscribeRequest) -> tonic::Streaming<SubscribeResponse> {
+    SubscriptionsClient::new(cluster.channel(node).await).subscribe(request).await.expect("subscribe").into_inner()
+}
+
+/// The next message, within 10 s.
+async fn next(stream: &mut tonic::Streaming<SubscribeResponse>) -> Kind {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message within 10 s")
+        .expect("the subscription stays open")
+        .expect("not ended")
+        .kind
+        .expect("a kind")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn catch_up_switches_to_live_without_a_gap_or_a_duplicate_while_appends_run() {
+    let cluster = TestCluster::start(37, 3).await;
+    const TOTAL: u64 = 1_500;
+    for batch in 0..50 {
+        append(&cluster, &format!("s-{}", batch % 4), (0..5).map(|i| event(batch * 5 + i, "E", "{}", "")).collect()).await;
+    }
+    // Writers keep going while the subscriber (on node 2) catches up and goes live.
+    let mut subscription = subscribe(&cluster, 2, SubscribeRequest { stream: "$all".into(), ..Default::default() }).await;
+    let appender = async {
+        for batch in 50..(TOTAL / 5) {
+            append(&cluster, &format!("s-{}", batch % 4), (0..5).map(|i| event(batch * 5 + i, "E", "{}", "")).collect()).await;
+        }
+    };
+    let reader = async {
+        let (mut positions, mut caught_up, mut checkpoints) = (Vec::new(), 0, 0);
+        while (positions.len() as u64) < TOTAL {
+            match next(&mut subscription).await {
+                Kind::Event(e) => positions.push(e.position),
+                Kind::CaughtUp(_) => caught_up += 1,
+                Kind::Checkpoint(c) => {
+                    assert!(c.position.is_some_and(|p| p + 1 >= positions.len() as u64), "a checkpoint never runs ahead of the deliveries");
+                    checkpoints += 1;
+                }
+                Kind::FellBehind(_) => {}
+            }
+        }
+        (positions, caught_up, checkpoints)
+    };
+    let ((), (positions, caught_up, _)) = tokio::join!(appender, reader);
+    assert_eq!(positions, (0..TOTAL).collect::<Vec<_>>(), "every position once, in order");
+    assert!(caught_up >= 1, "CaughtUp was sent");
+    // Quiet now: the subscription says it is caught up at the head, then checkpoints stay.
+    let mut saw_marker_at_head = false;
+    for _ in 0..3 {
+        match next(&mut subscription).await {
+            Kind::CaughtUp(m) => saw_marker_at_head |= m.position == Some(TOTAL - 1),
+            Kind::Checkpoint(m) => saw_marker_at_head |= m.position == Some(TOTAL - 1),
+            Kind::Event(e) => panic!("no event beyond the {TOTAL} appended: {e:?}"),
+            Kind::FellBehind(_) => {}
+        }
+        if saw_marker_at_head {
+            break;
+        }
+    }
+    assert!(saw_marker_at_head, "a marker at the head position {}", TOTAL - 1);
+}
+
+/// Collects the events of a subscription until `count` have come (markers skipped).
+async fn events(stream: &mut tonic::Streaming<SubscribeResponse>, count: usize) -> Vec<strata_proto::v1::RecordedEvent> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        if let Kind::Event(e) = next(stream).await {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Nothing more arrives but markers for `quiet`.
+async fn no_more_events(stream: &mut tonic::Streaming<SubscribeResponse>, quiet: Duration) {
+    let until = tokio::time::Instant::now() + quiet;
+    while let Ok(message) = tokio::time::timeout_at(until, stream.message()).await {
+        if let Some(Kind::Event(e)) = message.expect("open").expect("not ended").kind {
+            panic!("an event the filter excludes was delivered: {e:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_filter_applies_to_history_and_live_alike() {
+    let cluster = TestCluster::start(38, 3).await;
+    let mut n = 0u64;
+    let mut next_event = |event_type: &str, data: &str, metadata: &str| {
+        n += 1;
+        event(n, event_type, data, metadata)
+    };
+    // History: one event that matches everything below, and one that misses each part.
+    let matching = r#"{"total":{"amount":5,"currency":"EUR"}}"#;
+    append(&cluster, "order-1", vec![next_event("Placed", matching, r#"{"tenant":"t1","by":"x"}"#)]).await;
+    append(&cluster, "user-1", vec![next_event("Placed", matching, r#"{"tenant":"t1"}"#)]).await; // stream
+    append(&cluster, "order-2", vec![next_event("Shipped", matching, r#"{"tenant":"t1"}"#)]).await; // type
+    append(&cluster, "order-3", vec![next_event("Placed", matching, r#"{"tenant":"t2"}"#)]).await; // metadata
+    append(&cluster, "order-4", vec![next_event("Placed", r#"{"total":{"currency":"USD"}}"#, r#"{"tenant":"t1"}"#)]).await; // data
+    let filter = SubscriptionFilter {
+        stream_prefix: "order-".into(),
+        event_types: vec!["Placed".into()],
+        metadata_pattern: r#"{"tenant":"t1"}"#.into(),
+        data_pattern: r#"{"total":{"currency":"EUR"}}"#.into(),
+        ..Default::default()
+    };
+    let request = SubscribeRequest { stream: "$all".into(), filter: Some(filter), ..Default::default() };
+    let mut subscription = subscribe(&cluster, 3, request).await;
+    let history = events(&mut subscription, 1).await;
+    assert_eq!(history[0].stream, "order-1");
+    // Live: the same five shapes again.
+    append(&cluster, "order-5", vec![next_event("Placed", matching, r#"{"tenant":"t1"}"#)]).await;
+    append(&cluster, "user-2", vec![next_event("Placed", matching, r#"{"tenant":"t1"}"#)]).await;
+    append(&cluster, "order-6", vec![next_event("Shipped", matching, r#"{"tenant":"t1"}"#)]).await;
+    append(&cluster, "order-7", vec![next_event("Placed", matching, r#"{"tenant":"t2"}"#)]).await;
+    append(&cluster, "order-8", vec![next_event("Placed", r#"{"total":{"currency":"USD"}}"#, r#"{"tenant":"t1"}"#)]).await;
+    append(&cluster, "order-9", vec![next_event("Placed", matching, r#"{"tenant":"t1"}"#)]).await;
+    let live = events(&mut subscription, 2).await;
+    assert_eq!(live.iter().map(|e| e.stream.as_str()).collect::<Vec<_>>(), vec!["order-5", "order-9"]);
+    no_more_events(&mut subscription, Duration::from_millis(1_500)).await;
+
+    // By stream name, on history and live.
+    let request = SubscribeRequest {
+        stream: "$all".into(),
+        filter: Some(SubscriptionFilter { streams: vec!["user-1".into(), "user-2".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let mut by_name = subscribe(&cluster, 1, request).await;
+    let got = events(&mut by_name, 2).await;
+    assert_eq!(got.iter().map(|e| e.stream.as_str()).collect::<Vec<_>>(), vec!["user-1", "user-2"]);
+    append(&cluster, "user-1", vec![next_event("Renamed", "{}", "")]).await;
+    assert_eq!(events(&mut by_name, 1).await[0].r#type, "Renamed");
+
+    // Bad filters are refused with the field named.
+    let bad = SubscribeRequest { stream: "$all".into(), filter: Some(SubscriptionFilter { data_pattern: "[".into(), ..Default::default() }), ..Default::default() };
+    let mut client = SubscriptionsClient::new(cluster.channel(1).await);
+    let status = client.subscribe(bad).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("filter.data_pattern"), "{}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_subscriptions_start_at_a_version_and_checkpoints_flow_while_nothing_matches() {
+    let cluster = TestCluster::start(39, 3).await;
+    append(&cluster, "acct", (1..=5).map(|n| event(n, "Deposited", "{}", "")).collect()).await;
+    append(&cluster, "other", (6..=8).map(|n| event(n, "Noise", "{}", "")).collect()).await;
+    let request = SubscribeRequest { stream: "acct".into(), from: SubscribeFrom::Revision as i32, from_revision: 3, ..Default::default() };
+    let mut subscription = subscribe(&cluster, 2, request).await;
+    let got = events(&mut subscription, 2).await;
+    assert_eq!(got.iter().map(|e| e.version).collect::<Vec<_>>(), vec![3, 4]);
+    append(&cluster, "other", vec![event(9, "Noise", "{}", "")]).await;
+    append(&cluster, "acct", vec![event(10, "Withdrawn", "{}", "")]).await;
+    let got = events(&mut subscription, 1).await;
+    assert_eq!((got[0].version, got[0].r#type.as_str()), (5, "Withdrawn"));
+
+    // From the end: only what comes after.
+    let request = SubscribeRequest { stream: "acct".into(), from: SubscribeFrom::End as i32, ..Default::default() };
+    let mut from_end = subscribe(&cluster, 3, request).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    append(&cluster, "acct", vec![event(11, "Deposited", "{}", "")]).await;
+    assert_eq!(events(&mut from_end, 1).await[0].version, 6);
+
+    // A filter that matches nothing still moves the checkpoint as $all grows.
+    let request = SubscribeRequest {
+        stream: "$all".into(),
+        filter: Some(SubscriptionFilter { event_types: vec!["NeverWritten".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let mut quiet = subscribe(&cluster, 1, request).await;
+    for n in 12..=14 {
+        append(&cluster, "other", vec![event(n, "Noise", "{}", "")]).await;
+    }
+    let head = 13; // 14 events: positions 0..=13
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match next(&mut quiet).await {
+            Kind::Checkpoint(c) if c.position == Some(head) => break,
+            Kind::CaughtUp(c) if c.position == Some(head) => {}
+            Kind::Event(e) => panic!("nothing matches, yet {e:?} came"),
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a checkpoint at the head came");
+    }
+}
