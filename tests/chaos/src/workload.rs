@@ -4,11 +4,9 @@
 //! to `$all` that resubscribe after their last stored checkpoint. Every operation is
 //! recorded in a shared [`Recorder`].
 //!
-//! The subscribers read `$all` page by page from their checkpoint and poll at its head:
-//! the catch-up protocol a client library runs over `ReadAll`. They check what a
-//! subscription promises (ordered, gapless, duplicate-free, honest checkpoints) across
-//! node failures; the server-side `Subscribe` call of SPEC §4 replaces the polling when it
-//! exists, with the same record.
+//! The subscribers use `Subscriptions.Subscribe` and store the server's checkpoints, so
+//! the checker holds the server to what a subscription promises (ordered, gapless,
+//! duplicate-free, honest checkpoints) across node failures.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use strata_proto::detail_of;
 use strata_proto::v1::streams_client::StreamsClient;
-use strata_proto::v1::{AppendRequest, AppendResponse, ExpectedVersionKind, ProposedEvent, ReadAllRequest, ReadStreamRequest};
+use strata_proto::v1::subscribe_response::Kind;
+use strata_proto::v1::subscriptions_client::SubscriptionsClient;
+use strata_proto::v1::{AppendRequest, AppendResponse, ExpectedVersionKind, ProposedEvent, ReadStreamRequest, SubscribeFrom, SubscribeRequest};
 use tonic::transport::Channel;
 
 use crate::history::{AppendOutcome, Consistency, Delivered, Expected, Op, OpKind, ReadOutcome};
@@ -28,8 +28,6 @@ pub const STREAMS: u64 = 6;
 pub const RETRIES_MAX: u32 = 40;
 /// Deadline of one append or read call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Events one subscriber poll asks for.
-pub const SUBSCRIPTION_PAGE_EVENTS: u64 = 500;
 
 /// xorshift64: a seeded, dependency-free random source; a seed replays a run's choices.
 pub struct Rng(u64);
@@ -228,59 +226,55 @@ async fn read_stream(streams: &mut StreamsClient<Channel>, request: ReadStreamRe
 }
 
 /// One catch-up subscriber to `$all` until `until`: each epoch subscribes through a random
-/// node after the stored checkpoint, catches up page by page, follows the head for a few
-/// seconds, and ends (or is dropped by a failure) storing the last delivered position.
+/// node (`Subscriptions.Subscribe`) after the stored checkpoint, takes history and then
+/// live events for a few seconds, and ends (or is dropped by a failure) storing the last
+/// `Checkpoint` or `CaughtUp` position the server sent, as a consumer that trusts the
+/// server's checkpoints does. The checker holds those markers to their promise: never past
+/// what was delivered.
 pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscription: u32, seed: u64, until: Instant) {
     let mut rng = Rng::new(seed, 1000 + u64::from(subscription));
     let mut checkpoint: Option<u64> = None;
     let mut epoch = 0u32;
     while Instant::now() < until {
         let node = rng.below(addrs.len() as u64);
-        let Some(mut streams) = connect(&addrs[node as usize]).await else {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[node as usize])) else { return };
+        let Ok(channel) = endpoint.connect_timeout(Duration::from_millis(300)).connect().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let mut client = SubscriptionsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         let invoke_ms = recorder.lock().unwrap().now();
         let after = checkpoint;
-        let epoch_ends = Instant::now() + rng.millis(1_000, 5_000);
+        let request = SubscribeRequest {
+            stream: "$all".into(),
+            from: if after.is_some() { SubscribeFrom::Revision } else { SubscribeFrom::Start } as i32,
+            from_revision: after.map_or(0, |p| p + 1),
+            filter: None,
+        };
+        let epoch_ends = (Instant::now() + rng.millis(1_000, 5_000)).min(until);
         let mut delivered: Vec<Delivered> = Vec::new();
-        let ended = loop {
-            if Instant::now() >= epoch_ends.min(until) {
-                break "stopped".to_string();
-            }
-            let from = delivered.last().map(|e| e.position + 1).or(after.map(|p| p + 1)).unwrap_or(0);
-            let request = ReadAllRequest {
-                from_position: from,
-                max_count: SUBSCRIPTION_PAGE_EVENTS,
-                consistency: strata_proto::v1::Consistency::Local as i32,
-                ..Default::default()
-            };
-            let mut call = tonic::Request::new(request);
-            call.set_timeout(CALL_TIMEOUT);
-            let mut pages = match streams.read_all(call).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => break format!("dropped: {:?}", status.code()),
-            };
-            let mut got = 0usize;
-            let failed = loop {
-                match pages.message().await {
-                    Ok(Some(page)) => {
-                        got += page.events.len();
-                        delivered.extend(page.events.into_iter().map(|e| Delivered { id: e.id, position: e.position }));
+        let mut marker = after;
+        let ended = match client.subscribe(request).await {
+            Err(status) => format!("dropped: {:?}", status.code()),
+            Ok(response) => {
+                let mut messages = response.into_inner();
+                loop {
+                    let message = match tokio::time::timeout_at(epoch_ends.into(), messages.message()).await {
+                        Err(_) => break "stopped".to_string(),
+                        Ok(Err(status)) => break format!("dropped: {:?}", status.code()),
+                        Ok(Ok(None)) => break "dropped: ended by the server".to_string(),
+                        Ok(Ok(Some(message))) => message,
+                    };
+                    match message.kind {
+                        Some(Kind::Event(e)) => delivered.push(Delivered { id: e.id, position: e.position }),
+                        Some(Kind::Checkpoint(m)) => marker = m.position.or(marker),
+                        Some(Kind::CaughtUp(m)) => marker = m.position.or(marker),
+                        Some(Kind::FellBehind(_)) | None => {}
                     }
-                    Ok(None) => break None,
-                    Err(status) => break Some(format!("dropped: {:?}", status.code())),
                 }
-            };
-            if let Some(reason) = failed {
-                break reason;
-            }
-            if got == 0 {
-                // Live: at the head, poll again shortly.
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
-        checkpoint = delivered.last().map(|e| e.position).or(after);
+        checkpoint = marker;
         let kind = OpKind::SubscriptionEpoch { subscription, epoch, after, delivered, checkpoint, ended };
         recorder.lock().unwrap().record(10_000 + subscription, node + 1, invoke_ms, kind);
         epoch += 1;
