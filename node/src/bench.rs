@@ -534,6 +534,40 @@ async fn read_back(client: &mut StreamsClient<Channel>, prefix: &str, from_posit
         })?
 }
 
+/// A catch-up subscription to the pair's namespace of `$all` from its first position,
+/// timed until the server says it has caught up: how fast a new consumer replays history.
+async fn catch_up(endpoint: &str, prefix: &str, from_position: u64) -> Result<ReadStats> {
+    use strata_proto::v1::subscribe_response::Kind;
+    use strata_proto::v1::{SubscribeFrom, SubscribeRequest, SubscriptionFilter};
+    let url = if endpoint.starts_with("http") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+    let mut client = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let request = SubscribeRequest {
+        stream: "$all".into(),
+        from: SubscribeFrom::Revision as i32,
+        from_revision: from_position,
+        filter: Some(SubscriptionFilter { stream_prefix: prefix.to_string(), ..Default::default() }),
+    };
+    let replay = async {
+        let mut stream = client.subscribe(request).await.map_err(|s| anyhow!("Subscribe: {}", status_text(&s)))?.into_inner();
+        let mut st = ReadStats { events: 0, bytes: 0 };
+        while let Some(message) = stream.message().await.map_err(|s| anyhow!("Subscribe stream: {}", status_text(&s)))? {
+            match message.kind {
+                Some(Kind::Event(e)) => {
+                    st.events += 1;
+                    st.bytes += e.data.len() as u64;
+                }
+                Some(Kind::CaughtUp(_)) => return Ok(st),
+                _ => {}
+            }
+        }
+        Err(anyhow!("the subscription ended before it caught up"))
+    };
+    tokio::time::timeout(READ_BACK_TIMEOUT, replay)
+        .await
+        .map_err(|_| anyhow!("catch-up timed out after {} s", READ_BACK_TIMEOUT.as_secs()))?
+}
+
 fn bench_event(data: Vec<u8>) -> ProposedEvent {
     ProposedEvent {
         // Empty: the server generates the id (no client-side idempotency in the bench).
@@ -626,6 +660,14 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
         Err(e) => (0, 0, Some(format!("{e:#}"))),
     };
 
+    let ct = Instant::now();
+    let caught_up = catch_up(&plan.endpoints[0], &prefix, from_position).await;
+    let catchup_secs = ct.elapsed().as_secs_f64();
+    let (catchup_events, catchup_error) = match caught_up {
+        Ok(s) => (s.events, None),
+        Err(e) => (0, Some(format!("{e:#}"))),
+    };
+
     let server_cpu_s = match (cpu0, cpu1) {
         (Some(c0), Some(c1)) => Some(c1.saturating_sub(c0) as f64 / TICKS_PER_SEC),
         _ => {
@@ -667,6 +709,10 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
         "read_events_per_s": per_s(read_events, read_secs),
         "read_matches_written": read_error.is_none() && read_events == events,
         "read_error": read_error,
+        "catchup_events": catchup_events,
+        "catchup_events_per_s": per_s(catchup_events, catchup_secs),
+        "catchup_matches_written": catchup_error.is_none() && catchup_events == events,
+        "catchup_error": catchup_error,
         "server_cpu_s": server_cpu_s,
         "server_cpu_us_per_event": server_cpu_s
             .map(|s| if events > 0 { s * 1e6 / events as f64 } else { 0.0 }),
@@ -683,6 +729,7 @@ fn render_table(rows: &[Value]) -> String {
         "p99 ms",
         "p99.9 ms",
         "read events/s",
+        "catch-up events/s",
         "OCC",
         "read ok",
     ];
@@ -703,6 +750,7 @@ fn render_table(rows: &[Value]) -> String {
                 f2(&r["lat_p99_ms"]),
                 f2(&r["lat_p999_ms"]),
                 f0(&r["read_events_per_s"]),
+                f0(&r["catchup_events_per_s"]),
                 r["occ_probe"].as_str().unwrap_or("-").to_string(),
                 if r["read_matches_written"].as_bool() == Some(true) {
                     "yes"
