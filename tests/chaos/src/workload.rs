@@ -275,8 +275,13 @@ pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscripti
             }
         };
         checkpoint = marker;
+        let dropped = ended != "stopped";
         let kind = OpKind::SubscriptionEpoch { subscription, epoch, after, delivered, checkpoint, ended };
         recorder.lock().unwrap().record(10_000 + subscription, node + 1, invoke_ms, kind);
         epoch += 1;
+        if dropped {
+            // A node that is down refuses at once: do not spin on it.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
