@@ -553,9 +553,9 @@ async fn catch_up(endpoint: &str, prefix: &str, from_position: u64) -> Result<Re
         let mut st = ReadStats { events: 0, bytes: 0 };
         while let Some(message) = stream.message().await.map_err(|s| anyhow!("Subscribe stream: {}", status_text(&s)))? {
             match message.kind {
-                Some(Kind::Event(e)) => {
-                    st.events += 1;
-                    st.bytes += e.data.len() as u64;
+                Some(Kind::Events(batch)) => {
+                    st.events += batch.events.len() as u64;
+                    st.bytes += batch.events.iter().map(|e| e.data.len() as u64).sum::<u64>();
                 }
                 Some(Kind::CaughtUp(_)) => return Ok(st),
                 _ => {}

@@ -433,7 +433,7 @@ pub async fn subscribe(options: &ClientOptions, args: SubscribeArgs) -> Result<(
     let mut stream = client.subscribe(request).await?.into_inner();
     while let Some(message) = stream.message().await? {
         match message.kind {
-            Some(Kind::Event(event)) => print_event(&event, options.json),
+            Some(Kind::Events(batch)) => batch.events.iter().for_each(|event| print_event(event, options.json)),
             Some(Kind::CaughtUp(m)) if args.markers => eprintln!("caught up at {:?}", m.position),
             Some(Kind::Checkpoint(m)) if args.markers => eprintln!("checkpoint {:?}", m.position),
             Some(Kind::FellBehind(m)) if args.markers => eprintln!("fell behind at {} (head {})", m.position, m.head_position),

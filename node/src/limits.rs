@@ -95,9 +95,12 @@ pub const LOCAL_RETRY_PAUSE_MS: u64 = 50;
 pub const FILTER_STREAMS_MAX: usize = 256;
 /// Bytes of a subscription's JSON metadata or data pattern.
 pub const FILTER_PATTERN_BYTES_MAX: usize = 64 * 1024;
-/// Messages (one event or marker each) buffered per subscription: a consumer that stops
-/// reading holds the subscription's loop here, never the writers.
-pub const SUBSCRIPTION_BUFFER_MESSAGES: usize = 256;
+/// Messages (a batch of events, or a marker) buffered per subscription: a consumer that
+/// stops reading holds the subscription's loop here, never the writers. With
+/// `SUBSCRIPTION_MESSAGE_BYTES_MAX` this bounds a subscription's buffered events.
+pub const SUBSCRIPTION_BUFFER_MESSAGES: usize = 8;
+/// Event bytes per subscription message (events are batched up to this during catch-up).
+pub const SUBSCRIPTION_MESSAGE_BYTES_MAX: usize = 1024 * 1024;
 /// How often a subscription sends a Checkpoint when its position has moved.
 pub const SUBSCRIPTION_CHECKPOINT_INTERVAL_MS: u64 = 1_000;
 /// A live subscription this far behind the head says FellBehind and catches up again.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{append_request, append_retrying, TestCluster};
 use strata_proto::v1::subscribe_response::Kind;
 use strata_proto::v1::subscriptions_client::SubscriptionsClient;
-use strata_proto::v1::{ExpectedVersionKind, ProposedEvent, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscriptionFilter};
+use strata_proto::v1::{ExpectedVersionKind, ProposedEvent, RecordedEvent, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscriptionFilter};
 
 fn event(n: u64, event_type: &str, data: &str, metadata: &str) -> ProposedEvent {
     ProposedEvent {
@@ -26,19 +26,45 @@ async fn append(cluster: &TestCluster, stream: &str, events: Vec<ProposedEvent>)
     append_retrying(cluster, append_request(stream, ExpectedVersionKind::Any, 0, events), Duration::from_secs(20)).await.expect("append");
 }
 
-async fn subscribe(cluster: &TestCluster, node: u64, request: SubscribeRequest) -> tonic::Streaming<SubscribeResponse> {
-    SubscriptionsClient::new(cluster.channel(node).await).subscribe(request).await.expect("subscribe").into_inner()
+/// A subscription read one event or marker at a time (events arrive batched).
+struct Sub {
+    stream: tonic::Streaming<SubscribeResponse>,
+    pending: std::collections::VecDeque<RecordedEvent>,
 }
 
-/// The next message, within 10 s.
-async fn next(stream: &mut tonic::Streaming<SubscribeResponse>) -> Kind {
-    tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("a message within 10 s")
-        .expect("the subscription stays open")
-        .expect("not ended")
-        .kind
-        .expect("a kind")
+enum M {
+    Event(RecordedEvent),
+    CaughtUp(strata_proto::v1::CaughtUp),
+    Checkpoint(strata_proto::v1::Checkpoint),
+    FellBehind(strata_proto::v1::FellBehind),
+}
+
+impl Sub {
+    /// The next event or marker, within `within`; `None` if nothing came.
+    async fn next_within(&mut self, within: Duration) -> Option<M> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(M::Event(event));
+            }
+            let message = tokio::time::timeout(within, self.stream.message()).await.ok()?;
+            match message.expect("the subscription stays open").expect("not ended").kind.expect("a kind") {
+                Kind::Events(batch) => self.pending.extend(batch.events),
+                Kind::CaughtUp(m) => return Some(M::CaughtUp(m)),
+                Kind::Checkpoint(m) => return Some(M::Checkpoint(m)),
+                Kind::FellBehind(m) => return Some(M::FellBehind(m)),
+            }
+        }
+    }
+}
+
+async fn subscribe(cluster: &TestCluster, node: u64, request: SubscribeRequest) -> Sub {
+    let stream = SubscriptionsClient::new(cluster.channel(node).await).subscribe(request).await.expect("subscribe").into_inner();
+    Sub { stream, pending: Default::default() }
+}
+
+/// The next event or marker, within 10 s.
+async fn next(sub: &mut Sub) -> M {
+    sub.next_within(Duration::from_secs(10)).await.expect("a message within 10 s")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -59,13 +85,13 @@ async fn catch_up_switches_to_live_without_a_gap_or_a_duplicate_while_appends_ru
         let (mut positions, mut caught_up, mut checkpoints) = (Vec::new(), 0, 0);
         while (positions.len() as u64) < TOTAL {
             match next(&mut subscription).await {
-                Kind::Event(e) => positions.push(e.position),
-                Kind::CaughtUp(_) => caught_up += 1,
-                Kind::Checkpoint(c) => {
+                M::Event(e) => positions.push(e.position),
+                M::CaughtUp(_) => caught_up += 1,
+                M::Checkpoint(c) => {
                     assert!(c.position.is_some_and(|p| p + 1 >= positions.len() as u64), "a checkpoint never runs ahead of the deliveries");
                     checkpoints += 1;
                 }
-                Kind::FellBehind(_) => {}
+                M::FellBehind(_) => {}
             }
         }
         (positions, caught_up, checkpoints)
@@ -77,10 +103,10 @@ async fn catch_up_switches_to_live_without_a_gap_or_a_duplicate_while_appends_ru
     let mut saw_marker_at_head = false;
     for _ in 0..3 {
         match next(&mut subscription).await {
-            Kind::CaughtUp(m) => saw_marker_at_head |= m.position == Some(TOTAL - 1),
-            Kind::Checkpoint(m) => saw_marker_at_head |= m.position == Some(TOTAL - 1),
-            Kind::Event(e) => panic!("no event beyond the {TOTAL} appended: {e:?}"),
-            Kind::FellBehind(_) => {}
+            M::CaughtUp(m) => saw_marker_at_head |= m.position == Some(TOTAL - 1),
+            M::Checkpoint(m) => saw_marker_at_head |= m.position == Some(TOTAL - 1),
+            M::Event(e) => panic!("no event beyond the {TOTAL} appended: {e:?}"),
+            M::FellBehind(_) => {}
         }
         if saw_marker_at_head {
             break;
@@ -90,10 +116,10 @@ async fn catch_up_switches_to_live_without_a_gap_or_a_duplicate_while_appends_ru
 }
 
 /// Collects the events of a subscription until `count` have come (markers skipped).
-async fn events(stream: &mut tonic::Streaming<SubscribeResponse>, count: usize) -> Vec<strata_proto::v1::RecordedEvent> {
+async fn events(stream: &mut Sub, count: usize) -> Vec<RecordedEvent> {
     let mut out = Vec::new();
     while out.len() < count {
-        if let Kind::Event(e) = next(stream).await {
+        if let M::Event(e) = next(stream).await {
             out.push(e);
         }
     }
@@ -101,10 +127,10 @@ async fn events(stream: &mut tonic::Streaming<SubscribeResponse>, count: usize) 
 }
 
 /// Nothing more arrives but markers for `quiet`.
-async fn no_more_events(stream: &mut tonic::Streaming<SubscribeResponse>, quiet: Duration) {
+async fn no_more_events(stream: &mut Sub, quiet: Duration) {
     let until = tokio::time::Instant::now() + quiet;
-    while let Ok(message) = tokio::time::timeout_at(until, stream.message()).await {
-        if let Some(Kind::Event(e)) = message.expect("open").expect("not ended").kind {
+    while let Some(message) = stream.next_within(until.saturating_duration_since(tokio::time::Instant::now())).await {
+        if let M::Event(e) = message {
             panic!("an event the filter excludes was delivered: {e:?}");
         }
     }
@@ -202,9 +228,9 @@ async fn stream_subscriptions_start_at_a_version_and_checkpoints_flow_while_noth
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match next(&mut quiet).await {
-            Kind::Checkpoint(c) if c.position == Some(head) => break,
-            Kind::CaughtUp(c) if c.position == Some(head) => {}
-            Kind::Event(e) => panic!("nothing matches, yet {e:?} came"),
+            M::Checkpoint(c) if c.position == Some(head) => break,
+            M::CaughtUp(c) if c.position == Some(head) => {}
+            M::Event(e) => panic!("nothing matches, yet {e:?} came"),
             _ => {}
         }
         assert!(tokio::time::Instant::now() < deadline, "a checkpoint at the head came");
@@ -228,7 +254,7 @@ async fn a_stalled_consumer_gets_everything_after_it_resumes_and_costs_bounded_m
     let serving = 3;
     let mut subscription = subscribe(&cluster, serving, SubscribeRequest { stream: "$all".into(), ..Default::default() }).await;
     // Taken up to the head (nothing yet), then the consumer stalls.
-    assert!(matches!(next(&mut subscription).await, Kind::CaughtUp(_)));
+    assert!(matches!(next(&mut subscription).await, M::CaughtUp(_)));
     let rss_before = rss_kib(cluster.pid(serving).expect("serving node runs"));
     let stall_started = std::time::Instant::now();
     for batch in 0..TOTAL / PER_APPEND {
@@ -244,11 +270,14 @@ async fn a_stalled_consumer_gets_everything_after_it_resumes_and_costs_bounded_m
     let mut fell_behind = false;
     while expected < TOTAL {
         match next(&mut subscription).await {
-            Kind::Event(e) => {
+            M::Event(e) => {
                 assert_eq!(e.position, expected, "in order, no gap, no duplicate");
                 expected += 1;
             }
-            Kind::FellBehind(_) => fell_behind = true,
+            M::FellBehind(m) => {
+                assert!(m.head_position > m.position, "behind means the head is ahead");
+                fell_behind = true;
+            }
             _ => {}
         }
     }

@@ -4,8 +4,9 @@
 //! next position (or version) onwards, page by page, and when it reaches the head it waits
 //! for the applied index to move. Live events are therefore read from storage too, so
 //! the switch from history to live cannot leave a gap or repeat an event, and a slow
-//! consumer costs no memory: the loop waits on a channel of
-//! [`SUBSCRIPTION_BUFFER_MESSAGES`] messages, and appends never wait for it.
+//! consumer costs bounded memory: the loop waits on a channel of
+//! [`SUBSCRIPTION_BUFFER_MESSAGES`] messages of at most [`SUBSCRIPTION_MESSAGE_BYTES_MAX`]
+//! event bytes, and appends never wait for it.
 //!
 //! Markers: `CaughtUp` each time the loop reaches the head after reading history;
 //! `Checkpoint` every [`SUBSCRIPTION_CHECKPOINT_INTERVAL_MS`] when it has moved (also
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use strata_proto::v1::subscribe_response::Kind;
 use strata_proto::v1::subscriptions_server::Subscriptions;
-use strata_proto::v1::{CaughtUp, Checkpoint, FellBehind, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscriptionFilter};
+use strata_proto::v1::{CaughtUp, Checkpoint, FellBehind, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscribedEvents, SubscriptionFilter};
 use strata_storage::{EventState, ReadAllOptions, StoredEvent};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,7 +33,7 @@ use crate::api::NodeContext;
 use crate::error::ApiError;
 use crate::limits::{
     FILTER_EVENT_TYPES_MAX, FILTER_PATTERN_BYTES_MAX, FILTER_STREAMS_MAX, READ_PAGE_EVENTS_MAX, READ_SCAN_EVENTS_MAX,
-    SUBSCRIPTION_BUFFER_MESSAGES, SUBSCRIPTION_CHECKPOINT_INTERVAL_MS, SUBSCRIPTION_FELL_BEHIND_EVENTS,
+    SUBSCRIPTION_BUFFER_MESSAGES, SUBSCRIPTION_CHECKPOINT_INTERVAL_MS, SUBSCRIPTION_FELL_BEHIND_EVENTS, SUBSCRIPTION_MESSAGE_BYTES_MAX,
 };
 
 /// The name that subscribes to every stream.
@@ -286,6 +287,8 @@ impl Subscription {
         .map_err(|e| Ended::Failed(ApiError::Internal { reason: format!("subscription read failed: {e}") }))?
         .map_err(|e| Ended::Failed(e.into()))?;
         let mut covered = None;
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
         for event in page {
             let at = match self.target {
                 Target::All => event.position,
@@ -296,14 +299,29 @@ impl Subscription {
                 continue;
             }
             covered = Some(event.position);
-            self.send(Kind::Event(recorded_event(event))).await?;
-            self.metrics.subscription_events_total.inc();
+            bytes += event.data.len() + event.metadata.len() + event.stream.len() + 64;
+            batch.push(recorded_event(event));
+            if bytes >= SUBSCRIPTION_MESSAGE_BYTES_MAX {
+                self.send_events(std::mem::take(&mut batch)).await?;
+                bytes = 0;
+            }
         }
+        self.send_events(batch).await?;
         self.next = self.next.max(continue_at);
         Ok(match self.target {
             Target::All => self.next.checked_sub(1),
             Target::Stream(_) => covered,
         })
+    }
+
+    async fn send_events(&self, events: Vec<strata_proto::v1::RecordedEvent>) -> Result<(), Ended> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let count = events.len() as u64;
+        self.send(Kind::Events(SubscribedEvents { events })).await?;
+        self.metrics.subscription_events_total.inc_by(count);
+        Ok(())
     }
 
     async fn checkpoint_if_due(&self, last: &mut (Instant, Option<u64>), covered: Option<u64>, interval: Duration) -> Result<(), Ended> {

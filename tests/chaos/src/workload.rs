@@ -266,7 +266,7 @@ pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscripti
                         Ok(Ok(Some(message))) => message,
                     };
                     match message.kind {
-                        Some(Kind::Event(e)) => delivered.push(Delivered { id: e.id, position: e.position }),
+                        Some(Kind::Events(batch)) => delivered.extend(batch.events.into_iter().map(|e| Delivered { id: e.id, position: e.position })),
                         Some(Kind::Checkpoint(m)) => marker = m.position.or(marker),
                         Some(Kind::CaughtUp(m)) => marker = m.position.or(marker),
                         Some(Kind::FellBehind(_)) | None => {}
