@@ -252,11 +252,7 @@ impl TestCluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id))).ok()?;
-        let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
-        let mut request = tonic::Request::new(StatusRequest { local_only: true });
-        request.set_timeout(Duration::from_millis(500));
-        ClusterClient::new(channel).status(request).await.ok().map(|r| r.into_inner())
+        status_at(&self.addr(id)).await
     }
 
     /// Waits until a live node reports itself leader; returns its id.
@@ -306,14 +302,28 @@ impl TestCluster {
 
     /// Every event of `$all` as node `id` has applied it (local consistency).
     pub async fn read_all_local(&self, id: u64) -> Vec<RecordedEvent> {
-        let request = ReadAllRequest { consistency: Consistency::Local as i32, ..Default::default() };
-        let mut stream = self.streams(id).await.read_all(request).await.expect("read $all").into_inner();
-        let mut events = Vec::new();
-        while let Some(message) = stream.message().await.expect("read $all page") {
-            events.extend(message.events);
-        }
-        events
+        read_all_local_at(self.streams(id).await).await
     }
+}
+
+/// The node at `addr`'s own status (`None` when it does not answer within a second).
+pub async fn status_at(addr: &str) -> Option<StatusResponse> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
+    let mut request = tonic::Request::new(StatusRequest { local_only: true });
+    request.set_timeout(Duration::from_millis(500));
+    ClusterClient::new(channel).status(request).await.ok().map(|r| r.into_inner())
+}
+
+/// Every event of `$all` as that node has applied it (local consistency).
+pub async fn read_all_local_at(mut client: StreamsClient<Channel>) -> Vec<RecordedEvent> {
+    let request = ReadAllRequest { consistency: Consistency::Local as i32, ..Default::default() };
+    let mut stream = client.read_all(request).await.expect("read $all").into_inner();
+    let mut events = Vec::new();
+    while let Some(message) = stream.message().await.expect("read $all page") {
+        events.extend(message.events);
+    }
+    events
 }
 
 impl Drop for TestCluster {

@@ -11,11 +11,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::streams_client::StreamsClient;
-use strata_proto::v1::{Consistency, ReadAllRequest, StatusRequest, StatusResponse};
+use strata_proto::v1::StatusResponse;
 
-use crate::cluster::strata_binary;
+use crate::cluster::{read_all_local_at, status_at, strata_binary};
 use crate::history::{FaultRecord, FinalEvent};
 use crate::scenario::{finish, start_workload, write_lines, Outcome, RunConfig};
 use crate::workload::Rng;
@@ -81,11 +80,7 @@ impl Drop for ComposeProject {
 }
 
 async fn status(node: u64) -> Option<StatusResponse> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ComposeProject::addr(node))).ok()?;
-    let channel = endpoint.connect_timeout(Duration::from_millis(500)).connect().await.ok()?;
-    let mut request = tonic::Request::new(StatusRequest { local_only: true });
-    request.set_timeout(Duration::from_secs(2));
-    ClusterClient::new(channel).status(request).await.ok().map(|r| r.into_inner())
+    status_at(&ComposeProject::addr(node)).await
 }
 
 async fn leader_within(timeout: Duration) -> Option<u64> {
@@ -106,13 +101,8 @@ async fn leader_within(timeout: Duration) -> Option<u64> {
 async fn read_all_local(node: u64) -> Vec<FinalEvent> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ComposeProject::addr(node))).expect("endpoint");
     let channel = endpoint.connect_timeout(Duration::from_secs(2)).connect().await.expect("node reachable after healing");
-    let request = ReadAllRequest { consistency: Consistency::Local as i32, ..Default::default() };
-    let mut pages = StreamsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024).read_all(request).await.expect("read $all").into_inner();
-    let mut events = Vec::new();
-    while let Some(page) = pages.message().await.expect("read $all page") {
-        events.extend(page.events.into_iter().map(|e| FinalEvent { id: e.id, stream: e.stream, version: e.version, position: e.position }));
-    }
-    events
+    let events = read_all_local_at(StreamsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)).await;
+    events.into_iter().map(FinalEvent::from).collect()
 }
 
 /// Runs the compose scenario; `None` (after a visible "skipped" line) where docker or

@@ -105,6 +105,12 @@ pub struct FinalEvent {
     pub position: u64,
 }
 
+impl From<strata_proto::v1::RecordedEvent> for FinalEvent {
+    fn from(e: strata_proto::v1::RecordedEvent) -> Self {
+        FinalEvent { id: e.id, stream: e.stream, version: e.version, position: e.position }
+    }
+}
+
 /// Appends `record` (an [`Op`] or a [`FaultRecord`]) to a JSONL file.
 pub fn write_jsonl<T: Serialize>(out: &mut impl Write, record: &T) -> std::io::Result<()> {
     serde_json::to_writer(&mut *out, record)?;

@@ -157,13 +157,7 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     cluster.wait_converged(Duration::from_secs(90)).await;
     let mut finals = BTreeMap::new();
     for id in 1..=3 {
-        let events: Vec<FinalEvent> = cluster
-            .read_all_local(id)
-            .await
-            .into_iter()
-            .map(|e| FinalEvent { id: e.id, stream: e.stream, version: e.version, position: e.position })
-            .collect();
-        finals.insert(id, events);
+        finals.insert(id, cluster.read_all_local(id).await.into_iter().map(FinalEvent::from).collect::<Vec<_>>());
     }
     nemesis.teardown();
     let outcome = finish(scenario.name, config.seed, &ops, &finals, &nemesis.log, nemesis.skipped.clone(), dir);
