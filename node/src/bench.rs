@@ -303,7 +303,12 @@ fn server_ticks(pids: &[u32]) -> Option<u64> {
 }
 
 async fn connect(endpoint: &str) -> Result<StreamsClient<Channel>> {
-    let channel = Endpoint::from_shared(endpoint.to_string())
+    Ok(StreamsClient::new(channel(endpoint).await?).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
+}
+
+/// A channel to one of the plan's endpoints, with the server's HTTP/2 windows.
+async fn channel(endpoint: &str) -> Result<Channel> {
+    Endpoint::from_shared(endpoint.to_string())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(strata_raft::HTTP2_STREAM_WINDOW_BYTES))
@@ -311,8 +316,7 @@ async fn connect(endpoint: &str) -> Result<StreamsClient<Channel>> {
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await
-        .with_context(|| format!("connecting to {endpoint}"))?;
-    Ok(StreamsClient::new(channel).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
+        .with_context(|| format!("connecting to {endpoint}"))
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -539,9 +543,8 @@ async fn read_back(client: &mut StreamsClient<Channel>, prefix: &str, from_posit
 async fn catch_up(endpoint: &str, prefix: &str, from_position: u64) -> Result<ReadStats> {
     use strata_proto::v1::subscribe_response::Kind;
     use strata_proto::v1::{SubscribeFrom, SubscribeRequest, SubscriptionFilter};
-    let url = if endpoint.starts_with("http") { endpoint.to_string() } else { format!("http://{endpoint}") };
-    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
-    let mut client = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel(endpoint).await?)
+        .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
     let request = SubscribeRequest {
         stream: "$all".into(),
         from: SubscribeFrom::Revision as i32,

@@ -1,6 +1,7 @@
 //! The public gRPC services.
 
 pub mod cluster;
+pub mod filter;
 pub mod streams;
 pub mod subscriptions;
 pub mod validate;

@@ -21,6 +21,7 @@ use super::validate;
 use super::NodeContext;
 use crate::clock::now_unix_ms;
 use crate::error::{detail_of, ApiError};
+use crate::api::filter::EventFilter;
 use crate::limits::*;
 use crate::routing::{commit_token, is_forwarded, mark_forwarded, Route};
 
@@ -114,42 +115,6 @@ async fn send_events(
         return false;
     }
     true
-}
-
-/// A compiled `$all` filter.
-struct AllFilter {
-    stream_prefix: String,
-    event_types: std::collections::HashSet<String>,
-    stream_regex: Option<regex::Regex>,
-}
-
-impl AllFilter {
-    fn new(filter: Option<strata_proto::v1::ReadFilter>) -> Result<Self, ApiError> {
-        let filter = filter.unwrap_or_default();
-        if filter.event_types.len() > FILTER_EVENT_TYPES_MAX {
-            return Err(validate::over("filter.event_types", "FILTER_EVENT_TYPES_MAX", FILTER_EVENT_TYPES_MAX, filter.event_types.len()));
-        }
-        if filter.stream_regex.len() > STREAM_REGEX_BYTES_MAX {
-            return Err(validate::over("filter.stream_regex", "STREAM_REGEX_BYTES_MAX", STREAM_REGEX_BYTES_MAX, filter.stream_regex.len()));
-        }
-        let stream_regex = if filter.stream_regex.is_empty() {
-            None
-        } else {
-            Some(
-                regex::RegexBuilder::new(&filter.stream_regex)
-                    .size_limit(STREAM_REGEX_COMPILED_BYTES_MAX)
-                    .build()
-                    .map_err(|e| ApiError::InvalidArgument { field: "filter.stream_regex".into(), reason: e.to_string() })?,
-            )
-        };
-        Ok(Self { stream_prefix: filter.stream_prefix, event_types: filter.event_types.into_iter().collect(), stream_regex })
-    }
-
-    fn matches(&self, event: &StoredEvent) -> bool {
-        event.stream.starts_with(&self.stream_prefix)
-            && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
-            && self.stream_regex.as_ref().is_none_or(|r| r.is_match(&event.stream))
-    }
 }
 
 fn limit_of(max_count: u64) -> u64 {
@@ -283,7 +248,7 @@ impl Streams for StreamsService {
 
     async fn read_all(&self, request: Request<ReadAllRequest>) -> Result<Response<Self::ReadAllStream>, Status> {
         let request = request.into_inner();
-        let filter = Arc::new(AllFilter::new(request.filter)?);
+        let filter = Arc::new(EventFilter::from_read(request.filter)?);
         self.ctx.metrics.reads_total.with_label_values(&["all"]).inc();
         let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
         let events = self.ctx.events.clone();

@@ -13,27 +13,26 @@
 //! while the filter matches nothing); `FellBehind` when, once live, the head runs more
 //! than [`SUBSCRIPTION_FELL_BEHIND_EVENTS`] ahead of what the consumer has taken.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::subscribe_response::Kind;
 use strata_proto::v1::subscriptions_server::Subscriptions;
-use strata_proto::v1::{CaughtUp, Checkpoint, FellBehind, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscribedEvents, SubscriptionFilter};
+use strata_proto::v1::{CaughtUp, Checkpoint, FellBehind, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscribedEvents};
 use strata_storage::{EventState, ReadAllOptions, StoredEvent};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::api::filter::EventFilter;
 use crate::api::streams::recorded_event;
 use crate::api::validate;
 use crate::api::NodeContext;
 use crate::error::ApiError;
 use crate::limits::{
-    FILTER_EVENT_TYPES_MAX, FILTER_PATTERN_BYTES_MAX, FILTER_STREAMS_MAX, READ_PAGE_EVENTS_MAX, READ_SCAN_EVENTS_MAX,
-    SUBSCRIPTION_BUFFER_MESSAGES, SUBSCRIPTION_CHECKPOINT_INTERVAL_MS, SUBSCRIPTION_FELL_BEHIND_EVENTS, SUBSCRIPTION_MESSAGE_BYTES_MAX,
+    READ_PAGE_EVENTS_MAX, READ_SCAN_EVENTS_MAX, SUBSCRIPTION_BUFFER_MESSAGES, SUBSCRIPTION_CHECKPOINT_INTERVAL_MS, SUBSCRIPTION_FELL_BEHIND_EVENTS, SUBSCRIPTION_MESSAGE_BYTES_MAX,
 };
 
 /// The name that subscribes to every stream.
@@ -46,72 +45,6 @@ pub struct SubscriptionsService {
 impl SubscriptionsService {
     pub fn new(ctx: Arc<NodeContext>) -> Self {
         Self { ctx }
-    }
-}
-
-/// A compiled filter: every set part must match.
-pub struct EventFilter {
-    streams: HashSet<String>,
-    stream_prefix: String,
-    event_types: HashSet<String>,
-    metadata_pattern: Option<serde_json::Value>,
-    data_pattern: Option<serde_json::Value>,
-}
-
-impl EventFilter {
-    pub fn new(filter: Option<SubscriptionFilter>) -> Result<Self, ApiError> {
-        let filter = filter.unwrap_or_default();
-        if filter.streams.len() > FILTER_STREAMS_MAX {
-            return Err(validate::over("filter.streams", "FILTER_STREAMS_MAX", FILTER_STREAMS_MAX, filter.streams.len()));
-        }
-        if filter.event_types.len() > FILTER_EVENT_TYPES_MAX {
-            return Err(validate::over("filter.event_types", "FILTER_EVENT_TYPES_MAX", FILTER_EVENT_TYPES_MAX, filter.event_types.len()));
-        }
-        Ok(Self {
-            streams: filter.streams.into_iter().collect(),
-            stream_prefix: filter.stream_prefix,
-            event_types: filter.event_types.into_iter().collect(),
-            metadata_pattern: pattern("filter.metadata_pattern", &filter.metadata_pattern)?,
-            data_pattern: pattern("filter.data_pattern", &filter.data_pattern)?,
-        })
-    }
-
-    pub fn matches(&self, event: &StoredEvent) -> bool {
-        (self.streams.is_empty() || self.streams.contains(&event.stream))
-            && event.stream.starts_with(&self.stream_prefix)
-            && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
-            && self.metadata_pattern.as_ref().is_none_or(|p| json_bytes_contain(&event.metadata, p))
-            && self.data_pattern.as_ref().is_none_or(|p| json_bytes_contain(&event.data, p))
-    }
-}
-
-/// A JSON-object pattern, or `None` when empty.
-fn pattern(field: &str, text: &str) -> Result<Option<serde_json::Value>, ApiError> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    if text.len() > FILTER_PATTERN_BYTES_MAX {
-        return Err(validate::over(field, "FILTER_PATTERN_BYTES_MAX", FILTER_PATTERN_BYTES_MAX, text.len()));
-    }
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(value @ serde_json::Value::Object(_)) => Ok(Some(value)),
-        Ok(_) => Err(ApiError::InvalidArgument { field: field.into(), reason: "a pattern must be a JSON object".into() }),
-        Err(e) => Err(ApiError::InvalidArgument { field: field.into(), reason: format!("not JSON: {e}") }),
-    }
-}
-
-fn json_bytes_contain(bytes: &[u8], pattern: &serde_json::Value) -> bool {
-    serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|value| json_contains(&value, pattern))
-}
-
-/// Whether `value` contains `pattern`: an object contains every key of the pattern with
-/// a value that contains the pattern's value; anything else must be equal.
-pub fn json_contains(value: &serde_json::Value, pattern: &serde_json::Value) -> bool {
-    match (value, pattern) {
-        (serde_json::Value::Object(value), serde_json::Value::Object(pattern)) => {
-            pattern.iter().all(|(key, wanted)| value.get(key).is_some_and(|found| json_contains(found, wanted)))
-        }
-        _ => value == pattern,
     }
 }
 
@@ -129,7 +62,7 @@ impl Subscriptions for SubscriptionsService {
             validate::stream_name_shape("stream", &request.stream)?;
             Target::Stream(request.stream.clone())
         };
-        let filter = EventFilter::new(request.filter)?;
+        let filter = EventFilter::from_subscription(request.filter)?;
         let from = SubscribeFrom::try_from(request.from)
             .map_err(|_| ApiError::InvalidArgument { field: "from".into(), reason: format!("unknown start {}", request.from) })?;
         let events = self.ctx.events.clone();
@@ -154,9 +87,7 @@ impl Subscriptions for SubscriptionsService {
         };
         let metrics = self.ctx.metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = subscription.run().await {
-                tracing::debug!(error = %e, "subscription ended");
-            }
+            subscription.run().await;
             metrics.subscriptions_active.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
@@ -180,11 +111,8 @@ struct Subscription {
 }
 
 /// Why a subscription loop stopped.
-#[derive(Debug, thiserror::Error)]
 enum Ended {
-    #[error("the client went away")]
     ClientGone,
-    #[error("{0}")]
     Failed(ApiError),
 }
 
@@ -193,14 +121,14 @@ impl Subscription {
         self.sender.send(Ok(SubscribeResponse { kind: Some(kind) })).await.map_err(|_| Ended::ClientGone)
     }
 
-    async fn run(mut self) -> Result<(), Ended> {
+    /// Serves until the client leaves; a failure is logged and sent to the client.
+    async fn run(mut self) {
         match self.serve().await {
+            Ok(()) | Err(Ended::ClientGone) => tracing::debug!("subscription ended"),
             Err(Ended::Failed(e)) => {
-                let status = e.into_status();
-                let _ = self.sender.send(Err(status.clone())).await;
-                Err(Ended::Failed(ApiError::Internal { reason: status.message().to_string() }))
+                tracing::warn!(error = %e, "subscription failed");
+                let _ = self.sender.send(Err(e.into_status())).await;
             }
-            other => other,
         }
     }
 
@@ -330,63 +258,5 @@ impl Subscription {
             *last = (Instant::now(), covered);
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn patterns_match_subsets_recursively() {
-        let value = json!({"a": 1, "b": {"c": "x", "d": [1, 2]}, "e": null});
-        assert!(json_contains(&value, &json!({})));
-        assert!(json_contains(&value, &json!({"a": 1})));
-        assert!(json_contains(&value, &json!({"b": {"c": "x"}})));
-        assert!(json_contains(&value, &json!({"b": {"d": [1, 2]}, "e": null})));
-        assert!(!json_contains(&value, &json!({"a": 2})));
-        assert!(!json_contains(&value, &json!({"b": {"c": "y"}})));
-        assert!(!json_contains(&value, &json!({"z": 1})));
-        assert!(!json_contains(&value, &json!({"b": {"d": [1]}})), "arrays match whole");
-    }
-
-    #[test]
-    fn bad_filters_are_refused_naming_the_field() {
-        let bad = |filter: SubscriptionFilter| EventFilter::new(Some(filter)).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(bad(SubscriptionFilter { data_pattern: "[1]".into(), ..Default::default() }).contains("filter.data_pattern"));
-        assert!(bad(SubscriptionFilter { metadata_pattern: "{nope".into(), ..Default::default() }).contains("filter.metadata_pattern"));
-        let many = SubscriptionFilter { event_types: vec!["t".into(); FILTER_EVENT_TYPES_MAX + 1], ..Default::default() };
-        assert!(bad(many).contains("FILTER_EVENT_TYPES_MAX"));
-    }
-
-    #[test]
-    fn filters_combine_every_part() {
-        let event = |stream: &str, event_type: &str, data: &str| StoredEvent {
-            id: [0; 16],
-            stream: stream.into(),
-            version: 0,
-            position: 0,
-            event_type: event_type.into(),
-            content_type: "application/json".into(),
-            data: data.as_bytes().to_vec(),
-            metadata: br#"{"tenant":"t1"}"#.to_vec(),
-            created_unix_ms: 0,
-        };
-        let filter = EventFilter::new(Some(SubscriptionFilter {
-            stream_prefix: "order-".into(),
-            event_types: vec!["Placed".into()],
-            metadata_pattern: r#"{"tenant":"t1"}"#.into(),
-            data_pattern: r#"{"total":{"currency":"EUR"}}"#.into(),
-            ..Default::default()
-        }))
-        .unwrap();
-        assert!(filter.matches(&event("order-1", "Placed", r#"{"total":{"amount":3,"currency":"EUR"}}"#)));
-        assert!(!filter.matches(&event("user-1", "Placed", r#"{"total":{"currency":"EUR"}}"#)));
-        assert!(!filter.matches(&event("order-1", "Shipped", r#"{"total":{"currency":"EUR"}}"#)));
-        assert!(!filter.matches(&event("order-1", "Placed", r#"{"total":{"currency":"USD"}}"#)));
-        assert!(!filter.matches(&event("order-1", "Placed", "not json")));
-        let named = EventFilter::new(Some(SubscriptionFilter { streams: vec!["a".into(), "b".into()], ..Default::default() })).unwrap();
-        assert!(named.matches(&event("b", "X", "{}")) && !named.matches(&event("c", "X", "{}")));
     }
 }
