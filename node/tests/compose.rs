@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use strata_chaos::cluster::{read_all_local_at, status_at};
+use strata_chaos::compose::{compose_available, ComposeProject};
 use strata_node::chaos::{compose_container, container_health};
-use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::streams_client::StreamsClient;
-use strata_proto::v1::{AppendRequest, Consistency, ExpectedVersionKind, ProposedEvent, ReadAllRequest, RecordedEvent, StatusRequest, StatusResponse};
+use strata_proto::v1::{AppendRequest, ExpectedVersionKind, ProposedEvent, RecordedEvent, StatusResponse};
 use tonic::transport::Channel;
 
 const GRPC_PORT_BASE: u16 = 27711;
@@ -22,59 +23,27 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
-fn tool_works(program: &str, args: &[&str]) -> bool {
-    Command::new(program).args(args).output().is_ok_and(|o| o.status.success())
+fn docker(args: &[&str]) {
+    let output = Command::new("docker").args(args).output().expect("run docker");
+    assert!(output.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
-/// One compose project; `down -v` on drop removes its containers, network and volumes.
-struct Project {
-    name: String,
+fn healthy(project: &ComposeProject) -> bool {
+    (0..3).all(|node| container_health(&compose_container(&project.name, node)) == "healthy")
 }
 
-impl Project {
-    fn compose(&self, args: &[&str]) -> std::process::Output {
-        let mut command = Command::new("docker-compose");
-        command.arg("-f").arg(workspace_root().join("dev-env/docker-compose.yml")).args(["-p", &self.name]).args(args);
-        for node in 0..3u16 {
-            command.env(format!("STRATA_{node}_GRPC_PORT"), (GRPC_PORT_BASE + node).to_string());
-            command.env(format!("STRATA_{node}_HTTP_PORT"), (HTTP_PORT_BASE + node).to_string());
-        }
-        command.output().expect("run docker-compose")
-    }
-
-    fn container(&self, node: u16) -> String {
-        compose_container(&self.name, u64::from(node))
-    }
-
-    fn docker(&self, args: &[&str]) {
-        let output = Command::new("docker").args(args).output().expect("run docker");
-        assert!(output.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    }
-
-    fn healthy(&self) -> bool {
-        (0..3).all(|node| container_health(&self.container(node)) == "healthy")
-    }
-}
-
-impl Drop for Project {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let logs = self.compose(&["logs", "--no-color", "--tail", "60"]);
-            eprintln!("{}", String::from_utf8_lossy(&logs.stdout));
-        }
-        let _ = self.compose(&["down", "-v", "--timeout", "5"]);
-    }
+/// The host address of the node with this compose ordinal (strata-0 is node 1).
+fn addr(node: u16) -> String {
+    format!("127.0.0.1:{}", GRPC_PORT_BASE + node)
 }
 
 async fn channel(node: u16) -> Option<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", GRPC_PORT_BASE + node)).ok()?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", addr(node))).ok()?;
     endpoint.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(10)).connect().await.ok()
 }
 
 async fn status(node: u16) -> Option<StatusResponse> {
-    let mut request = tonic::Request::new(StatusRequest { local_only: true });
-    request.set_timeout(Duration::from_secs(2));
-    ClusterClient::new(channel(node).await?).status(request).await.ok().map(|r| r.into_inner())
+    status_at(&addr(node)).await
 }
 
 /// Appends `count` single-event appends through `node`, retrying an unavailable or unknown
@@ -116,14 +85,7 @@ async fn append_through(node: u16, first: usize, count: usize) -> Vec<String> {
 }
 
 async fn read_all_local(node: u16) -> Vec<RecordedEvent> {
-    let request = ReadAllRequest { consistency: Consistency::Local as i32, ..Default::default() };
-    let mut client = StreamsClient::new(channel(node).await.expect("node reachable")).max_decoding_message_size(64 * 1024 * 1024);
-    let mut stream = client.read_all(request).await.expect("read $all").into_inner();
-    let mut events = Vec::new();
-    while let Some(page) = stream.message().await.expect("read $all page") {
-        events.extend(page.events);
-    }
-    events
+    read_all_local_at(StreamsClient::new(channel(node).await.expect("node reachable")).max_decoding_message_size(64 * 1024 * 1024)).await
 }
 
 async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
@@ -139,7 +101,7 @@ async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_cluster_keeps_every_event_through_a_killed_leader() {
-    if !tool_works("docker", &["info"]) || !tool_works("docker-compose", &["version"]) {
+    if !compose_available() {
         eprintln!("SKIPPED compose tier: docker or docker-compose is not available on this machine");
         return;
     }
@@ -147,20 +109,20 @@ async fn compose_cluster_keeps_every_event_through_a_killed_leader() {
     assert!(build.status.success(), "scripts/build-image failed: {}", String::from_utf8_lossy(&build.stderr));
     eprintln!("{}", String::from_utf8_lossy(&build.stdout).trim());
 
-    let project = Project { name: format!("stratatest{}", std::process::id()) };
+    let project = ComposeProject::new(&workspace_root(), &format!("stratatest{}", std::process::id()), GRPC_PORT_BASE, HTTP_PORT_BASE);
     let started = Instant::now();
     let up = project.compose(&["up", "-d"]);
     assert!(up.status.success(), "compose up: {}", String::from_utf8_lossy(&up.stderr));
-    wait_for("all three containers healthy", Duration::from_secs(90), async || project.healthy().then_some(())).await;
+    wait_for("all three containers healthy", Duration::from_secs(90), async || healthy(&project).then_some(())).await;
     eprintln!("compose: docker-compose up to a ready cluster in {:.1} s", started.elapsed().as_secs_f64());
 
     let mut acknowledged = append_through(0, 0, 1_000).await;
     let leader = wait_for("a leader", Duration::from_secs(30), async || status(0).await.filter(|s| s.leader_id != 0).map(|s| s.leader_id)).await;
     let leader_node = (leader - 1) as u16;
-    project.docker(&["kill", &project.container(leader_node)]);
+    docker(&["kill", &compose_container(&project.name, u64::from(leader_node))]);
     let other = (0..3u16).find(|node| *node != leader_node).expect("another node");
     acknowledged.extend(append_through(other, 1_000, 1_000).await);
-    project.docker(&["start", &project.container(leader_node)]);
+    docker(&["start", &compose_container(&project.name, u64::from(leader_node))]);
 
     // Every node, the restarted one included, ends with the same 2,000 events in order.
     let reference = wait_for("every node converged on 2,000 events", Duration::from_secs(90), async || {

@@ -265,18 +265,12 @@ impl TestCluster {
 
     /// The live node that reports itself leader, if one does within `timeout`.
     pub async fn leader_within(&self, timeout: Duration) -> Option<u64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for id in self.running() {
-                if self.status(id).await.is_some_and(|status| status.role == "leader") {
-                    return Some(id);
-                }
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        leader_among(&self.running_addrs(), timeout).await
+    }
+
+    /// (id, gRPC address) of every running node.
+    fn running_addrs(&self) -> Vec<(u64, String)> {
+        self.running().into_iter().map(|id| (id, self.addr(id))).collect()
     }
 
     /// Waits until every live node has applied as much as the most advanced one (call it
@@ -286,23 +280,51 @@ impl TestCluster {
     pub async fn wait_converged(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         self.wait_leader(timeout).await;
-        loop {
-            let mut applied = Vec::new();
-            for id in self.running() {
-                applied.push(self.status(id).await.map(|s| s.applied_index));
-            }
-            let target = applied.iter().flatten().max().copied().unwrap_or(0);
-            if applied.iter().all(|a| *a == Some(target)) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "nodes did not converge ({applied:?}); logs in {}", self.dir.path().display());
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(applied) = converged_within(&self.running_addrs(), deadline.saturating_duration_since(Instant::now())).await {
+            panic!("nodes did not converge ({applied:?}); logs in {}", self.dir.path().display());
         }
     }
 
     /// Every event of `$all` as node `id` has applied it (local consistency).
     pub async fn read_all_local(&self, id: u64) -> Vec<RecordedEvent> {
         read_all_local_at(self.streams(id).await).await
+    }
+}
+
+/// The id of the node among `nodes` (id, gRPC address) that reports itself leader, if one
+/// does within `timeout`.
+pub async fn leader_among(nodes: &[(u64, String)], timeout: Duration) -> Option<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for (id, addr) in nodes {
+            if status_at(addr).await.is_some_and(|status| status.role == "leader") {
+                return Some(*id);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every node of `nodes` answers and has applied as much as the most advanced
+/// one; on timeout, the applied indexes last seen.
+pub async fn converged_within(nodes: &[(u64, String)], timeout: Duration) -> Result<(), Vec<Option<u64>>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut applied = Vec::new();
+        for (_, addr) in nodes {
+            applied.push(status_at(addr).await.map(|s| s.applied_index));
+        }
+        let target = applied.iter().flatten().max().copied().unwrap_or(0);
+        if applied.iter().all(|a| *a == Some(target)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(applied);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -12,23 +12,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::streams_client::StreamsClient;
-use strata_proto::v1::StatusResponse;
 
-use crate::cluster::{read_all_local_at, status_at, strata_binary};
+use crate::cluster::{converged_within, leader_among, read_all_local_at, strata_binary};
 use crate::history::{FaultRecord, FinalEvent};
 use crate::scenario::{finish, start_workload, write_lines, Outcome, RunConfig};
 use crate::workload::Rng;
 
-/// Host ports the project publishes: node `n` (1-based) gets `base + n - 1`.
+/// Host ports the chaos scenario's project publishes: node `n` (1-based) gets `base + n - 1`.
 pub const COMPOSE_GRPC_PORT_BASE: u16 = 29711;
 pub const COMPOSE_HTTP_PORT_BASE: u16 = 29781;
 
-/// A compose project of three nodes; `down -v` on drop.
+/// A compose project of three nodes publishing its ports from the given bases; `down -v`
+/// on drop (its logs are kept when asked to, or when a test panics).
 pub struct ComposeProject {
     pub name: String,
     file: PathBuf,
+    grpc_port_base: u16,
+    http_port_base: u16,
     pub dir: tempfile::TempDir,
-    keep: bool,
+    pub keep: bool,
 }
 
 /// Whether docker and docker-compose work here (the scenario says "skipped" otherwise).
@@ -38,22 +40,36 @@ pub fn compose_available() -> bool {
 }
 
 impl ComposeProject {
-    pub fn new(workspace: &Path, name: &str) -> Self {
-        Self { name: name.into(), file: workspace.join("dev-env/docker-compose.yml"), dir: tempfile::tempdir().expect("temp dir"), keep: false }
+    pub fn new(workspace: &Path, name: &str, grpc_port_base: u16, http_port_base: u16) -> Self {
+        Self {
+            name: name.into(),
+            file: workspace.join("dev-env/docker-compose.yml"),
+            grpc_port_base,
+            http_port_base,
+            dir: tempfile::tempdir().expect("temp dir"),
+            keep: false,
+        }
     }
 
-    fn compose(&self, args: &[&str]) -> std::process::Output {
+    /// `docker-compose -f dev-env/docker-compose.yml -p <name> <args>` with the port bases.
+    pub fn compose(&self, args: &[&str]) -> std::process::Output {
         let mut command = Command::new("docker-compose");
         command.arg("-f").arg(&self.file).args(["-p", &self.name]).args(args);
         for ordinal in 0..3u16 {
-            command.env(format!("STRATA_{ordinal}_GRPC_PORT"), (COMPOSE_GRPC_PORT_BASE + ordinal).to_string());
-            command.env(format!("STRATA_{ordinal}_HTTP_PORT"), (COMPOSE_HTTP_PORT_BASE + ordinal).to_string());
+            command.env(format!("STRATA_{ordinal}_GRPC_PORT"), (self.grpc_port_base + ordinal).to_string());
+            command.env(format!("STRATA_{ordinal}_HTTP_PORT"), (self.http_port_base + ordinal).to_string());
         }
         command.output().expect("run docker-compose")
     }
 
-    pub fn addr(node: u64) -> String {
-        format!("127.0.0.1:{}", COMPOSE_GRPC_PORT_BASE + node as u16 - 1)
+    /// The host address of node `node` (1-based: node 1 is container strata-0).
+    pub fn addr(&self, node: u64) -> String {
+        format!("127.0.0.1:{}", self.grpc_port_base + node as u16 - 1)
+    }
+
+    /// (id, host address) of the three nodes.
+    pub fn nodes(&self) -> Vec<(u64, String)> {
+        (1..=3).map(|node| (node, self.addr(node))).collect()
     }
 
     /// `strata cluster chaos <action> <node> --compose --project <name>`.
@@ -79,27 +95,8 @@ impl Drop for ComposeProject {
     }
 }
 
-async fn status(node: u64) -> Option<StatusResponse> {
-    status_at(&ComposeProject::addr(node)).await
-}
-
-async fn leader_within(timeout: Duration) -> Option<u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        for node in 1..=3 {
-            if status(node).await.is_some_and(|s| s.role == "leader") {
-                return Some(node);
-            }
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn read_all_local(node: u64) -> Vec<FinalEvent> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ComposeProject::addr(node))).expect("endpoint");
+async fn read_all_local(addr: &str) -> Vec<FinalEvent> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint");
     let channel = endpoint.connect_timeout(Duration::from_secs(2)).connect().await.expect("node reachable after healing");
     let events = read_all_local_at(StreamsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)).await;
     events.into_iter().map(FinalEvent::from).collect()
@@ -112,20 +109,20 @@ pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
         eprintln!("chaos compose: skipped: docker or docker-compose is not available");
         return None;
     }
-    let mut project = ComposeProject::new(workspace, &format!("strata-chaos-{}", config.subnet));
+    let mut project = ComposeProject::new(workspace, &format!("strata-chaos-{}", config.subnet), COMPOSE_GRPC_PORT_BASE, COMPOSE_HTTP_PORT_BASE);
     let _ = project.compose(&["down", "-v", "--timeout", "1"]);
     let up = project.compose(&["up", "-d"]);
     assert!(up.status.success(), "docker-compose up: {}", String::from_utf8_lossy(&up.stderr));
-    leader_within(Duration::from_secs(60)).await.expect("the compose cluster elects a leader");
+    leader_among(&project.nodes(), Duration::from_secs(60)).await.expect("the compose cluster elects a leader");
     eprintln!("chaos: compose project {} up", project.name);
 
-    let addrs = Arc::new((1..=3).map(ComposeProject::addr).collect::<Vec<_>>());
+    let addrs = Arc::new(project.nodes().into_iter().map(|(_, addr)| addr).collect::<Vec<_>>());
     let (recorder, started, until, tasks) = start_workload(addrs, config);
     let mut rng = Rng::new(config.seed, 8_888);
     let mut faults: Vec<FaultRecord> = Vec::new();
     tokio::time::sleep(Duration::from_secs(3)).await;
     while Instant::now() + Duration::from_secs(3) < until {
-        let leader = leader_within(Duration::from_secs(10)).await.unwrap_or(1);
+        let leader = leader_among(&project.nodes(), Duration::from_secs(10)).await.unwrap_or(1);
         let follower = (1..=3).filter(|n| *n != leader).nth(rng.below(2) as usize).expect("two followers");
         let (action, undo, hold) = match rng.below(3) {
             0 => ("kill", "start", rng.millis(1_000, 4_000)),
@@ -160,22 +157,12 @@ pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
     write_lines(&dir.join("faults.jsonl"), &faults);
 
     // Drain: every node answers and has applied as much as the most advanced one.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let mut applied = Vec::new();
-        for node in 1..=3 {
-            applied.push(status(node).await.map(|s| s.applied_index));
-        }
-        let target = applied.iter().flatten().max().copied().unwrap_or(0);
-        if applied.iter().all(|a| *a == Some(target)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the compose nodes did not converge: {applied:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Err(applied) = converged_within(&project.nodes(), Duration::from_secs(90)).await {
+        panic!("the compose nodes did not converge: {applied:?}");
     }
     let mut finals = BTreeMap::new();
-    for node in 1..=3 {
-        finals.insert(node, read_all_local(node).await);
+    for (node, addr) in project.nodes() {
+        finals.insert(node, read_all_local(&addr).await);
     }
     let outcome = finish("compose", config.seed, &ops, &finals, &faults, Vec::new(), dir);
     project.keep = outcome.report.anomalies() > 0 || config.keep;

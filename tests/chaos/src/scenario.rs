@@ -103,7 +103,7 @@ impl Outcome {
 }
 
 /// How long one fault of `kind` is held.
-pub fn hold(kind: FaultKind, rng: &mut Rng) -> Duration {
+fn hold(kind: FaultKind, rng: &mut Rng) -> Duration {
     match kind {
         KillLeader | KillFollower => rng.millis(1_000, 4_000),
         // Beyond the election timeout (at most 1.5 s), so a paused leader is deposed.

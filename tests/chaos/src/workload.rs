@@ -88,10 +88,14 @@ impl Recorder {
 /// their addresses across restarts.
 pub type Addrs = Arc<Vec<String>>;
 
-async fn connect(addr: &str) -> Option<StreamsClient<Channel>> {
+/// A channel to a node, or `None` when it does not accept one within 300 ms.
+async fn channel(addr: &str) -> Option<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
-    Some(StreamsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()
+}
+
+async fn connect(addr: &str) -> Option<StreamsClient<Channel>> {
+    Some(StreamsClient::new(channel(addr).await?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 pub fn append_request(stream: &str, expected: Expected, ids: &[String]) -> AppendRequest {
@@ -237,8 +241,7 @@ pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscripti
     let mut epoch = 0u32;
     while Instant::now() < until {
         let node = rng.below(addrs.len() as u64);
-        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[node as usize])) else { return };
-        let Ok(channel) = endpoint.connect_timeout(Duration::from_millis(300)).connect().await else {
+        let Some(channel) = channel(&addrs[node as usize]).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
