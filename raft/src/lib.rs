@@ -24,7 +24,7 @@ pub use resync::{snapshot_applied_state_ahead_of_log, ResyncGate};
 pub use state_machine::{AppliedWatch, SnapshotFile, StateMachine};
 pub use transport_service::RaftTransportService;
 
-use strata_storage::{AppendOutcome, Command};
+use strata_storage::{AppendOutcome, Command, ControlOutcome};
 
 openraft::declare_raft_types!(
     /// Strata's openraft types: commands are append batches, nodes are gRPC addresses.
@@ -51,8 +51,10 @@ pub type Snapshot = openraft::Snapshot<
 >;
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 
-/// The result of applying one entry: one outcome per append, in the entry's order.
+/// The result of applying one entry: one outcome per append, in the entry's order, or the
+/// outcome of its control command.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommandResponse {
     pub outcomes: Vec<AppendOutcome>,
+    pub control: Option<ControlOutcome>,
 }

@@ -23,6 +23,8 @@ use crate::codec::{decode, encode};
 use crate::{CommandResponse, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 const META_CURRENT_SNAPSHOT: &str = "current_snapshot";
+/// Snapshots being built are named so; one left by a crash is removed at start-up.
+const BUILDING_PREFIX: &str = "building-";
 
 /// Most entries applied in one storage batch.
 pub const APPLY_GROUP_ENTRIES_MAX: usize = 256;
@@ -34,6 +36,9 @@ fn entry_bytes(entry: &crate::Entry) -> usize {
     match &entry.payload {
         EntryPayload::Normal(strata_storage::Command::Appends(appends)) => {
             appends.iter().map(|a| a.payload_bytes() + 64 * a.events.len()).sum()
+        }
+        EntryPayload::Normal(strata_storage::Command::Control(strata_storage::ControlCommand::SaveSnapshot(snapshot))) => {
+            snapshot.state.len() + 64
         }
         _ => 64,
     }
@@ -89,9 +94,9 @@ impl StateMachine {
         // before the sled write (two synchronous write-backs) instead of after it. Reads
         // still see the entries only once they are written: the applied watch, which
         // session and linearizable reads wait on, moves after `commit_staged`.
-        for ((_, responder), outcomes) in group.into_iter().zip(outcomes) {
+        for ((_, responder), outcome) in group.into_iter().zip(outcomes) {
             if let Some(responder) = responder {
-                responder.send(CommandResponse { outcomes });
+                responder.send(CommandResponse { outcomes: outcome.appends, control: outcome.control });
             }
         }
         self.state.commit_staged(staged)?;
@@ -102,6 +107,12 @@ impl StateMachine {
 
     pub fn new(state: Arc<EventState>, raft_meta: RaftLogStore, snapshot_dir: &Path) -> Result<Self, io::Error> {
         std::fs::create_dir_all(snapshot_dir)?;
+        for entry in std::fs::read_dir(snapshot_dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(BUILDING_PREFIX) {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
         let machine = Self {
             state,
             raft_meta,
@@ -165,11 +176,12 @@ fn snapshot_file_name(last_applied: &Option<LogId>) -> String {
     }
 }
 
-/// Writes the snapshot fixed by [`StateMachine::try_create_snapshot_builder`].
+/// Writes the snapshot fixed by [`StateMachine::try_create_snapshot_builder`]: its header
+/// and control state are already in the file, the events follow.
 pub struct SnapshotBuilder {
     machine: StateMachine,
     meta: SnapshotMeta,
-    cutoff_position: u64,
+    begun: Result<strata_storage::SnapshotInProgress, String>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -179,11 +191,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let file_name = snapshot_file_name(&self.meta.last_log_id);
         let path = self.machine.snapshot_dir.join(&file_name);
         let machine = self.machine.clone();
-        let cutoff = self.cutoff_position;
-        let export_path = path.clone();
-        let summary = tokio::task::spawn_blocking(move || machine.state.export_snapshot(&export_path, cutoff))
+        let begun = self.begun.clone().map_err(io::Error::other)?;
+        let building = begun.path().to_path_buf();
+        let summary = tokio::task::spawn_blocking(move || machine.state.finish_snapshot(begun))
             .await
             .map_err(io::Error::other)??;
+        // Built under its own name, so a current snapshot of the same index that is being
+        // sent to a follower is never truncated under it.
+        std::fs::rename(&building, &path)?;
         self.machine.set_current_snapshot(&self.meta, &file_name)?;
         tracing::info!(
             log_index = self.meta.last_log_id.as_ref().map_or(0, |id| id.index()),
@@ -236,14 +251,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Runs on the state-machine task: no entry is being applied, so the applied log id
-        // and the cutoff position describe the same state.
+        // Runs on the state-machine task: no entry is being applied, so the applied log id,
+        // the cutoff position and the control state written here describe the same state.
+        // Writing the control state blocks applies for as long as that takes (groups and
+        // aggregate snapshots are bounded); the events, the bulk, are written later.
         let applied = self.read_applied().expect("applied metadata is readable");
-        SnapshotBuilder {
-            machine: self.clone(),
-            meta: SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.last_membership },
-            cutoff_position: self.state.next_position(),
-        }
+        let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.last_membership };
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let path = self.snapshot_dir.join(format!("{BUILDING_PREFIX}{nanos}.bin"));
+        let begun = self.state.begin_snapshot(&path, self.state.next_position()).map_err(|e| e.to_string());
+        SnapshotBuilder { machine: self.clone(), meta, begun }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub enum Command {
     /// Appends batched by the leader's group commit: applied in order, each decided alone.
     Appends(Vec<AppendCommand>),
+    /// One change to the replicated control state (snapshots, groups); its own entry.
+    Control(crate::control::ControlCommand),
 }
 
 /// The expected version of an append (SPEC §3 item 3).
@@ -112,6 +114,14 @@ fn display_head(head: Option<u64>) -> String {
 
 pub type AppendOutcome = Result<AppendSuccess, AppendFailure>;
 
+/// What applying one Raft entry decided: one outcome per append of an `Appends` entry, or
+/// the outcome of a `Control` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryOutcome {
+    pub appends: Vec<AppendOutcome>,
+    pub control: Option<crate::control::ControlOutcome>,
+}
+
 /// An applied event as stored under its position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredEvent {
@@ -141,7 +151,7 @@ impl StoredEvent {
 
 /// Byte vectors as one length-prefixed blob (bincode writes `Vec<u8>` element by element
 /// otherwise, which is several times slower to encode and decode).
-mod serde_bytes_compat {
+pub(crate) mod serde_bytes_compat {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
@@ -181,6 +191,7 @@ impl std::fmt::Display for Command {
                 let events: usize = appends.iter().map(|a| a.events.len()).sum();
                 write!(f, "appends(count={}, events={events})", appends.len())
             }
+            Command::Control(control) => write!(f, "control({})", control.label()),
         }
     }
 }

@@ -10,13 +10,15 @@
 //!   index; stream heads) and the
 //!   deterministic apply of append commands, which decides optimistic concurrency and
 //!   idempotency. Every node applies the same commands in the same order and gets the
-//!   same state.
+//!   same state. Beside the events, the control state (`control`): aggregate snapshots and
+//!   persistent subscription groups, changed by control commands in the same log.
 //!
 //! Every stored value is a [`record`]: a CRC32C over key and payload, verified on every
 //! read; a mismatch is [`StorageError::Corrupt`], never a silently wrong answer.
 
 mod chunk;
 mod command;
+mod control;
 mod error;
 mod id_filter;
 mod keys;
@@ -27,12 +29,16 @@ mod state;
 mod wal;
 
 pub use command::{
-    AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, ExpectedVersion, NewEvent,
+    AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, ExpectedVersion, NewEvent,
     StoredEvent,
+};
+pub use control::{
+    AggregateSnapshot, ControlCommand, ControlFailure, ControlOutcome, ControlSuccess, GroupRecord, GroupStart, GROUPS_MAX,
+    SNAPSHOTS_PER_STREAM_MAX,
 };
 pub use error::StorageError;
 pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
-pub use snapshot::{verify_snapshot, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
+pub use snapshot::{verify_snapshot, SnapshotInProgress, SnapshotItem, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
 pub use state::{EventState, ReadAllOptions, StagedApply, StreamHead};
 pub use id_filter::ID_FILTER_BYTES;
 pub use wal::{Salvage, LOSE_UNSYNCED_TAIL_FAILPOINT, WAL_RECORD_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};

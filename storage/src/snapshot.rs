@@ -1,12 +1,17 @@
-//! Snapshot files: the applied events below a cutoff position, streamed to and from disk.
+//! Snapshot files: the control state and the applied events below a cutoff position,
+//! streamed to and from disk.
 //!
-//! Layout: `MAGIC`, format version (u32 LE), cutoff (u64 LE), then one frame per event
-//! `[len u32 LE][crc32c u32 LE][bincode StoredEvent]`, then the end frame
+//! Layout: `MAGIC`, format version (u32 LE), cutoff (u64 LE); one frame per control record
+//! (aggregate snapshots, groups: `[len u32 LE][crc32c u32 LE][key len u32 LE][key][sealed
+//! value]`), the control end frame `[CONTROL_END u32 LE][record count u64 LE]`; one frame
+//! per event `[len u32 LE][crc32c u32 LE][bincode StoredEvent]`, then the end frame
 //! `[END_MARKER u32 LE][event count u64 LE]`. Indexes and heads are not stored: they are
 //! rebuilt from the events on install, so a snapshot cannot disagree with itself.
 //!
-//! Events are immutable below the applied position, so a snapshot can be written while
-//! the node keeps applying: the cutoff fixes what it contains.
+//! Events are immutable below the applied position, so they can be written while the node
+//! keeps applying: the cutoff fixes what the snapshot contains. The control state changes
+//! in place, so it is written first, by [`EventState::begin_snapshot`] while nothing is
+//! applied (on the state machine's task), and the events follow later.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -17,8 +22,9 @@ use crate::state::EventState;
 use crate::StorageError;
 
 const MAGIC: &[u8; 8] = b"STRATASN";
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 const END_MARKER: u32 = u32::MAX;
+const CONTROL_END: u32 = u32::MAX - 1;
 /// Largest event frame accepted when reading a snapshot: an event is at most 16 MiB of
 /// data plus 64 KiB of metadata (SPEC §8), plus its names.
 const FRAME_BYTES_MAX: u32 = 17 * 1024 * 1024;
@@ -31,17 +37,71 @@ pub struct SnapshotSummary {
     pub bytes: u64,
 }
 
+/// One record of a snapshot, in file order: the control records, then the events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotItem {
+    Control { key: Vec<u8>, value: Vec<u8> },
+    Event(StoredEvent),
+}
+
+/// A snapshot whose header and control state are written; its events follow.
+#[derive(Debug, Clone)]
+pub struct SnapshotInProgress {
+    path: std::path::PathBuf,
+    cutoff: u64,
+    bytes: u64,
+}
+
+impl SnapshotInProgress {
+    /// Where the snapshot is being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl EventState {
-    /// Writes every event below `cutoff` to `path` (fsynced) and returns what it holds.
+    /// Writes every control record and every event below `cutoff` to `path` (fsynced).
+    /// Nothing may be applied while it runs (see [`EventState::begin_snapshot`]).
     pub fn export_snapshot(&self, path: &Path, cutoff: u64) -> Result<SnapshotSummary, StorageError> {
+        let begun = self.begin_snapshot(path, cutoff)?;
+        self.finish_snapshot(begun)
+    }
+
+    /// Writes the header and the control state. Must run while no entry is being applied,
+    /// so that the control state is the one at `cutoff`.
+    pub fn begin_snapshot(&self, path: &Path, cutoff: u64) -> Result<SnapshotInProgress, StorageError> {
         assert!(cutoff <= self.next_position(), "cannot snapshot events that are not applied");
         let file = File::create(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(MAGIC)?;
         out.write_all(&SNAPSHOT_FORMAT_VERSION.to_le_bytes())?;
         out.write_all(&cutoff.to_le_bytes())?;
-        let mut events = 0u64;
         let mut bytes = 20u64;
+        let mut records = 0u64;
+        for record in self.control_records() {
+            let (key, value) = record?;
+            let mut payload = Vec::with_capacity(4 + key.len() + value.len());
+            payload.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&key);
+            payload.extend_from_slice(&value);
+            out.write_all(&(payload.len() as u32).to_le_bytes())?;
+            out.write_all(&crc32c::crc32c(&payload).to_le_bytes())?;
+            out.write_all(&payload)?;
+            records += 1;
+            bytes += 8 + payload.len() as u64;
+        }
+        out.write_all(&CONTROL_END.to_le_bytes())?;
+        out.write_all(&records.to_le_bytes())?;
+        out.flush()?;
+        Ok(SnapshotInProgress { path: path.to_path_buf(), cutoff, bytes: bytes + 12 })
+    }
+
+    /// Appends the events below the cutoff and the end frame, and fsyncs the file.
+    pub fn finish_snapshot(&self, begun: SnapshotInProgress) -> Result<SnapshotSummary, StorageError> {
+        let SnapshotInProgress { path, cutoff, mut bytes } = begun;
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut events = 0u64;
         for event in self.events_below(cutoff) {
             let event = event?;
             assert_eq!(event.position, events, "snapshot positions are gapless");
@@ -64,8 +124,8 @@ impl EventState {
     pub fn install_snapshot(&self, path: &Path, applied_meta: &[u8]) -> Result<SnapshotSummary, StorageError> {
         let summary = verify_snapshot(path)?;
         let mut reader = SnapshotReader::open(path)?;
-        let events = std::iter::from_fn(move || reader.next_event().transpose());
-        let next = self.replace_all(events, applied_meta)?;
+        let items = std::iter::from_fn(move || reader.next_item().transpose());
+        let next = self.replace_all(items, applied_meta)?;
         assert_eq!(next, summary.cutoff_position, "installed state ends at the snapshot cutoff");
         Ok(summary)
     }
@@ -76,7 +136,8 @@ impl EventState {
 pub fn verify_snapshot(path: &Path) -> Result<SnapshotSummary, StorageError> {
     let mut reader = SnapshotReader::open(path)?;
     let mut events = 0u64;
-    while let Some(event) = reader.next_event()? {
+    while let Some(item) = reader.next_item()? {
+        let SnapshotItem::Event(event) = item else { continue };
         if event.position != events {
             return Err(reader.bad("positions are not gapless"));
         }
@@ -92,6 +153,8 @@ struct SnapshotReader {
     input: BufReader<File>,
     cutoff: u64,
     seen: u64,
+    /// Control records read; None once the control end frame was read.
+    control_seen: Option<u64>,
     finished: bool,
     path: String,
 }
@@ -99,7 +162,7 @@ struct SnapshotReader {
 impl SnapshotReader {
     fn open(path: &Path) -> Result<Self, StorageError> {
         let mut input = BufReader::with_capacity(1 << 20, File::open(path)?);
-        let mut reader = Self { input: BufReader::new(File::open(path)?), cutoff: 0, seen: 0, finished: false, path: path.display().to_string() };
+        let mut reader = Self { input: BufReader::new(File::open(path)?), cutoff: 0, seen: 0, control_seen: Some(0), finished: false, path: path.display().to_string() };
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
         if &magic != MAGIC {
@@ -118,6 +181,43 @@ impl SnapshotReader {
         StorageError::BadSnapshot { reason: reason.to_string(), path: self.path.clone() }
     }
 
+    fn next_item(&mut self) -> Result<Option<SnapshotItem>, StorageError> {
+        if let Some(control_seen) = self.control_seen {
+            let len = read_u32(&mut self.input)?;
+            if len == CONTROL_END {
+                if read_u64(&mut self.input)? != control_seen {
+                    return Err(self.bad("control end frame count does not match the frames"));
+                }
+                self.control_seen = None;
+            } else {
+                let payload = self.frame(len)?;
+                let key_len = payload.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+                let Some(key_len) = key_len.filter(|k| 4 + k <= payload.len()) else {
+                    return Err(self.bad("control frame does not decode"));
+                };
+                self.control_seen = Some(control_seen + 1);
+                let key = payload[4..4 + key_len].to_vec();
+                let value = payload[4 + key_len..].to_vec();
+                return Ok(Some(SnapshotItem::Control { key, value }));
+            }
+        }
+        Ok(self.next_event()?.map(SnapshotItem::Event))
+    }
+
+    /// One checksummed frame's payload of `len` bytes.
+    fn frame(&mut self, len: u32) -> Result<Vec<u8>, StorageError> {
+        if len > FRAME_BYTES_MAX {
+            return Err(self.bad("frame larger than any record"));
+        }
+        let crc = read_u32(&mut self.input)?;
+        let mut payload = vec![0u8; len as usize];
+        self.input.read_exact(&mut payload)?;
+        if crc32c::crc32c(&payload) != crc {
+            return Err(self.bad("frame checksum mismatch"));
+        }
+        Ok(payload)
+    }
+
     fn next_event(&mut self) -> Result<Option<StoredEvent>, StorageError> {
         if self.finished {
             return Ok(None);
@@ -131,15 +231,7 @@ impl SnapshotReader {
             self.finished = true;
             return Ok(None);
         }
-        if len > FRAME_BYTES_MAX {
-            return Err(self.bad("frame larger than any event"));
-        }
-        let crc = read_u32(&mut self.input)?;
-        let mut payload = vec![0u8; len as usize];
-        self.input.read_exact(&mut payload)?;
-        if crc32c::crc32c(&payload) != crc {
-            return Err(self.bad("frame checksum mismatch"));
-        }
+        let payload = self.frame(len)?;
         let event: StoredEvent = bincode::deserialize(&payload).map_err(|_| self.bad("frame does not decode"))?;
         self.seen += 1;
         Ok(Some(event))
@@ -190,6 +282,32 @@ mod tests {
         target.install_snapshot(&file, b"after").unwrap();
         assert_eq!(target.next_position(), 15);
         assert_eq!(target.read_stream("s-0", 0, false, 100).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn control_state_travels_in_the_snapshot() {
+        use crate::control::{AggregateSnapshot, ControlCommand, GroupStart};
+        let source_dir = tempfile::tempdir().unwrap();
+        let source = filled_state(source_dir.path(), 6);
+        let snapshot = AggregateSnapshot { stream: "s-0".into(), version: 1, content_type: "application/json".into(), state: b"{}".to_vec(), created_unix_ms: 3 };
+        source.apply_control(ControlCommand::SaveSnapshot(snapshot.clone()), b"m").unwrap().unwrap();
+        let create = ControlCommand::CreateGroup { name: "g".into(), source_stream: None, settings: vec![1, 2], start: GroupStart::End, created_unix_ms: 4 };
+        source.apply_control(create, b"m").unwrap().unwrap();
+        let file = source_dir.path().join("snap");
+        let begun = source.begin_snapshot(&file, 6).unwrap();
+        // Changed after the control state was captured: not in the snapshot.
+        source.apply_control(ControlCommand::DeleteGroup { name: "g".into() }, b"m").unwrap().unwrap();
+        source.finish_snapshot(begun).unwrap();
+        let target_dir = tempfile::tempdir().unwrap();
+        let target = filled_state(target_dir.path(), 1);
+        target.install_snapshot(&file, b"after").unwrap();
+        assert_eq!(target.snapshots("s-0").unwrap(), vec![snapshot]);
+        let group = target.group("g").unwrap().unwrap();
+        assert_eq!((group.checkpoint, group.settings), (6, vec![1, 2]));
+        // The group id counter came along: a new group gets a fresh id.
+        let again = ControlCommand::CreateGroup { name: "h".into(), source_stream: None, settings: vec![], start: GroupStart::Start, created_unix_ms: 5 };
+        let crate::control::ControlSuccess::Group(h) = target.apply_control(again, b"m").unwrap().unwrap() else { panic!() };
+        assert!(h.group_id > group.group_id);
     }
 
     #[test]

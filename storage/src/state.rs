@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::EventChunk;
 use crate::id_filter::IdFilter;
-use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, NewEvent, StoredEvent};
+use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, NewEvent, StoredEvent};
+use crate::control::{self, AggregateSnapshot, ControlStore, GroupRecord};
+use crate::snapshot::SnapshotItem;
 use crate::keys;
 use crate::record;
 use crate::StorageError;
@@ -124,17 +126,24 @@ impl EventState {
     /// Applies one Raft entry: its command (None for blank and membership entries) and the
     /// raft layer's new applied metadata, atomically. Returns one outcome per append.
     pub fn apply(&self, command: Option<&Command>, applied_meta: &[u8]) -> Result<Vec<AppendOutcome>, StorageError> {
-        Ok(self.apply_entries(&[command], applied_meta)?.pop().expect("one entry in, one out"))
+        Ok(self.apply_entries(&[command], applied_meta)?.pop().expect("one entry in, one out").appends)
+    }
+
+    /// Applies one control command as its own entry (tests and tools).
+    pub fn apply_control(&self, command: control::ControlCommand, applied_meta: &[u8]) -> Result<control::ControlOutcome, StorageError> {
+        let command = Command::Control(command);
+        let mut out = self.apply_entries(&[Some(&command)], applied_meta)?;
+        Ok(out.pop().and_then(|entry| entry.control).expect("a control entry has a control outcome"))
     }
 
     /// Applies consecutive Raft entries (their commands, None for blank and membership
     /// entries) and the raft layer's applied metadata after the last, in one atomic sled
-    /// batch. Returns, per entry, one outcome per append.
+    /// batch. Returns, per entry, what it decided.
     ///
     /// One batch for many entries because every sled batch costs two synchronous log
     /// write-backs (sled rolls its io buffer around it): under load, committed entries
     /// arrive together and share them.
-    pub fn apply_entries(&self, commands: &[Option<&Command>], applied_meta: &[u8]) -> Result<Vec<Vec<AppendOutcome>>, StorageError> {
+    pub fn apply_entries(&self, commands: &[Option<&Command>], applied_meta: &[u8]) -> Result<Vec<EntryOutcome>, StorageError> {
         let (outcomes, staged) = self.stage_entries(commands, applied_meta)?;
         self.commit_staged(staged)?;
         Ok(outcomes)
@@ -149,19 +158,23 @@ impl EventState {
         &self,
         commands: &[Option<&Command>],
         applied_meta: &[u8],
-    ) -> Result<(Vec<Vec<AppendOutcome>>, StagedApply), StorageError> {
+    ) -> Result<(Vec<EntryOutcome>, StagedApply), StorageError> {
         let tree = self.tree();
         let mut writer = BatchWriter::new(&tree, self.next_position(), &self.ids);
         let mut per_entry = Vec::with_capacity(commands.len());
         for command in commands {
-            let mut outcomes = Vec::new();
-            if let Some(Command::Appends(appends)) = command {
-                outcomes.reserve(appends.len());
-                for append in appends {
-                    outcomes.push(writer.apply_append(append)?);
+            let mut outcome = EntryOutcome::default();
+            match command {
+                Some(Command::Appends(appends)) => {
+                    outcome.appends.reserve(appends.len());
+                    for append in appends {
+                        outcome.appends.push(writer.apply_append(append)?);
+                    }
                 }
+                Some(Command::Control(command)) => outcome.control = Some(control::apply_control(&mut writer, command)?),
+                None => {}
             }
-            per_entry.push(outcomes);
+            per_entry.push(outcome);
         }
         let next_position = writer.next_position;
         let mut batch = writer.finish()?;
@@ -317,6 +330,34 @@ impl EventState {
         Ok((out, next))
     }
 
+    /// A persistent subscription group, if it exists.
+    pub fn group(&self, name: &str) -> Result<Option<GroupRecord>, StorageError> {
+        control::read_group(&self.tree(), name)
+    }
+
+    /// Every persistent subscription group, by name.
+    pub fn groups(&self) -> Result<Vec<GroupRecord>, StorageError> {
+        control::list_groups(&self.tree())
+    }
+
+    /// A stream's aggregate snapshots, lowest version first.
+    pub fn snapshots(&self, stream: &str) -> Result<Vec<AggregateSnapshot>, StorageError> {
+        control::list_snapshots(&self.tree(), stream)
+    }
+
+    /// The stream's snapshot with the highest version ≤ `max_version` (None: any).
+    pub fn latest_snapshot(&self, stream: &str, max_version: Option<u64>) -> Result<Option<AggregateSnapshot>, StorageError> {
+        control::latest_snapshot(&self.tree(), stream, max_version)
+    }
+
+    /// Every control record (key, sealed value), for a Raft snapshot.
+    pub(crate) fn control_records(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageError>> {
+        let tree = self.tree();
+        control::CONTROL_PREFIXES.into_iter().flat_map(move |prefix| {
+            tree.scan_prefix([prefix]).map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StorageError::from))
+        })
+    }
+
     /// Stream names starting with `prefix`, after `after` (exclusive), at most `limit`.
     pub fn list_streams(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<(String, StreamHead)>, StorageError> {
         let tree = self.tree();
@@ -349,7 +390,7 @@ impl EventState {
     /// state is built in a fresh tree and swapped in by one durable pointer write.
     pub fn replace_all(
         &self,
-        events: impl Iterator<Item = Result<StoredEvent, StorageError>>,
+        items: impl Iterator<Item = Result<SnapshotItem, StorageError>>,
         applied_meta: &[u8],
     ) -> Result<u64, StorageError> {
         let current = self.db.get(ACTIVE_STATE_TREE)?.map(|n| n.to_vec()).unwrap_or_default();
@@ -363,8 +404,18 @@ impl EventState {
         // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
         let mut writer = BatchWriter::new(&fresh, 0, &self.ids);
         let mut chunk: Option<EventChunk> = None;
-        for event in events {
-            let event = event?;
+        for item in items {
+            let event = match item? {
+                SnapshotItem::Event(event) => event,
+                SnapshotItem::Control { key, value } => {
+                    if !control::is_control_key(&key) {
+                        return Err(StorageError::Corrupt { what: "snapshot control record key", key: record::printable_key(&key) });
+                    }
+                    record::open("snapshot control record", &key, &value)?;
+                    writer.batch.insert(key, value);
+                    continue;
+                }
+            };
             match chunk.as_mut() {
                 Some(open) if open.continues_with(&event) => open.push(event),
                 _ => {
@@ -434,6 +485,10 @@ struct BatchWriter<'t> {
     new_ids: HashMap<[u8; 16], u64>,
     /// Chunks staged in this batch, by first position.
     new_chunks: BTreeMap<u64, EventChunk>,
+    /// Control records staged in this batch (None: removed).
+    control: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The next group id, once read or changed in this batch.
+    next_group_id: Option<u64>,
 }
 
 impl<'t> BatchWriter<'t> {
@@ -448,6 +503,8 @@ impl<'t> BatchWriter<'t> {
             dirty_heads: HashSet::new(),
             new_ids: HashMap::new(),
             new_chunks: BTreeMap::new(),
+            control: BTreeMap::new(),
+            next_group_id: None,
         }
     }
 
@@ -647,7 +704,68 @@ impl<'t> BatchWriter<'t> {
         }
         let key = keys::meta(META_NEXT_POSITION);
         self.batch.insert(key.clone(), record::seal(&key, &self.next_position.to_be_bytes()));
+        if let Some(next) = self.next_group_id {
+            let key = control::next_group_id_key();
+            self.batch.insert(key.clone(), record::seal(&key, &next.to_be_bytes()));
+        }
         Ok(self.batch)
+    }
+}
+
+impl ControlStore for BatchWriter<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(staged) = self.control.get(key) {
+            return Ok(staged.clone());
+        }
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (key, value) = item?;
+            found.insert(key.to_vec(), value.to_vec());
+        }
+        for (key, staged) in self.control.range(prefix.to_vec()..).take_while(|(key, _)| key.starts_with(prefix)) {
+            match staged {
+                Some(value) => found.insert(key.clone(), value.clone()),
+                None => found.remove(key),
+            };
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key.clone(), value.clone());
+        self.control.insert(key, Some(value));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.batch.remove(key.clone());
+        self.control.insert(key, None);
+    }
+
+    fn stream_head(&mut self, stream: &str) -> Result<Option<u64>, StorageError> {
+        Ok(self.head(stream)?.map(|head| head.last_version))
+    }
+
+    fn next_position(&self) -> u64 {
+        self.next_position
+    }
+
+    fn next_group_id(&mut self) -> Result<u64, StorageError> {
+        let id = match self.next_group_id {
+            Some(id) => id,
+            None => {
+                let key = control::next_group_id_key();
+                match self.tree.get(&key)? {
+                    Some(value) => decode_position("next group id", &key, &value)?,
+                    None => 1,
+                }
+            }
+        };
+        self.next_group_id = Some(id + 1);
+        Ok(id)
     }
 }
 
@@ -868,10 +986,10 @@ mod tests {
         let two = Command::Appends(vec![append("a", ExpectedVersion::Exact(0), &[2]), append("a", ExpectedVersion::NoStream, &[3])]);
         let out = state.apply_entries(&[Some(&one), None, Some(&two)], b"last").unwrap();
         assert_eq!(out.len(), 3);
-        assert_eq!(out[0][0].as_ref().unwrap().first_position, 0);
-        assert!(out[1].is_empty());
-        assert_eq!(out[2][0].as_ref().unwrap().first_version, 1);
-        assert!(matches!(&out[2][1], Err(AppendFailure::WrongExpectedVersion { actual: Some(1), .. })));
+        assert_eq!(out[0].appends[0].as_ref().unwrap().first_position, 0);
+        assert!(out[1].appends.is_empty());
+        assert_eq!(out[2].appends[0].as_ref().unwrap().first_version, 1);
+        assert!(matches!(&out[2].appends[1], Err(AppendFailure::WrongExpectedVersion { actual: Some(1), .. })));
         assert_eq!(state.next_position(), 2);
         assert_eq!(state.applied_meta().unwrap().unwrap(), b"last");
     }
@@ -881,7 +999,7 @@ mod tests {
         let (_dir, state) = state();
         let one = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
         let (outcomes, staged) = state.stage_entries(&[Some(&one)], b"staged").unwrap();
-        assert_eq!(outcomes[0][0].as_ref().unwrap().last_position, 1, "decided before the write");
+        assert_eq!(outcomes[0].appends[0].as_ref().unwrap().last_position, 1, "decided before the write");
         assert_eq!(state.next_position(), 0);
         assert!(state.stream_head("a").unwrap().is_none());
         assert!(state.applied_meta().unwrap().is_none());
@@ -900,7 +1018,7 @@ mod tests {
             let db = crate::open_database(dir.path()).unwrap();
             let target = EventState::open(&db).unwrap();
             apply(&target, vec![append("stale", ExpectedVersion::Any, &[42])]);
-            target.replace_all(source.events_below(3), b"snap").unwrap();
+            target.replace_all(source.events_below(3).map(|e| e.map(SnapshotItem::Event)), b"snap").unwrap();
             assert!(target.stream_head("stale").unwrap().is_none());
         }
         let db = crate::open_database(dir.path()).unwrap();
