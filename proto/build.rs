@@ -4,7 +4,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    let protos = ["strata/v1/streams.proto", "strata/v1/subscriptions.proto", "strata/v1/cluster.proto", "strata/v1/raft.proto"];
+    let protos = [
+        "strata/v1/streams.proto",
+        "strata/v1/subscriptions.proto",
+        "strata/v1/snapshots.proto",
+        "strata/v1/persistent.proto",
+        "strata/v1/cluster.proto",
+        "strata/v1/raft.proto",
+    ];
     tonic_prost_build::configure().compile_protos(&protos, &["."])?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

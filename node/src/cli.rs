@@ -190,6 +190,16 @@ pub struct SubscribeArgs {
     /// `start`, `end`, or a version (stream) / position ($all) to start at, inclusive.
     #[arg(long, default_value = "start")]
     pub from: String,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Also print the CaughtUp, Checkpoint and FellBehind markers (to stderr).
+    #[arg(long)]
+    pub markers: bool,
+}
+
+/// The event filter of subscriptions and persistent groups.
+#[derive(Args, Debug, Clone)]
+pub struct FilterArgs {
     /// Only these streams (repeatable; for `$all`).
     #[arg(long = "stream")]
     pub streams: Vec<String>,
@@ -204,9 +214,28 @@ pub struct SubscribeArgs {
     /// Only events whose data contains this JSON object.
     #[arg(long, default_value = "")]
     pub data_pattern: String,
-    /// Also print the CaughtUp, Checkpoint and FellBehind markers (to stderr).
-    #[arg(long)]
-    pub markers: bool,
+}
+
+impl FilterArgs {
+    pub fn to_proto(&self) -> strata_proto::v1::SubscriptionFilter {
+        strata_proto::v1::SubscriptionFilter {
+            streams: self.streams.clone(),
+            stream_prefix: self.stream_prefix.clone(),
+            event_types: self.event_types.clone(),
+            metadata_pattern: self.metadata_pattern.clone(),
+            data_pattern: self.data_pattern.clone(),
+        }
+    }
+}
+
+/// `--from`: start | end | <n>.
+pub fn parse_from(value: &str) -> Result<(strata_proto::v1::SubscribeFrom, u64), CliError> {
+    use strata_proto::v1::SubscribeFrom;
+    match value {
+        "start" => Ok((SubscribeFrom::Start, 0)),
+        "end" => Ok((SubscribeFrom::End, 0)),
+        n => Ok((SubscribeFrom::Revision, n.parse().map_err(|_| CliError::Usage(format!("--from takes start, end or a number, not `{n}`")))?)),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -245,7 +274,7 @@ pub struct StreamInfoArgs {
     pub stream: String,
 }
 
-fn read_data_argument(value: &str) -> Result<Vec<u8>, CliError> {
+pub(crate) fn read_data_argument(value: &str) -> Result<Vec<u8>, CliError> {
     if value == "-" {
         let mut data = Vec::new();
         std::io::stdin().read_to_end(&mut data).map_err(|e| CliError::Usage(format!("cannot read stdin: {e}")))?;
@@ -257,7 +286,7 @@ fn read_data_argument(value: &str) -> Result<Vec<u8>, CliError> {
     Ok(value.as_bytes().to_vec())
 }
 
-fn content_type_for(data: &[u8], explicit: &Option<String>) -> String {
+pub(crate) fn content_type_for(data: &[u8], explicit: &Option<String>) -> String {
     match explicit {
         Some(content_type) => content_type.clone(),
         None if data.is_empty() || serde_json::from_slice::<serde_json::Value>(data).is_ok() => "application/json".into(),
@@ -359,7 +388,7 @@ pub fn event_json(event: &RecordedEvent) -> serde_json::Value {
     })
 }
 
-fn print_event(event: &RecordedEvent, as_json: bool) {
+pub(crate) fn print_event(event: &RecordedEvent, as_json: bool) {
     if as_json {
         println!("{}", event_json(event));
         return;
@@ -410,24 +439,9 @@ pub async fn read_all(options: &ClientOptions, args: ReadAllArgs) -> Result<(), 
 /// interrupted.
 pub async fn subscribe(options: &ClientOptions, args: SubscribeArgs) -> Result<(), CliError> {
     use strata_proto::v1::subscribe_response::Kind;
-    use strata_proto::v1::{SubscribeFrom, SubscribeRequest, SubscriptionFilter};
-    let (from, from_revision) = match args.from.as_str() {
-        "start" => (SubscribeFrom::Start, 0),
-        "end" => (SubscribeFrom::End, 0),
-        n => (SubscribeFrom::Revision, n.parse().map_err(|_| CliError::Usage(format!("--from takes start, end or a number, not `{n}`")))?),
-    };
-    let request = SubscribeRequest {
-        stream: args.stream,
-        from: from as i32,
-        from_revision,
-        filter: Some(SubscriptionFilter {
-            streams: args.streams,
-            stream_prefix: args.stream_prefix,
-            event_types: args.event_types,
-            metadata_pattern: args.metadata_pattern,
-            data_pattern: args.data_pattern,
-        }),
-    };
+    use strata_proto::v1::SubscribeRequest;
+    let (from, from_revision) = parse_from(&args.from)?;
+    let request = SubscribeRequest { stream: args.stream, from: from as i32, from_revision, filter: Some(args.filter.to_proto()) };
     let channel = connect(&options.endpoints).await?;
     let mut client = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel).max_decoding_message_size(CLIENT_DECODE_BYTES_MAX);
     let mut stream = client.subscribe(request).await?.into_inner();

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::limits::{CLUSTER_SECRET_BYTES_MIN, EVENT_BYTES_MAX_CEILING, EVENT_BYTES_MAX_DEFAULT};
+use crate::limits::{
+    CLUSTER_SECRET_BYTES_MIN, EVENT_BYTES_MAX_CEILING, EVENT_BYTES_MAX_DEFAULT, SNAPSHOT_STATE_BYTES_MAX_CEILING, SNAPSHOT_STATE_BYTES_MAX_DEFAULT,
+};
 
 /// `strata serve` settings.
 #[derive(Args, Debug, Clone)]
@@ -68,6 +70,9 @@ pub struct NodeConfig {
     /// Largest event accepted (data + metadata + type), in bytes; at most 16 MiB.
     #[arg(long, env = "STRATA_MAX_EVENT_BYTES", default_value_t = EVENT_BYTES_MAX_DEFAULT)]
     pub max_event_bytes: usize,
+    /// Largest aggregate snapshot state accepted, in bytes; at most 16 MiB.
+    #[arg(long, env = "STRATA_MAX_SNAPSHOT_BYTES", default_value_t = SNAPSHOT_STATE_BYTES_MAX_DEFAULT)]
+    pub max_snapshot_bytes: usize,
     /// Local address this node's connections to other nodes start from (default: chosen
     /// by the kernel). `strata dev` gives each node its own loopback address, so that
     /// `strata cluster chaos partition` can cut one node's traffic off.
@@ -229,6 +234,12 @@ impl NodeConfig {
             return Err(ConfigError::Invalid {
                 flag: "--max-event-bytes",
                 reason: format!("must be 1..={EVENT_BYTES_MAX_CEILING}, got {}", self.max_event_bytes),
+            });
+        }
+        if self.max_snapshot_bytes == 0 || self.max_snapshot_bytes > SNAPSHOT_STATE_BYTES_MAX_CEILING {
+            return Err(ConfigError::Invalid {
+                flag: "--max-snapshot-bytes",
+                reason: format!("must be 1..={SNAPSHOT_STATE_BYTES_MAX_CEILING}, got {}", self.max_snapshot_bytes),
             });
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {

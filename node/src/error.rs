@@ -38,6 +38,19 @@ pub enum ApiError {
     /// The node id is not a member.
     #[error("node not found: node_id=`{node_id}`")]
     NodeNotFound { node_id: u64 },
+    /// Saving a snapshot at a version its stream does not have (yet).
+    #[error("snapshot is ahead of its stream: stream=`{stream}` version=`{version}` head=`{}`", head.map_or("no_stream".to_string(), |v| v.to_string()))]
+    SnapshotAheadOfStream { stream: String, version: u64, head: Option<u64> },
+    #[error("snapshot not found: stream=`{stream}`")]
+    SnapshotNotFound { stream: String },
+    #[error("group not found: group=`{group}`")]
+    GroupNotFound { group: String },
+    #[error("group already exists: group=`{group}`")]
+    GroupExists { group: String },
+    /// A count limit is reached (groups, consumers of a group): definite, retry after
+    /// something was removed.
+    #[error("limit reached: {what}, limit {limit_name}={limit_value}")]
+    LimitReached { what: String, limit_name: &'static str, limit_value: u64 },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }
@@ -56,6 +69,10 @@ impl ApiError {
             ApiError::Indeterminate { deadline: false, .. } => Code::Unavailable,
             ApiError::MembershipRefused { .. } => Code::FailedPrecondition,
             ApiError::NodeNotFound { .. } => Code::NotFound,
+            ApiError::SnapshotAheadOfStream { .. } => Code::FailedPrecondition,
+            ApiError::SnapshotNotFound { .. } | ApiError::GroupNotFound { .. } => Code::NotFound,
+            ApiError::GroupExists { .. } => Code::AlreadyExists,
+            ApiError::LimitReached { .. } => Code::ResourceExhausted,
             ApiError::Internal { .. } => Code::Internal,
         }
     }
@@ -73,6 +90,11 @@ impl ApiError {
             ApiError::Indeterminate { .. } => "indeterminate",
             ApiError::MembershipRefused { .. } => "membership_refused",
             ApiError::NodeNotFound { .. } => "node_not_found",
+            ApiError::SnapshotAheadOfStream { .. } => "snapshot_ahead_of_stream",
+            ApiError::SnapshotNotFound { .. } => "snapshot_not_found",
+            ApiError::GroupNotFound { .. } => "group_not_found",
+            ApiError::GroupExists { .. } => "group_exists",
+            ApiError::LimitReached { .. } => "limit_reached",
             ApiError::Internal { .. } => "internal",
         }
     }
@@ -104,6 +126,16 @@ impl ApiError {
                 detail.leader_addr = leader_addr.clone().unwrap_or_default();
             }
             ApiError::Indeterminate { .. } => detail.indeterminate = true,
+            ApiError::SnapshotAheadOfStream { stream, head, .. } => {
+                detail.stream = stream.clone();
+                detail.actual_version = *head;
+            }
+            ApiError::SnapshotNotFound { stream } => detail.stream = stream.clone(),
+            ApiError::GroupNotFound { group } | ApiError::GroupExists { group } => detail.group = group.clone(),
+            ApiError::LimitReached { limit_name, limit_value, .. } => {
+                detail.limit_name = limit_name.to_string();
+                detail.limit_value = *limit_value;
+            }
             ApiError::MembershipRefused { .. } | ApiError::NodeNotFound { .. } | ApiError::Internal { .. } => {}
         }
         detail
@@ -141,6 +173,23 @@ impl From<strata_storage::AppendFailure> for ApiError {
     }
 }
 
+impl From<strata_storage::ControlFailure> for ApiError {
+    fn from(failure: strata_storage::ControlFailure) -> Self {
+        use strata_storage::ControlFailure;
+        match failure {
+            ControlFailure::SnapshotAheadOfStream { stream, version, head } => ApiError::SnapshotAheadOfStream { stream, version, head },
+            ControlFailure::SnapshotNotFound { stream } => ApiError::SnapshotNotFound { stream },
+            ControlFailure::GroupExists { name } => ApiError::GroupExists { group: name },
+            ControlFailure::GroupNotFound { name } => ApiError::GroupNotFound { group: name },
+            ControlFailure::GroupsFull => ApiError::LimitReached {
+                what: "groups in the cluster".into(),
+                limit_name: "GROUPS_MAX",
+                limit_value: strata_storage::GROUPS_MAX as u64,
+            },
+        }
+    }
+}
+
 pub use strata_proto::detail_of;
 
 #[cfg(test)]
@@ -160,6 +209,11 @@ mod tests {
             ApiError::Indeterminate { reason: "lost".into(), deadline: false },
             ApiError::MembershipRefused { node_id: 4, reason: "not a learner".into() },
             ApiError::NodeNotFound { node_id: 9 },
+            ApiError::SnapshotAheadOfStream { stream: "s".into(), version: 4, head: Some(2) },
+            ApiError::SnapshotNotFound { stream: "s".into() },
+            ApiError::GroupNotFound { group: "g".into() },
+            ApiError::GroupExists { group: "g".into() },
+            ApiError::LimitReached { what: "consumers".into(), limit_name: "GROUP_CONSUMERS_MAX", limit_value: 1 },
             ApiError::Internal { reason: "bug".into() },
         ]
     }
@@ -178,6 +232,11 @@ mod tests {
             Code::Unavailable,
             Code::FailedPrecondition,
             Code::NotFound,
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::ResourceExhausted,
             Code::Internal,
         ];
         for (error, code) in all_errors().into_iter().zip(expected) {

@@ -105,3 +105,10 @@ pub const SUBSCRIPTION_MESSAGE_BYTES_MAX: usize = 1024 * 1024;
 pub const SUBSCRIPTION_CHECKPOINT_INTERVAL_MS: u64 = 1_000;
 /// A live subscription this far behind the head says FellBehind and catches up again.
 pub const SUBSCRIPTION_FELL_BEHIND_EVENTS: u64 = 10_000;
+
+/// Default largest aggregate snapshot state; configurable up to the ceiling
+/// (`--max-snapshot-bytes`). A snapshot is one Raft entry and is kept in the replicated
+/// state, at most `SNAPSHOTS_PER_STREAM_MAX` per stream.
+pub const SNAPSHOT_STATE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+pub const SNAPSHOT_STATE_BYTES_MAX_CEILING: usize = 16 * 1024 * 1024;
+const _: () = assert!(SNAPSHOT_STATE_BYTES_MAX_CEILING <= strata_raft::RAFT_RPC_MESSAGE_BYTES_MAX / 2);

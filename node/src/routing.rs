@@ -18,7 +18,8 @@ use strata_proto::v1::Consistency;
 use strata_raft::{AppliedWatch, NodeId, PeerChannels, Raft, ResyncGate};
 use tonic::transport::Channel;
 
-use crate::error::ApiError;
+use crate::error::{detail_of, ApiError};
+use tonic::Status;
 use crate::limits::{LEADER_CHANGE_WAIT_MS, LEADER_WAIT_TIMEOUT_MS, READ_WAIT_TIMEOUT_MS};
 
 /// Marks a request forwarded by a follower.
@@ -53,6 +54,16 @@ pub fn mark_forwarded<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
     request
+}
+
+/// A forwarded call's failure: our own typed errors pass through unchanged; a transport
+/// failure after the request left may have committed it, so it is indeterminate.
+pub fn forwarded_failure(status: Status) -> Status {
+    if detail_of(&status).is_some() {
+        return status;
+    }
+    ApiError::Indeterminate { reason: format!("forwarding to the leader failed: {}", status.message()), deadline: false }
+        .into_status()
 }
 
 /// Encodes a commit token (the log index an append or read is covered by).
@@ -137,6 +148,24 @@ impl Router {
         Ok(Route::Leader { id: leader, channel })
     }
 
+    /// Runs a call on the leader: `local` when this node leads, else `remote` over a
+    /// channel to the leader (once: a forwarded call is never forwarded again).
+    pub async fn on_leader<T, Local, Remote>(
+        &self,
+        forwarded: bool,
+        local: impl FnOnce() -> Local,
+        remote: impl FnOnce(Channel) -> Remote,
+    ) -> Result<tonic::Response<T>, tonic::Status>
+    where
+        Local: std::future::Future<Output = Result<T, ApiError>>,
+        Remote: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match self.route_write(forwarded).await? {
+            Route::Local => Ok(tonic::Response::new(local().await?)),
+            Route::Leader { channel, .. } => remote(channel).await,
+        }
+    }
+
     /// Waits until this node has applied `log_index`.
     pub async fn wait_applied(&self, log_index: u64, what: &str) -> Result<(), ApiError> {
         let mut applied = self.applied.clone();
@@ -193,7 +222,9 @@ impl Router {
         }
     }
 
-    async fn linearize(&self) -> Result<(), ApiError> {
+    /// Waits until this node's applied state holds everything committed when it was
+    /// called (a read index; on the leader, after confirming leadership).
+    pub async fn linearize(&self) -> Result<(), ApiError> {
         let (leader, addr) = self.leader().await?;
         if leader == self.node_id {
             self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| ApiError::Unavailable {

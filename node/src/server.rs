@@ -8,6 +8,7 @@ use openraft::storage::RaftLogStorage;
 use openraft::async_runtime::WatchReceiver;
 use strata_proto::v1::cluster_server::ClusterServer;
 use strata_proto::v1::raft::raft_transport_server::RaftTransportServer;
+use strata_proto::v1::snapshots_server::SnapshotsServer;
 use strata_proto::v1::streams_server::StreamsServer;
 use strata_proto::v1::subscriptions_server::SubscriptionsServer;
 use strata_raft::{raft_config, LogStore, Network, PeerChannels, Raft, RaftTransportService, ResyncGate, StateMachine, RAFT_RPC_MESSAGE_BYTES_MAX};
@@ -16,6 +17,7 @@ use strata_storage::{open_database, EventState, RaftLogStore};
 use tokio::sync::watch;
 
 use crate::api::cluster::{role_name, ClusterService};
+use crate::api::snapshots::SnapshotsService;
 use crate::api::streams::StreamsService;
 use crate::api::subscriptions::SubscriptionsService;
 use crate::api::NodeContext;
@@ -90,6 +92,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         batcher,
         metrics: metrics.clone(),
         max_event_bytes: config.max_event_bytes,
+        max_snapshot_bytes: config.max_snapshot_bytes,
         grpc_addr: grpc_advertised.clone(),
         http_addr: http_advertised.clone(),
         gossip: gossip.clone(),
@@ -121,6 +124,11 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         )
         .add_service(
             SubscriptionsServer::new(SubscriptionsService::new(ctx.clone())).max_encoding_message_size(GRPC_ENCODE_BYTES_MAX),
+        )
+        .add_service(
+            SnapshotsServer::new(SnapshotsService::new(ctx.clone()))
+                .max_decoding_message_size(GRPC_DECODE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_ENCODE_BYTES_MAX),
         )
         .add_service(ClusterServer::new(ClusterService::new(ctx.clone())))
         .add_service(

@@ -19,7 +19,7 @@ use super::NodeContext;
 use crate::error::ApiError;
 use crate::limits::MEMBER_PROBE_TIMEOUT_MS;
 use crate::membership;
-use crate::routing::{is_forwarded, mark_forwarded, Route};
+use crate::routing::{is_forwarded, mark_forwarded};
 
 /// How long TriggerSnapshot waits for the snapshot to be built.
 const SNAPSHOT_WAIT_TIMEOUT_MS: u64 = 60_000;
@@ -44,10 +44,8 @@ impl ClusterService {
         Local: std::future::Future<Output = Result<T, ApiError>>,
         Remote: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        match self.ctx.router.route_write(forwarded).await? {
-            Route::Local => Ok(Response::new(local(self.ctx.router.raft.clone()).await?)),
-            Route::Leader { channel, .. } => remote(ClusterClient::new(channel)).await,
-        }
+        let raft = self.ctx.router.raft.clone();
+        self.ctx.router.on_leader(forwarded, || local(raft), |channel| remote(ClusterClient::new(channel))).await
     }
 
     fn local_status(&self) -> StatusResponse {

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod filter;
+pub mod snapshots;
 pub mod streams;
 pub mod subscriptions;
 pub mod validate;
@@ -21,6 +22,7 @@ pub struct NodeContext {
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
     pub max_event_bytes: usize,
+    pub max_snapshot_bytes: usize,
     pub grpc_addr: String,
     pub http_addr: String,
     /// Gossip, when this node runs it (a cluster secret was given).

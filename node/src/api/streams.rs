@@ -23,7 +23,7 @@ use crate::clock::now_unix_ms;
 use crate::error::{detail_of, ApiError};
 use crate::api::filter::EventFilter;
 use crate::limits::*;
-use crate::routing::{commit_token, is_forwarded, mark_forwarded, Route};
+use crate::routing::{commit_token, forwarded_failure, is_forwarded, mark_forwarded, Route};
 
 pub struct StreamsService {
     ctx: Arc<NodeContext>,
@@ -55,16 +55,6 @@ impl StreamsService {
             idempotent_replay: success.idempotent_replay,
         })
     }
-}
-
-/// A forwarded call's failure: our own typed errors pass through unchanged; a transport
-/// failure after the request left may have committed it, so it is indeterminate.
-fn forwarded_failure(status: Status) -> Status {
-    if detail_of(&status).is_some() {
-        return status;
-    }
-    ApiError::Indeterminate { reason: format!("forwarding to the leader failed: {}", status.message()), deadline: false }
-        .into_status()
 }
 
 fn outcome_label(result: &Result<AppendResponse, ApiError>) -> &'static str {

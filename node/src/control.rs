@@ -1,0 +1,42 @@
+//! Proposing control commands (snapshots, groups) on the leader: one Raft entry each,
+//! answered from its apply result like an append.
+
+use std::time::Duration;
+
+use strata_raft::Raft;
+use strata_storage::{Command, ControlCommand, ControlSuccess};
+
+use crate::error::ApiError;
+use crate::limits::APPEND_APPLY_TIMEOUT_MS;
+
+/// A control command's result and the log index of its entry (a commit token).
+pub struct ControlApplied {
+    pub success: ControlSuccess,
+    pub log_index: u64,
+}
+
+/// Proposes `command` through Raft on this node (the leader) and waits for its outcome.
+pub async fn propose(raft: &Raft, command: ControlCommand) -> Result<ControlApplied, ApiError> {
+    let label = command.label();
+    let write = raft.client_write(Command::Control(command));
+    let response = match tokio::time::timeout(Duration::from_millis(APPEND_APPLY_TIMEOUT_MS), write).await {
+        Err(_) => {
+            return Err(ApiError::Indeterminate {
+                reason: format!("{label} not applied within APPEND_APPLY_TIMEOUT_MS={APPEND_APPLY_TIMEOUT_MS}"),
+                deadline: true,
+            })
+        }
+        Ok(Err(e)) if e.forward_to_leader().is_some() => {
+            let forward = e.forward_to_leader().expect("checked above");
+            return Err(ApiError::Unavailable {
+                reason: format!("this node stopped leading before {label} was proposed"),
+                leader_id: forward.leader_id,
+                leader_addr: forward.leader_node.as_ref().map(|n| n.addr.clone()),
+            });
+        }
+        Ok(Err(e)) => return Err(ApiError::Indeterminate { reason: format!("raft write of {label} failed: {e}"), deadline: false }),
+        Ok(Ok(response)) => response,
+    };
+    let outcome = response.data.control.ok_or_else(|| ApiError::Internal { reason: format!("{label} applied without an outcome") })?;
+    Ok(ControlApplied { success: outcome.map_err(ApiError::from)?, log_index: response.log_id.index })
+}
