@@ -112,3 +112,32 @@ pub const SUBSCRIPTION_FELL_BEHIND_EVENTS: u64 = 10_000;
 pub const SNAPSHOT_STATE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 pub const SNAPSHOT_STATE_BYTES_MAX_CEILING: usize = 16 * 1024 * 1024;
 const _: () = assert!(SNAPSHOT_STATE_BYTES_MAX_CEILING <= strata_raft::RAFT_RPC_MESSAGE_BYTES_MAX / 2);
+
+/// Bytes of a persistent subscription group's name (its parked stream `$parked-{name}`
+/// must be a valid stream name).
+pub const GROUP_NAME_BYTES_MAX: usize = 128;
+/// Consumers connected to one group at once (`max_consumers` may be set up to this).
+pub const GROUP_CONSUMERS_MAX: u32 = 64;
+/// Unacked deliveries per consumer (`max_in_flight` may be set up to this).
+pub const GROUP_IN_FLIGHT_MAX: u32 = 10_000;
+/// Events a group's runtime holds (in flight, waiting for a retry or being parked), and
+/// their bytes: it reads more from storage only below both, so a group whose consumers
+/// stall costs bounded memory on the leader and never slows appends.
+pub const GROUP_BUFFER_EVENTS_MAX: usize = 20_000;
+pub const GROUP_BUFFER_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Requests (connects, acks, nacks, info) queued for one group's runtime; a consumer that
+/// sends faster waits (its stream is not read meanwhile).
+pub const GROUP_MAILBOX_MESSAGES: usize = 1024;
+/// How often a group's runtime looks for expired deliveries, due retries, a due
+/// checkpoint and lost leadership.
+pub const GROUP_TICK_MS: u64 = 100;
+/// Events one storage read of a group's runtime takes at most.
+pub const GROUP_READ_PAGE_EVENTS: usize = 1024;
+/// Ready events one dispatch round looks at at most (pinned groups skip events whose
+/// stream has an earlier event in flight).
+pub const GROUP_DISPATCH_SCAN_MAX: usize = 4096;
+/// Upper bounds of group settings: a message timeout, a retry delay, a retry count.
+pub const GROUP_TIMEOUT_MS_MAX: u64 = 24 * 3600 * 1000;
+pub const GROUP_RETRY_COUNT_MAX: u32 = 10_000;
+/// How long the leader waits before appending a parked event again after a failure.
+pub const GROUP_PARK_RETRY_MS: u64 = 1_000;

@@ -42,6 +42,9 @@ enum Command {
     Streams(StreamsArgs),
     /// Show a stream's head, count and timestamps.
     StreamInfo(StreamInfoArgs),
+    /// Persistent subscription groups: create, update, delete, info, list, connect, replay-parked.
+    #[command(subcommand)]
+    Group(strata_node::cli_group::GroupCommand),
     /// Aggregate snapshots: save, load, list, delete.
     #[command(subcommand)]
     Snapshot(strata_node::cli_snapshot::SnapshotCommand),
@@ -118,6 +121,7 @@ fn main() {
                     Command::Subscribe(args) => cli::subscribe(&options, args).await,
                     Command::Streams(args) => cli::streams(&options, args).await,
                     Command::StreamInfo(args) => cli::stream_info(&options, args).await,
+                    Command::Group(command) => strata_node::cli_group::group(&options, command).await,
                     Command::Snapshot(command) => strata_node::cli_snapshot::snapshot(&options, command).await,
                     Command::Cluster(command) => manager::cluster(&options, command).await,
                     Command::Serve(_) | Command::Dev(_) | Command::Bench(_) | Command::Health(_) => unreachable!("handled above"),

@@ -1,7 +1,7 @@
 //! Prometheus metrics of one node, served at `/metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the node exports.
@@ -24,6 +24,12 @@ pub struct Metrics {
     pub raft_leader_changes_total: IntCounter,
     pub events_head_position: IntGauge,
     pub gossip_datagrams_total: IntCounterVec,
+    pub group_checkpoint: IntGaugeVec,
+    pub group_lag: IntGaugeVec,
+    pub group_in_flight: IntGaugeVec,
+    pub group_parked: IntGaugeVec,
+    pub group_consumers: IntGaugeVec,
+    pub group_events_total: IntCounterVec,
     gossip: std::sync::OnceLock<std::sync::Arc<strata_gossip::GossipCounters>>,
 }
 
@@ -64,6 +70,17 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let group_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["group"]).expect("valid metric");
+        let group_checkpoint = group_gauge("group_checkpoint", "persistent group: replicated checkpoint (cursor below which all is settled), on the leader");
+        let group_lag = group_gauge("group_lag", "persistent group: source head minus checkpoint, on the leader");
+        let group_in_flight = group_gauge("group_in_flight", "persistent group: deliveries not yet acked or nacked, on the leader");
+        let group_parked = group_gauge("group_parked", "persistent group: events parked and not asked to be replayed, on the leader");
+        let group_consumers = group_gauge("group_consumers", "persistent group: connected consumers, on the leader");
+        let group_events_total = IntCounterVec::new(
+            Opts::new("group_events_total", "persistent group events by outcome: delivered, acked, retried, timed_out, skipped, parked"),
+            &["group", "outcome"],
+        )
+        .expect("valid metric");
         let metrics = Self {
             registry,
             appends_total,
@@ -83,6 +100,12 @@ impl Metrics {
             raft_leader_changes_total,
             events_head_position,
             gossip_datagrams_total,
+            group_checkpoint,
+            group_lag,
+            group_in_flight,
+            group_parked,
+            group_consumers,
+            group_events_total,
             gossip: std::sync::OnceLock::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -103,11 +126,24 @@ impl Metrics {
             Box::new(metrics.raft_leader_changes_total.clone()),
             Box::new(metrics.events_head_position.clone()),
             Box::new(metrics.gossip_datagrams_total.clone()),
+            Box::new(metrics.group_checkpoint.clone()),
+            Box::new(metrics.group_lag.clone()),
+            Box::new(metrics.group_in_flight.clone()),
+            Box::new(metrics.group_parked.clone()),
+            Box::new(metrics.group_consumers.clone()),
+            Box::new(metrics.group_events_total.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).expect("metric names are unique");
         }
         metrics
+    }
+
+    /// Drops a group's gauges when this node stops running it (its counters stay).
+    pub fn forget_group(&self, group: &str) {
+        for gauge in [&self.group_checkpoint, &self.group_lag, &self.group_in_flight, &self.group_parked, &self.group_consumers] {
+            let _ = gauge.remove_label_values(&[group]);
+        }
     }
 
     /// Exports this gossip's datagram counters from now on.

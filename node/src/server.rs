@@ -8,6 +8,7 @@ use openraft::storage::RaftLogStorage;
 use openraft::async_runtime::WatchReceiver;
 use strata_proto::v1::cluster_server::ClusterServer;
 use strata_proto::v1::raft::raft_transport_server::RaftTransportServer;
+use strata_proto::v1::persistent_subscriptions_server::PersistentSubscriptionsServer;
 use strata_proto::v1::snapshots_server::SnapshotsServer;
 use strata_proto::v1::streams_server::StreamsServer;
 use strata_proto::v1::subscriptions_server::SubscriptionsServer;
@@ -17,6 +18,7 @@ use strata_storage::{open_database, EventState, RaftLogStore};
 use tokio::sync::watch;
 
 use crate::api::cluster::{role_name, ClusterService};
+use crate::api::persistent::PersistentService;
 use crate::api::snapshots::SnapshotsService;
 use crate::api::streams::StreamsService;
 use crate::api::subscriptions::SubscriptionsService;
@@ -96,6 +98,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         grpc_addr: grpc_advertised.clone(),
         http_addr: http_advertised.clone(),
         gossip: gossip.clone(),
+        groups: Default::default(),
     });
 
     let (shutdown_sender, shutdown) = watch::channel(false);
@@ -129,6 +132,9 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
             SnapshotsServer::new(SnapshotsService::new(ctx.clone()))
                 .max_decoding_message_size(GRPC_DECODE_BYTES_MAX)
                 .max_encoding_message_size(GRPC_ENCODE_BYTES_MAX),
+        )
+        .add_service(
+            PersistentSubscriptionsServer::new(PersistentService::new(ctx.clone())).max_encoding_message_size(GRPC_ENCODE_BYTES_MAX),
         )
         .add_service(ClusterServer::new(ClusterService::new(ctx.clone())))
         .add_service(

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod filter;
+pub mod persistent;
 pub mod snapshots;
 pub mod streams;
 pub mod subscriptions;
@@ -25,6 +26,8 @@ pub struct NodeContext {
     pub max_snapshot_bytes: usize,
     pub grpc_addr: String,
     pub http_addr: String,
+    /// Persistent subscription groups this node runs as leader.
+    pub groups: crate::groups::Groups,
     /// Gossip, when this node runs it (a cluster secret was given).
     pub gossip: Option<Arc<strata_gossip::Gossip>>,
 }
