@@ -550,6 +550,7 @@ async fn catch_up(endpoint: &str, prefix: &str, from_position: u64) -> Result<Re
         from: SubscribeFrom::Revision as i32,
         from_revision: from_position,
         filter: Some(SubscriptionFilter { stream_prefix: prefix.to_string(), ..Default::default() }),
+        follow_leader: false,
     };
     let replay = async {
         let mut stream = client.subscribe(request).await.map_err(|s| anyhow!("Subscribe: {}", status_text(&s)))?.into_inner();
@@ -569,6 +570,75 @@ async fn catch_up(endpoint: &str, prefix: &str, from_position: u64) -> Result<Re
     tokio::time::timeout(READ_BACK_TIMEOUT, replay)
         .await
         .map_err(|_| anyhow!("catch-up timed out after {} s", READ_BACK_TIMEOUT.as_secs()))?
+}
+
+/// Events a persistent-group measurement consumes at most (the first of the pair's).
+const GROUP_BENCH_EVENTS_MAX: u64 = 100_000;
+/// Deliveries each bench consumer may hold unacked.
+const GROUP_BENCH_IN_FLIGHT: u32 = 1_000;
+
+/// Persistent group throughput with acks: a group over the pair's namespace of `$all`
+/// from its first position, `consumers` consumers (spread over the endpoints) acking every
+/// delivery; events/s until `target` deliveries were acked. The group is deleted after.
+async fn group_throughput(endpoints: &[String], prefix: &str, from_position: u64, consumers: usize, target: u64) -> Result<f64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use strata_proto::v1::connect_request::Kind as InKind;
+    use strata_proto::v1::connect_response::Kind as OutKind;
+    use strata_proto::v1::persistent_subscriptions_client::PersistentSubscriptionsClient;
+    use strata_proto::v1::{Ack, ConnectRequest, ConnectStart, CreateGroupRequest, DeleteGroupRequest, GroupSettings, SubscribeFrom, SubscriptionFilter};
+    let group = format!("{prefix}{consumers}c");
+    let mut admin = PersistentSubscriptionsClient::new(channel(&endpoints[0]).await?);
+    let settings = GroupSettings {
+        source: "$all".into(),
+        filter: Some(SubscriptionFilter { stream_prefix: prefix.to_string(), ..Default::default() }),
+        from: SubscribeFrom::Revision as i32,
+        from_revision: from_position,
+        max_in_flight: Some(GROUP_BENCH_IN_FLIGHT),
+        message_timeout_ms: Some(READ_BACK_TIMEOUT.as_millis() as u64),
+        ..Default::default()
+    };
+    admin.create(CreateGroupRequest { group: group.clone(), settings: Some(settings) }).await.map_err(|s| anyhow!("group create: {}", status_text(&s)))?;
+    let acked = std::sync::Arc::new(AtomicU64::new(0));
+    let (done, mut finished) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..consumers {
+        let (endpoint, group, acked, done, mut finished) = (endpoints[i % endpoints.len()].clone(), group.clone(), acked.clone(), done.clone(), finished.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = PersistentSubscriptionsClient::new(channel(&endpoint).await?).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+            let (requests, outbound) = tokio::sync::mpsc::channel(1024);
+            requests.send(ConnectRequest { kind: Some(InKind::Start(ConnectStart { group, consumer_name: format!("bench-{i}") })) }).await?;
+            let mut stream = client
+                .connect_consumer(tokio_stream::wrappers::ReceiverStream::new(outbound))
+                .await
+                .map_err(|s| anyhow!("group connect: {}", status_text(&s)))?
+                .into_inner();
+            loop {
+                let message = tokio::select! {
+                    message = stream.message() => message.map_err(|s| anyhow!("group stream: {}", status_text(&s)))?,
+                    _ = finished.wait_for(|f| *f) => return Ok::<(), anyhow::Error>(()),
+                };
+                let Some(message) = message else { return Err(anyhow!("the group connection ended")) };
+                if let Some(OutKind::Delivery(delivery)) = message.kind {
+                    requests.send(ConnectRequest { kind: Some(InKind::Ack(Ack { delivery_ids: vec![delivery.delivery_id] })) }).await?;
+                    if acked.fetch_add(1, Ordering::Relaxed) + 1 >= target {
+                        let _ = done.send(true);
+                    }
+                }
+            }
+        }));
+    }
+    let outcome = tokio::time::timeout(READ_BACK_TIMEOUT, finished.wait_for(|f| *f)).await;
+    let secs = started.elapsed().as_secs_f64();
+    let _ = done.send(true);
+    for task in tasks {
+        if let Ok(Err(e)) = task.await {
+            eprintln!("[strata] group consumer: {e:#}");
+        }
+    }
+    let _ = admin.delete(DeleteGroupRequest { group }).await;
+    outcome.map_err(|_| anyhow!("group consumption timed out after {} s at {} of {target}", READ_BACK_TIMEOUT.as_secs(), acked.load(Ordering::Relaxed)))?.ok();
+    Ok(acked.load(Ordering::Relaxed) as f64 / secs)
 }
 
 fn bench_event(data: Vec<u8>) -> ProposedEvent {
@@ -671,6 +741,18 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
         Err(e) => (0, Some(format!("{e:#}"))),
     };
 
+    let group_target = events.min(GROUP_BENCH_EVENTS_MAX);
+    let mut group_rates = Vec::new();
+    for consumers in [1usize, 4] {
+        match group_throughput(&plan.endpoints, &prefix, from_position, consumers, group_target).await {
+            Ok(rate) => group_rates.push(json!(rate)),
+            Err(e) => {
+                eprintln!("[strata] persistent group with {consumers} consumer(s): {e:#}");
+                group_rates.push(Value::Null);
+            }
+        }
+    }
+
     let server_cpu_s = match (cpu0, cpu1) {
         (Some(c0), Some(c1)) => Some(c1.saturating_sub(c0) as f64 / TICKS_PER_SEC),
         _ => {
@@ -716,6 +798,9 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
         "catchup_events_per_s": per_s(catchup_events, catchup_secs),
         "catchup_matches_written": catchup_error.is_none() && catchup_events == events,
         "catchup_error": catchup_error,
+        "group_events": group_target,
+        "group_1c_events_per_s": group_rates[0],
+        "group_4c_events_per_s": group_rates[1],
         "server_cpu_s": server_cpu_s,
         "server_cpu_us_per_event": server_cpu_s
             .map(|s| if events > 0 { s * 1e6 / events as f64 } else { 0.0 }),
@@ -733,6 +818,8 @@ fn render_table(rows: &[Value]) -> String {
         "p99.9 ms",
         "read events/s",
         "catch-up events/s",
+        "group 1c ev/s",
+        "group 4c ev/s",
         "OCC",
         "read ok",
     ];
@@ -754,6 +841,8 @@ fn render_table(rows: &[Value]) -> String {
                 f2(&r["lat_p999_ms"]),
                 f0(&r["read_events_per_s"]),
                 f0(&r["catchup_events_per_s"]),
+                f0(&r["group_1c_events_per_s"]),
+                f0(&r["group_4c_events_per_s"]),
                 r["occ_probe"].as_str().unwrap_or("-").to_string(),
                 if r["read_matches_written"].as_bool() == Some(true) {
                     "yes"

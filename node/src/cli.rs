@@ -195,6 +195,9 @@ pub struct SubscribeArgs {
     /// Also print the CaughtUp, Checkpoint and FellBehind markers (to stderr).
     #[arg(long)]
     pub markers: bool,
+    /// Be served by the leader rather than by the node you connect to.
+    #[arg(long)]
+    pub follow_leader: bool,
 }
 
 /// The event filter of subscriptions and persistent groups.
@@ -441,7 +444,13 @@ pub async fn subscribe(options: &ClientOptions, args: SubscribeArgs) -> Result<(
     use strata_proto::v1::subscribe_response::Kind;
     use strata_proto::v1::SubscribeRequest;
     let (from, from_revision) = parse_from(&args.from)?;
-    let request = SubscribeRequest { stream: args.stream, from: from as i32, from_revision, filter: Some(args.filter.to_proto()) };
+    let request = SubscribeRequest {
+        stream: args.stream,
+        from: from as i32,
+        from_revision,
+        filter: Some(args.filter.to_proto()),
+        follow_leader: args.follow_leader,
+    };
     let channel = connect(&options.endpoints).await?;
     let mut client = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel).max_decoding_message_size(CLIENT_DECODE_BYTES_MAX);
     let mut stream = client.subscribe(request).await?.into_inner();

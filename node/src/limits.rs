@@ -131,6 +131,8 @@ pub const GROUP_MAILBOX_MESSAGES: usize = 1024;
 /// How often a group's runtime looks for expired deliveries, due retries, a due
 /// checkpoint and lost leadership.
 pub const GROUP_TICK_MS: u64 = 100;
+/// How often a group's runtime has a quorum confirm that this node still leads.
+pub const GROUP_LEADERSHIP_CHECK_MS: u64 = 500;
 /// Events one storage read of a group's runtime takes at most.
 pub const GROUP_READ_PAGE_EVENTS: usize = 1024;
 /// Ready events one dispatch round looks at at most (pinned groups skip events whose

@@ -14,7 +14,7 @@ const BOUNDED_SECS: u64 = 24;
 async fn run(name: &str, subnet: u8) {
     let seed: u64 = std::env::var("STRATA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_124);
     let chosen = scenario::find(name).expect("scenario");
-    let config = RunConfig { seed, duration: Duration::from_secs(BOUNDED_SECS), subnet, clients: 4, subscribers: 2, keep: false };
+    let config = RunConfig { seed, duration: Duration::from_secs(BOUNDED_SECS), subnet, clients: 4, subscribers: 2, group_consumers: 2, keep: false };
     let outcome = scenario::run(chosen, &config).await;
     eprintln!("{}", outcome.summary(name, seed));
     for line in &outcome.skipped {
@@ -74,7 +74,7 @@ async fn compose_cluster_under_docker_kill_pause_and_disconnect_loses_nothing() 
     let build = std::process::Command::new(workspace.join("scripts/build-image")).output().expect("run scripts/build-image");
     assert!(build.status.success(), "scripts/build-image failed: {}", String::from_utf8_lossy(&build.stderr));
     let seed: u64 = std::env::var("STRATA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_124);
-    let config = RunConfig { seed, duration: Duration::from_secs(30), subnet: 35, clients: 4, subscribers: 2, keep: false };
+    let config = RunConfig { seed, duration: Duration::from_secs(30), subnet: 35, clients: 4, subscribers: 2, group_consumers: 2, keep: false };
     let outcome = strata_chaos::compose::run(&workspace, &config).await.expect("docker is available");
     eprintln!("{}", outcome.summary("compose", seed));
     assert_eq!(outcome.report.anomalies(), 0, "anomalies found; run kept in {}\n{}", outcome.dir.display(), outcome.report);

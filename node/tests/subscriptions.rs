@@ -287,3 +287,26 @@ async fn a_stalled_consumer_gets_everything_after_it_resumes_and_costs_bounded_m
     let growth_mib = rss_stalled.saturating_sub(rss_before) / 1024;
     assert!(growth_mib < 512, "serving node grew {growth_mib} MiB while a consumer stalled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follow_leader_subscriptions_are_served_by_the_leader() {
+    let cluster = TestCluster::start(48, 3).await;
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let follower = cluster.running().into_iter().find(|id| *id != leader).unwrap();
+    append(&cluster, "led", (0..3).map(|n| event(n, "E", "{}", "")).collect()).await;
+    let request = SubscribeRequest { stream: "led".into(), follow_leader: true, ..Default::default() };
+    let mut subscription = subscribe(&cluster, follower, request).await;
+    let got = events(&mut subscription, 3).await;
+    assert_eq!(got.iter().map(|e| e.version).collect::<Vec<_>>(), vec![0, 1, 2]);
+    let gauge = |node| {
+        let addr = cluster.http_addr(node);
+        async move {
+            let body = strata_node::http::check_health(&addr, "/metrics", Duration::from_secs(3)).await.expect("metrics");
+            body.lines().find(|l| l.starts_with("strata_subscriptions_active")).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
+        }
+    };
+    assert_eq!(gauge(leader).await, 1, "the leader serves the subscription");
+    assert_eq!(gauge(follower).await, 0, "the follower only forwards it");
+    append(&cluster, "led", vec![event(3, "E", "{}", "")]).await;
+    assert_eq!(events(&mut subscription, 1).await[0].version, 3, "live events come through the forwarded stream");
+}

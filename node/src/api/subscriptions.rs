@@ -55,7 +55,17 @@ impl Subscriptions for SubscriptionsService {
     type SubscribeStream = SubscribeOut;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let forwarded = crate::routing::is_forwarded(&request);
         let request = request.into_inner();
+        if request.follow_leader
+            && let crate::routing::Route::Leader { channel, .. } = self.ctx.router.route_write(forwarded).await?
+        {
+            let leader = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel)
+                .max_decoding_message_size(crate::limits::GRPC_ENCODE_BYTES_MAX)
+                .subscribe(crate::routing::mark_forwarded(request))
+                .await?;
+            return Ok(Response::new(Box::pin(leader.into_inner())));
+        }
         let target = if request.stream == ALL || request.stream.is_empty() {
             Target::All
         } else {

@@ -39,14 +39,14 @@ impl Groups {
         (!mailbox.is_closed() && group_id.is_none_or(|g| g == *id)).then(|| mailbox.clone())
     }
 
-    /// The runtime of group `name`, started if it is not running. Called on the leader:
-    /// the group's record is read after a read index, so the runtime starts from the
-    /// latest replicated checkpoint.
+    /// The runtime of group `name`, started if it is not running. Called on the leader,
+    /// after a read index: this node is confirmed to lead, and a new runtime starts from
+    /// the latest replicated checkpoint.
     pub async fn runtime(&self, ctx: &Arc<NodeContext>, name: &str) -> Result<mpsc::Sender<Request>, ApiError> {
+        ctx.router.linearize().await?;
         if let Some(mailbox) = self.running_now(name, None) {
             return Ok(mailbox);
         }
-        ctx.router.linearize().await?;
         let record = ctx.events.group(name)?.ok_or_else(|| ApiError::GroupNotFound { group: name.to_string() })?;
         let mut runtimes = self.runtimes.lock().expect("group registry lock is never poisoned");
         if let Some((id, mailbox)) = runtimes.get(name)

@@ -155,6 +155,7 @@ impl Runtime {
         let mut tick = tokio::time::interval(Duration::from_millis(GROUP_TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refresh = true;
+        let mut last_confirmed = Instant::now();
         let stopped = loop {
             if refresh {
                 refresh = false;
@@ -180,7 +181,7 @@ impl Runtime {
                     refresh = true;
                 }
                 _ = tick.tick() => {
-                    if !self.ctx.router.believes_it_leads() {
+                    if !self.still_leads(&mut last_confirmed).await {
                         break ApiError::Unavailable {
                             reason: "leadership moved: connect again (any node forwards to the new leader)".into(),
                             leader_id: None,
@@ -200,13 +201,44 @@ impl Runtime {
         self.ctx.metrics.forget_group(&group);
     }
 
-    /// Reloads the replicated record: settings changes, replay requests, deletion.
+    /// Whether this node still leads: its Raft metrics say so, and every
+    /// `GROUP_LEADERSHIP_CHECK_MS` a quorum confirms it (a read index). A leader cut off
+    /// from its followers may believe it leads for a while; without the confirmation it
+    /// would keep delivering events another leader's consumers have since settled.
+    async fn still_leads(&self, last_confirmed: &mut Instant) -> bool {
+        if !self.ctx.router.believes_it_leads() {
+            return false;
+        }
+        if last_confirmed.elapsed() < Duration::from_millis(GROUP_LEADERSHIP_CHECK_MS) {
+            return true;
+        }
+        let confirm = self.ctx.router.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+        match tokio::time::timeout(Duration::from_millis(GROUP_LEADERSHIP_CHECK_MS), confirm).await {
+            Ok(Ok(_)) => {
+                *last_confirmed = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reloads the replicated record: settings changes, replay requests, deletion, and a
+    /// checkpoint moved past this runtime's by another leader meanwhile (then the events
+    /// held here may be settled already: stop, and let the next connection start afresh).
     fn refresh(&mut self) -> Result<(), ApiError> {
         let name = self.record.name.clone();
         let record = self.ctx.events.group(&name)?.filter(|r| r.group_id == self.record.group_id);
         let Some(record) = record else {
             return Err(ApiError::GroupNotFound { group: name });
         };
+        let (checkpoint, replay_done) = self.checkpoints();
+        if record.checkpoint > checkpoint || record.parked_replay_done > replay_done {
+            return Err(ApiError::Unavailable {
+                reason: "the group's checkpoint moved on under another leader: connect again".into(),
+                leader_id: None,
+                leader_addr: None,
+            });
+        }
         if record.settings != self.record.settings {
             self.settings = Arc::new(Settings::decode(&record.settings)?);
         }

@@ -18,11 +18,19 @@
 //! - `subscription_wrong_event`: it delivered at a position an event `$all` does not hold
 //!   there;
 //! - `dishonest_checkpoint`: an epoch stored a checkpoint past what it delivered, or the
-//!   next epoch did not resubscribe after the stored checkpoint.
+//!   next epoch did not resubscribe after the stored checkpoint;
+//! - `group_wrong_event`: the persistent group delivered an event `$all` does not hold at
+//!   that position;
+//! - `group_below_checkpoint`: it delivered an event below a checkpoint observed before
+//!   the connection (everything below the replicated checkpoint is settled: never again);
+//! - `group_unordered`: within one connection of the pinned group, a stream's versions
+//!   went back (a retry repeats a version, it never skips back past one);
+//! - `group_not_acked`: after draining, an event of `$all` was never acked (at-least-once);
+//! - `group_not_drained`: the draining consumer did not see the group settle.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::history::{AppendOutcome, Consistency, Delivered, Expected, FinalEvent, Op, OpKind, ReadOutcome};
+use crate::history::{AppendOutcome, Consistency, Delivered, Expected, FinalEvent, GroupAnswer, Op, OpKind, ReadOutcome};
 
 /// Examples kept per anomaly kind.
 pub const EXAMPLES_PER_KIND_MAX: usize = 5;
@@ -34,6 +42,9 @@ pub struct Report {
     pub examples: BTreeMap<&'static str, Vec<String>>,
     pub acknowledged_events: u64,
     pub operations: u64,
+    /// Persistent-group deliveries, and those of an event that was acked before.
+    pub group_deliveries: u64,
+    pub group_redeliveries_after_ack: u64,
 }
 
 impl Report {
@@ -58,6 +69,9 @@ impl Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "operations {}, acknowledged events {}, anomalies {}", self.operations, self.acknowledged_events, self.anomalies())?;
+        if self.group_deliveries > 0 {
+            writeln!(f, "group deliveries {}, redelivered after an ack {}", self.group_deliveries, self.group_redeliveries_after_ack)?;
+        }
         for (kind, count) in &self.counts {
             writeln!(f, "  {kind}: {count}")?;
             for example in &self.examples[kind] {
@@ -90,7 +104,57 @@ pub fn check(ops: &[Op], finals: &BTreeMap<u64, Vec<FinalEvent>>) -> Report {
     check_appends(ops, &by_id, &mut report);
     check_reads(ops, &streams, &mut report);
     check_subscriptions(ops, reference, &mut report);
+    check_group(ops, reference, &mut report);
     report
+}
+
+/// The persistent group's invariants (see the module comment).
+fn check_group(ops: &[Op], all: &[FinalEvent], report: &mut Report) {
+    let mut epochs: Vec<&Op> = ops.iter().filter(|op| matches!(op.kind, OpKind::GroupEpoch { .. })).collect();
+    if epochs.is_empty() {
+        return;
+    }
+    epochs.sort_by_key(|op| op.invoke_ms);
+    let mut acked: HashSet<&str> = HashSet::new();
+    let mut drained = false;
+    for op in epochs {
+        let OpKind::GroupEpoch { consumer, epoch, checkpoint_before, deliveries, ended, drain } = &op.kind else { unreachable!() };
+        let name = format!("op {}: group consumer {consumer} epoch {epoch}", op.id);
+        drained |= *drain && ended == "drained";
+        let mut last_version: HashMap<&str, u64> = HashMap::new();
+        for delivery in deliveries {
+            report.group_deliveries += 1;
+            if all.get(delivery.position as usize).is_none_or(|found| found.id != delivery.id) {
+                report.flag("group_wrong_event", format!("{name} delivered {} at position {}, which $all does not hold there", delivery.id, delivery.position));
+            }
+            if checkpoint_before.is_some_and(|checkpoint| delivery.position < checkpoint) {
+                report.flag(
+                    "group_below_checkpoint",
+                    format!("{name} delivered position {} below the checkpoint {checkpoint_before:?} observed before connecting", delivery.position),
+                );
+            }
+            if let Some(previous) = last_version.insert(delivery.stream.as_str(), delivery.version)
+                && delivery.version < previous
+            {
+                report.flag("group_unordered", format!("{name} delivered {}@{} after version {previous}", delivery.stream, delivery.version));
+            }
+            if acked.contains(delivery.id.as_str()) {
+                report.group_redeliveries_after_ack += 1;
+            }
+            if delivery.answer == GroupAnswer::Ack {
+                acked.insert(delivery.id.as_str());
+            }
+        }
+    }
+    if !drained {
+        report.flag("group_not_drained", "the draining consumer did not see the group settle".into());
+        return;
+    }
+    for event in all.iter().filter(|e| !e.stream.starts_with('$')) {
+        if !acked.contains(event.id.as_str()) {
+            report.flag("group_not_acked", format!("event {} at position {} was never acked by a group consumer", event.id, event.position));
+        }
+    }
 }
 
 /// Gapless positions, contiguous versions, no duplicate ids.
@@ -415,5 +479,69 @@ mod tests {
         ops.push(epoch(21, 1, Some(1), &[("c", 2)], Some(2))); // and not resubscribed after it
         let report = check(&ops, &on_all_nodes(all));
         assert_eq!(report.count("dishonest_checkpoint"), 2, "{report}");
+    }
+
+    fn group_epoch(id: u64, at: u64, checkpoint_before: Option<u64>, deliveries: &[(&str, &str, u64, u64, GroupAnswer)], ended: &str, drain: bool) -> Op {
+        Op {
+            id,
+            client: 20_000,
+            node: 1,
+            invoke_ms: at,
+            complete_ms: at + 5,
+            kind: OpKind::GroupEpoch {
+                consumer: 0,
+                epoch: id as u32,
+                checkpoint_before,
+                deliveries: deliveries
+                    .iter()
+                    .map(|(id, stream, version, position, answer)| crate::history::GroupDelivery {
+                        id: id.to_string(),
+                        stream: stream.to_string(),
+                        version: *version,
+                        position: *position,
+                        retry_count: 0,
+                        answer: *answer,
+                    })
+                    .collect(),
+                ended: ended.into(),
+                drain,
+            },
+        }
+    }
+
+    #[test]
+    fn the_groups_invariants_hold_a_correct_history_and_catch_each_violation() {
+        use GroupAnswer::{Ack, Retry};
+        let (mut ops, all) = good();
+        // Epoch 1 acks a, retries b; a leader change ends it. The drain acks the rest; b
+        // is delivered again (allowed: it was never acked), c and d for the first time.
+        ops.push(group_epoch(30, 100, Some(0), &[("a", "s", 0, 0, Ack), ("b", "s", 1, 1, Retry)], "dropped", false));
+        ops.push(group_epoch(31, 200, Some(1), &[("b", "s", 1, 1, Ack), ("c", "t", 0, 2, Ack), ("d", "s", 2, 3, Ack)], "drained", true));
+        let report = check(&ops, &on_all_nodes(all.clone()));
+        assert_eq!(report.anomalies(), 0, "{report}");
+        assert_eq!((report.group_deliveries, report.group_redeliveries_after_ack), (5, 0));
+
+        // An event below the checkpoint observed before connecting.
+        let mut below = ops.clone();
+        *below.last_mut().unwrap() = group_epoch(31, 200, Some(2), &[("b", "s", 1, 1, Ack), ("c", "t", 0, 2, Ack), ("d", "s", 2, 3, Ack)], "drained", true);
+        assert_eq!(check(&below, &on_all_nodes(all.clone())).count("group_below_checkpoint"), 1);
+        // A stream going back within one connection.
+        let mut unordered = ops.clone();
+        *unordered.last_mut().unwrap() = group_epoch(31, 200, Some(1), &[("d", "s", 2, 3, Ack), ("b", "s", 1, 1, Ack), ("c", "t", 0, 2, Ack)], "drained", true);
+        assert_eq!(check(&unordered, &on_all_nodes(all.clone())).count("group_unordered"), 1);
+        // An event never acked (d), and a delivery $all does not hold.
+        let mut missing = ops.clone();
+        *missing.last_mut().unwrap() = group_epoch(31, 200, Some(1), &[("b", "s", 1, 1, Ack), ("c", "t", 0, 2, Ack), ("x", "s", 2, 3, Ack)], "drained", true);
+        let report = check(&missing, &on_all_nodes(all.clone()));
+        assert_eq!((report.count("group_not_acked"), report.count("group_wrong_event")), (1, 1), "{report}");
+        // A drain that never saw the group settle.
+        let mut undrained = ops.clone();
+        *undrained.last_mut().unwrap() = group_epoch(31, 200, Some(1), &[("b", "s", 1, 1, Ack)], "stopped", true);
+        assert_eq!(check(&undrained, &on_all_nodes(all.clone())).count("group_not_drained"), 1);
+        // A redelivery after an ack is counted (a figure, not an anomaly: at-least-once).
+        let mut again = ops;
+        again.push(group_epoch(32, 300, Some(1), &[("c", "t", 0, 2, Ack)], "stopped", false));
+        let report = check(&again, &on_all_nodes(all));
+        assert_eq!((report.anomalies(), report.group_redeliveries_after_ack), (0, 1), "{report}");
     }
 }

@@ -15,7 +15,7 @@ use strata_proto::v1::streams_client::StreamsClient;
 
 use crate::cluster::{converged_within, leader_among, read_all_local_at, strata_binary};
 use crate::history::{FaultRecord, FinalEvent};
-use crate::scenario::{finish, start_workload, write_lines, Outcome, RunConfig};
+use crate::scenario::{drain_group, finish, start_workload, write_lines, Outcome, RunConfig};
 use crate::workload::Rng;
 
 /// Host ports the chaos scenario's project publishes: node `n` (1-based) gets `base + n - 1`.
@@ -117,7 +117,7 @@ pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
     eprintln!("chaos: compose project {} up", project.name);
 
     let addrs = Arc::new(project.nodes().into_iter().map(|(_, addr)| addr).collect::<Vec<_>>());
-    let (recorder, started, until, tasks) = start_workload(addrs, config);
+    let (recorder, started, until, tasks) = start_workload(addrs.clone(), config).await;
     let mut rng = Rng::new(config.seed, 8_888);
     let mut faults: Vec<FaultRecord> = Vec::new();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -151,7 +151,7 @@ pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
     for task in tasks {
         task.await.expect("workload task");
     }
-    let ops = recorder.lock().unwrap().take_ops();
+    let mut ops = recorder.lock().unwrap().take_ops();
     let dir = project.dir.path().to_path_buf();
     write_lines(&dir.join("history.jsonl"), &ops);
     write_lines(&dir.join("faults.jsonl"), &faults);
@@ -160,6 +160,7 @@ pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
     if let Err(applied) = converged_within(&project.nodes(), Duration::from_secs(90)).await {
         panic!("the compose nodes did not converge: {applied:?}");
     }
+    drain_group(addrs, &recorder, config, &mut ops, &dir).await;
     let mut finals = BTreeMap::new();
     for (node, addr) in project.nodes() {
         finals.insert(node, read_all_local(&addr).await);

@@ -87,6 +87,10 @@ fn op_label(kind: &OpKind) -> String {
         OpKind::SubscriptionEpoch { ended, .. } => {
             format!("subscription epoch {}", if ended == "stopped" { "completed" } else { "dropped" })
         }
+        OpKind::GroupEpoch { ended, drain, .. } => {
+            let how = if ended == "stopped" || ended == "drained" { "completed" } else { "dropped" };
+            format!("group {} {how}", if *drain { "drain" } else { "connection" })
+        }
     }
 }
 

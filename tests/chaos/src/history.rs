@@ -66,6 +66,31 @@ pub enum OpKind {
     /// (dropped, failed or stopped) with `checkpoint` stored: the position the next epoch
     /// of subscription `subscription` resubscribes after.
     SubscriptionEpoch { subscription: u32, epoch: u32, after: Option<u64>, delivered: Vec<Delivered>, checkpoint: Option<u64>, ended: String },
+    /// One connection of a consumer of the run's persistent group: the group's replicated
+    /// checkpoint observed (through `Info`) before connecting, every delivery in order with
+    /// what the consumer answered, and how the connection ended. `drain` marks the final
+    /// consumer that acks everything left after healing.
+    GroupEpoch { consumer: u32, epoch: u32, checkpoint_before: Option<u64>, deliveries: Vec<GroupDelivery>, ended: String, drain: bool },
+}
+
+/// What a group consumer answered to a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupAnswer {
+    Ack,
+    /// Nack with retry.
+    Retry,
+}
+
+/// One delivery of the persistent group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDelivery {
+    pub id: String,
+    pub stream: String,
+    pub version: u64,
+    pub position: u64,
+    pub retry_count: u32,
+    pub answer: GroupAnswer,
 }
 
 /// One injected fault, logged with its start and end (milliseconds since the run started).

@@ -26,6 +26,9 @@ struct Args {
     /// Catch-up subscribers to $all.
     #[arg(long, default_value_t = 2)]
     subscribers: u32,
+    /// Consumers of the run's persistent group (pinned, over $all).
+    #[arg(long, default_value_t = 2)]
+    group_consumers: u32,
     /// Nodes listen on 127.0.<subnet>.1..=3.
     #[arg(long, default_value_t = 60)]
     subnet: u8,
@@ -53,6 +56,7 @@ async fn main() {
         subnet: args.subnet,
         clients: args.clients,
         subscribers: args.subscribers,
+        group_consumers: args.group_consumers,
         keep: args.keep,
     };
     if args.scenario == "compose" {

@@ -18,7 +18,7 @@ use crate::cluster::{NodeLaunch, TestCluster};
 use crate::figures::Figures;
 use crate::history::{write_jsonl, FaultRecord, FinalEvent, Op};
 use crate::nemesis::{FaultKind, Nemesis};
-use crate::workload::{client, subscriber, Addrs, Recorder, Rng};
+use crate::workload::{client, create_group, group_consumer, subscriber, Addrs, Recorder, Rng};
 
 /// The server's failpoint that makes a `kill -9` lose every Raft log write that was not
 /// fsynced, as a power cut loses the page cache.
@@ -74,6 +74,8 @@ pub struct RunConfig {
     pub subnet: u8,
     pub clients: u32,
     pub subscribers: u32,
+    /// Consumers of the run's persistent group (0: no group).
+    pub group_consumers: u32,
     /// Keep the run's dir even when it passes.
     pub keep: bool,
 }
@@ -130,7 +132,7 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     eprintln!("chaos: cluster up in {}", cluster.dir.path().display());
 
     let addrs = Arc::new((1..=3).map(|id| cluster.addr(id)).collect::<Vec<_>>());
-    let (recorder, started, until, tasks) = start_workload(addrs, config);
+    let (recorder, started, until, tasks) = start_workload(addrs.clone(), config).await;
 
     let mut nemesis = Nemesis::new(&cluster, started);
     let mut rng = Rng::new(config.seed, 7_777);
@@ -148,13 +150,14 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     }
 
     // The history is on disk before draining, so a run that cannot drain keeps it.
-    let ops = recorder.lock().unwrap().take_ops();
+    let mut ops = recorder.lock().unwrap().take_ops();
     let dir = cluster.dir.path().to_path_buf();
     write_lines(&dir.join("history.jsonl"), &ops);
     write_lines(&dir.join("faults.jsonl"), &nemesis.log);
 
-    // Drain: every node up and caught up, then every node's full $all.
+    // Drain: every node up and caught up, the group settled, then every node's full $all.
     cluster.wait_converged(Duration::from_secs(90)).await;
+    drain_group(addrs, &recorder, config, &mut ops, &dir).await;
     let mut finals = BTreeMap::new();
     for id in 1..=3 {
         finals.insert(id, cluster.read_all_local(id).await.into_iter().map(FinalEvent::from).collect::<Vec<_>>());
@@ -167,9 +170,13 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     outcome
 }
 
-/// Starts the run's clients and subscribers against `addrs`; returns the recorder, the
-/// run's time origin, when the workload stops, and the tasks to await.
-pub fn start_workload(addrs: Addrs, config: &RunConfig) -> (Arc<Mutex<Recorder>>, Instant, Instant, Vec<tokio::task::JoinHandle<()>>) {
+/// Starts the run's clients, subscribers and group consumers against `addrs` (creating
+/// the group first); returns the recorder, the run's time origin, when the workload
+/// stops, and the tasks to await.
+pub async fn start_workload(addrs: Addrs, config: &RunConfig) -> (Arc<Mutex<Recorder>>, Instant, Instant, Vec<tokio::task::JoinHandle<()>>) {
+    if config.group_consumers > 0 {
+        create_group(&addrs).await.expect("create the chaos group");
+    }
     let recorder = Recorder::new();
     let started = recorder.lock().unwrap().started();
     let until = started + config.duration;
@@ -180,7 +187,22 @@ pub fn start_workload(addrs: Addrs, config: &RunConfig) -> (Arc<Mutex<Recorder>>
     for s in 0..config.subscribers {
         tasks.push(tokio::spawn(subscriber(addrs.clone(), recorder.clone(), s, config.seed, until)));
     }
+    for g in 0..config.group_consumers {
+        tasks.push(tokio::spawn(group_consumer(addrs.clone(), recorder.clone(), g, config.seed, until, false)));
+    }
     (recorder, started, until, tasks)
+}
+
+/// After healing and convergence: one consumer acks whatever the group has left until it
+/// is settled; its epochs are added to `ops` (and the history file rewritten), so the
+/// checker can demand that every event was acked.
+pub async fn drain_group(addrs: Addrs, recorder: &Arc<Mutex<Recorder>>, config: &RunConfig, ops: &mut Vec<Op>, dir: &std::path::Path) {
+    if config.group_consumers == 0 {
+        return;
+    }
+    group_consumer(addrs, recorder.clone(), config.group_consumers, config.seed, Instant::now(), true).await;
+    ops.extend(recorder.lock().unwrap().take_ops());
+    write_lines(&dir.join("history.jsonl"), ops);
 }
 
 /// Checks a drained run, computes its figures, and writes `report.txt` into `dir`.

@@ -4,6 +4,10 @@
 //! to `$all` that resubscribe after their last stored checkpoint. Every operation is
 //! recorded in a shared [`Recorder`].
 //!
+//! Persistent-group consumers (pinned, over `$all`) ack most deliveries and nack some for
+//! a retry, reconnecting through random nodes; a final consumer drains the group after
+//! healing, so the checker can hold the group to at-least-once delivery.
+//!
 //! The subscribers use `Subscriptions.Subscribe` and store the server's checkpoints, so
 //! the checker holds the server to what a subscription promises (ordered, gapless,
 //! duplicate-free, honest checkpoints) across node failures.
@@ -16,10 +20,16 @@ use strata_proto::detail_of;
 use strata_proto::v1::streams_client::StreamsClient;
 use strata_proto::v1::subscribe_response::Kind;
 use strata_proto::v1::subscriptions_client::SubscriptionsClient;
-use strata_proto::v1::{AppendRequest, AppendResponse, ExpectedVersionKind, ProposedEvent, ReadStreamRequest, SubscribeFrom, SubscribeRequest};
+use strata_proto::v1::connect_request::Kind as InKind;
+use strata_proto::v1::connect_response::Kind as OutKind;
+use strata_proto::v1::persistent_subscriptions_client::PersistentSubscriptionsClient;
+use strata_proto::v1::{
+    Ack, AppendRequest, AppendResponse, ConnectRequest, ConnectStart, ConsumerStrategy, CreateGroupRequest, ExpectedVersionKind,
+    GroupInfoRequest, GroupSettings, Nack, NackAction, ProposedEvent, ReadStreamRequest, SubscribeFrom, SubscribeRequest,
+};
 use tonic::transport::Channel;
 
-use crate::history::{AppendOutcome, Consistency, Delivered, Expected, Op, OpKind, ReadOutcome};
+use crate::history::{AppendOutcome, Consistency, Delivered, Expected, GroupAnswer, GroupDelivery, Op, OpKind, ReadOutcome};
 
 /// Streams the clients write to: few, so that OCC conflicts are common.
 pub const STREAMS: u64 = 6;
@@ -253,6 +263,8 @@ pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscripti
             from: if after.is_some() { SubscribeFrom::Revision } else { SubscribeFrom::Start } as i32,
             from_revision: after.map_or(0, |p| p + 1),
             filter: None,
+            // Half the epochs are served by the leader through whichever node was called.
+            follow_leader: rng.below(2) == 0,
         };
         let epoch_ends = (Instant::now() + rng.millis(1_000, 5_000)).min(until);
         let mut delivered: Vec<Delivered> = Vec::new();
@@ -284,6 +296,138 @@ pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscripti
         epoch += 1;
         if dropped {
             // A node that is down refuses at once: do not spin on it.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The run's persistent group: pinned over `$all` (so per-stream order is checkable),
+/// checkpointing often, retrying forever (nothing is parked in a chaos run).
+pub const GROUP: &str = "chaos-group";
+
+fn group_client(channel: Channel) -> PersistentSubscriptionsClient<Channel> {
+    PersistentSubscriptionsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)
+}
+
+/// Creates the run's group through any node (retrying until the cluster answers).
+pub async fn create_group(addrs: &Addrs) -> Result<(), String> {
+    let settings = GroupSettings {
+        source: "$all".into(),
+        strategy: ConsumerStrategy::Pinned as i32,
+        checkpoint_after_count: Some(10),
+        checkpoint_after_ms: Some(200),
+        message_timeout_ms: Some(3_000),
+        max_retry_count: Some(10_000),
+        max_in_flight: Some(20),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        for addr in addrs.iter() {
+            let Some(channel) = channel(addr).await else { continue };
+            match group_client(channel).create(CreateGroupRequest { group: GROUP.into(), settings: Some(settings.clone()) }).await {
+                Ok(_) => return Ok(()),
+                Err(status) if status.code() == tonic::Code::AlreadyExists => return Ok(()),
+                Err(status) => last = status.message().to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("could not create the chaos group: {last}"))
+}
+
+/// The group's replicated checkpoint and whether it is settled (checkpoint at the head,
+/// nothing in flight), through `node`.
+async fn group_state(addr: &str) -> Option<(u64, bool)> {
+    let channel = channel(addr).await?;
+    let mut request = tonic::Request::new(GroupInfoRequest { group: GROUP.into() });
+    request.set_timeout(CALL_TIMEOUT);
+    let info = group_client(channel).info(request).await.ok()?.into_inner();
+    Some((info.checkpoint, info.checkpoint == info.head && info.in_flight == 0 && info.replaying == 0))
+}
+
+/// How long the draining consumer may take to settle the group after healing.
+pub const GROUP_DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One consumer of the run's group until `until`: each epoch observes the checkpoint,
+/// connects through a random node, acks most deliveries and nacks some for a retry, and
+/// ends after a few seconds or when a fault drops it. With `drain`, it acks everything and
+/// runs until the group is settled (or `GROUP_DRAIN_TIMEOUT`).
+pub async fn group_consumer(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, consumer: u32, seed: u64, until: Instant, drain: bool) {
+    let mut rng = Rng::new(seed, 2000 + u64::from(consumer));
+    let mut epoch = 0u32;
+    let drain_deadline = Instant::now() + GROUP_DRAIN_TIMEOUT;
+    loop {
+        if (!drain && Instant::now() >= until) || (drain && Instant::now() >= drain_deadline) {
+            return;
+        }
+        let node = rng.below(addrs.len() as u64);
+        let addr = &addrs[node as usize];
+        let checkpoint_before = group_state(addr).await.map(|(checkpoint, _)| checkpoint);
+        let invoke_ms = recorder.lock().unwrap().now();
+        let epoch_ends = if drain { drain_deadline } else { (Instant::now() + rng.millis(1_000, 5_000)).min(until) };
+        let mut deliveries = Vec::new();
+        let ended = match channel(addr).await {
+            None => "dropped: no connection".to_string(),
+            Some(channel) => {
+                let (requests, outbound) = tokio::sync::mpsc::channel(256);
+                let start = ConnectStart { group: GROUP.into(), consumer_name: format!("chaos-{consumer}") };
+                let _ = requests.send(ConnectRequest { kind: Some(InKind::Start(start)) }).await;
+                match group_client(channel).connect_consumer(tokio_stream::wrappers::ReceiverStream::new(outbound)).await {
+                    Err(status) => format!("dropped: {:?}", status.code()),
+                    Ok(response) => {
+                        let mut messages = response.into_inner();
+                        loop {
+                            let wait = if drain { Duration::from_secs(2) } else { Duration::from_secs(3_600) };
+                            let next = tokio::time::timeout_at(epoch_ends.min(Instant::now() + wait).into(), messages.message()).await;
+                            let message = match next {
+                                Err(_) if !drain || Instant::now() >= epoch_ends => break "stopped".to_string(),
+                                Err(_) => match group_state(addr).await {
+                                    Some((_, true)) => break "drained".to_string(),
+                                    _ => continue,
+                                },
+                                Ok(Err(status)) => break format!("dropped: {:?}", status.code()),
+                                Ok(Ok(None)) => break "dropped: ended by the server".to_string(),
+                                Ok(Ok(Some(message))) => message,
+                            };
+                            let Some(OutKind::Delivery(delivery)) = message.kind else { continue };
+                            let event = delivery.event.unwrap_or_default();
+                            let answer = if !drain && rng.below(10) == 0 { GroupAnswer::Retry } else { GroupAnswer::Ack };
+                            let reply = match answer {
+                                GroupAnswer::Ack => InKind::Ack(Ack { delivery_ids: vec![delivery.delivery_id] }),
+                                GroupAnswer::Retry => InKind::Nack(Nack {
+                                    delivery_ids: vec![delivery.delivery_id],
+                                    action: NackAction::Retry as i32,
+                                    reason: "chaos".into(),
+                                    retry_delay_ms: 0,
+                                }),
+                            };
+                            deliveries.push(GroupDelivery {
+                                id: event.id,
+                                stream: event.stream,
+                                version: event.version,
+                                position: event.position,
+                                retry_count: delivery.retry_count,
+                                answer,
+                            });
+                            if requests.send(ConnectRequest { kind: Some(reply) }).await.is_err() {
+                                break "dropped: request stream closed".to_string();
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let settled = ended == "drained";
+        let dropped = ended.starts_with("dropped");
+        let kind = OpKind::GroupEpoch { consumer, epoch, checkpoint_before, deliveries, ended, drain };
+        recorder.lock().unwrap().record(20_000 + consumer, node + 1, invoke_ms, kind);
+        epoch += 1;
+        if settled {
+            return;
+        }
+        if dropped {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
