@@ -170,6 +170,20 @@ async fn consumers_on_different_nodes_share_a_group_and_the_checkpoint_follows_t
     let metrics = reqwest_metrics(&cluster, leader).await;
     assert!(metrics.contains("strata_group_checkpoint{group=\"workers\""), "{metrics}");
     assert!(metrics.contains("strata_group_events_total{group=\"workers\",") && metrics.contains("outcome=\"acked\""));
+
+    // A parked event's copy lands in `$parked-workers`, a system stream: an `$all` group
+    // does not receive it (no feedback loop).
+    append(&cluster, "s-9", vec![event(1_000, "Wanted")]).await;
+    let last = match two.next(Duration::from_secs(3)).await.unwrap() {
+        Some(delivery) => delivery,
+        None => one.delivery().await,
+    };
+    assert_eq!(n_of(&last), 1_000);
+    two.nack(last.delivery_id, NackAction::Park, 0).await;
+    one.nack(last.delivery_id, NackAction::Park, 0).await;
+    assert!(two.next(Duration::from_millis(1_500)).await.unwrap().is_none(), "the parked copy is not delivered");
+    assert!(one.next(Duration::from_millis(200)).await.unwrap().is_none(), "the parked copy is not delivered");
+    wait_for("the park", Duration::from_secs(10), async || (info(&cluster, leader, "workers").await.parked == 1).then_some(())).await;
 }
 
 async fn reqwest_metrics(cluster: &TestCluster, node: u64) -> String {

@@ -294,7 +294,9 @@ impl Runtime {
                         backwards: false,
                         limit: room,
                         scan_limit: READ_SCAN_EVENTS_MAX,
-                        filter: &|event: &StoredEvent| settings.filter.matches(event),
+                        // System streams (`$parked-…` among them) are not part of a group's
+                        // `$all`: a group must not receive its own parked copies.
+                        filter: &|event: &StoredEvent| !event.stream.starts_with('$') && settings.filter.matches(event),
                     })?;
                     let last = page.last().map_or(from, |e| e.position + 1);
                     Ok((page, next.unwrap_or(visible.max(last)).max(from)))
