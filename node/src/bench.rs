@@ -628,7 +628,9 @@ async fn group_throughput(endpoints: &[String], prefix: &str, from_position: u64
             }
         }));
     }
-    let outcome = tokio::time::timeout(READ_BACK_TIMEOUT, finished.wait_for(|f| *f)).await;
+    // Only whether it finished: the `Ref` that `wait_for` returns holds the channel's read
+    // lock, and `done.send` below would wait for it forever.
+    let outcome = tokio::time::timeout(READ_BACK_TIMEOUT, finished.wait_for(|f| *f)).await.map(|r| r.is_ok());
     let secs = started.elapsed().as_secs_f64();
     let _ = done.send(true);
     for task in tasks {
@@ -637,7 +639,7 @@ async fn group_throughput(endpoints: &[String], prefix: &str, from_position: u64
         }
     }
     let _ = admin.delete(DeleteGroupRequest { group }).await;
-    outcome.map_err(|_| anyhow!("group consumption timed out after {} s at {} of {target}", READ_BACK_TIMEOUT.as_secs(), acked.load(Ordering::Relaxed)))?.ok();
+    outcome.map_err(|_| anyhow!("group consumption timed out after {} s at {} of {target}", READ_BACK_TIMEOUT.as_secs(), acked.load(Ordering::Relaxed)))?;
     Ok(acked.load(Ordering::Relaxed) as f64 / secs)
 }
 
