@@ -7,7 +7,7 @@ use strata_raft::Raft;
 use strata_storage::{Command, ControlCommand, ControlSuccess};
 
 use crate::error::ApiError;
-use crate::limits::APPEND_APPLY_TIMEOUT_MS;
+use crate::limits::{APPEND_APPLY_TIMEOUT_MS, LEADER_CHANGE_WAIT_MS, LOCAL_RETRY_PAUSE_MS};
 
 /// A control command's result and the log index of its entry (a commit token).
 pub struct ControlApplied {
@@ -16,7 +16,32 @@ pub struct ControlApplied {
 }
 
 /// Proposes `command` through Raft on this node (the leader) and waits for its outcome.
+/// When openraft refuses while this node still leads (a new leader settling into its
+/// term), it proposes again after `LOCAL_RETRY_PAUSE_MS`, for up to
+/// `LEADER_CHANGE_WAIT_MS`, as appends do; refused because another node leads now, it
+/// answers UNAVAILABLE (definite: nothing was proposed).
 pub async fn propose(raft: &Raft, command: ControlCommand) -> Result<ControlApplied, ApiError> {
+    let started = std::time::Instant::now();
+    loop {
+        match propose_once(raft, command.clone()).await {
+            Err(ApiError::Unavailable { .. })
+                if started.elapsed() < Duration::from_millis(LEADER_CHANGE_WAIT_MS) && still_leads(raft) =>
+            {
+                tokio::time::sleep(Duration::from_millis(LOCAL_RETRY_PAUSE_MS)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn still_leads(raft: &Raft) -> bool {
+    use openraft::async_runtime::WatchReceiver;
+    let metrics = raft.metrics();
+    let current = metrics.borrow_watched();
+    current.current_leader == Some(current.id)
+}
+
+async fn propose_once(raft: &Raft, command: ControlCommand) -> Result<ControlApplied, ApiError> {
     let label = command.label();
     let write = raft.client_write(Command::Control(command));
     let response = match tokio::time::timeout(Duration::from_millis(APPEND_APPLY_TIMEOUT_MS), write).await {

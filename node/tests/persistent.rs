@@ -39,8 +39,20 @@ async fn groups(cluster: &TestCluster, node: u64) -> PersistentSubscriptionsClie
     PersistentSubscriptionsClient::new(cluster.channel(node).await)
 }
 
+/// Creates a group, retrying while a just-started cluster has no settled leader (UNAVAILABLE
+/// is definite: nothing was proposed).
 async fn create(cluster: &TestCluster, node: u64, group: &str, settings: GroupSettings) -> GroupInfo {
-    groups(cluster, node).await.create(CreateGroupRequest { group: group.into(), settings: Some(settings) }).await.expect("create group").into_inner()
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let request = CreateGroupRequest { group: group.into(), settings: Some(settings.clone()) };
+        match groups(cluster, node).await.create(request).await {
+            Ok(info) => return info.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("create group: {status:?}"),
+        }
+    }
 }
 
 async fn info(cluster: &TestCluster, node: u64, group: &str) -> GroupInfo {
