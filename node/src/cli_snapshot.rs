@@ -74,9 +74,16 @@ pub async fn snapshot(options: &ClientOptions, command: SnapshotCommand) -> Resu
         SnapshotCommand::List { stream } => {
             let listed = client.list(ListSnapshotsRequest { stream }).await?.into_inner();
             if options.json {
-                let all: Vec<_> = listed.snapshots.iter().map(|s| {
-                    json!({"stream": s.stream, "version": s.version, "content_type": s.content_type, "created": format_unix_ms(s.created_unix_ms), "state_bytes": s.state_bytes})
-                }).collect();
+                // List answers carry no state: the same object as `load`, without it.
+                let all: Vec<_> = listed
+                    .snapshots
+                    .iter()
+                    .map(|s| {
+                        let mut line = snapshot_json(s);
+                        line.as_object_mut().expect("an object").remove("state");
+                        line
+                    })
+                    .collect();
                 println!("{}", json!(all));
             } else {
                 println!("{:>10}  {:>10}  {:<24}  created", "version", "bytes", "content type");

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use strata_raft::Raft;
 use strata_storage::{Command, ControlCommand, ControlSuccess};
 
 use crate::error::ApiError;
 use crate::limits::{APPEND_APPLY_TIMEOUT_MS, LEADER_CHANGE_WAIT_MS, LOCAL_RETRY_PAUSE_MS};
+use crate::routing::Router;
 
 /// A control command's result and the log index of its entry (a commit token).
 pub struct ControlApplied {
@@ -20,12 +20,12 @@ pub struct ControlApplied {
 /// term), it proposes again after `LOCAL_RETRY_PAUSE_MS`, for up to
 /// `LEADER_CHANGE_WAIT_MS`, as appends do; refused because another node leads now, it
 /// answers UNAVAILABLE (definite: nothing was proposed).
-pub async fn propose(raft: &Raft, command: ControlCommand) -> Result<ControlApplied, ApiError> {
+pub async fn propose(router: &Router, command: ControlCommand) -> Result<ControlApplied, ApiError> {
     let started = std::time::Instant::now();
     loop {
-        match propose_once(raft, command.clone()).await {
+        match propose_once(&router.raft, command.clone()).await {
             Err(ApiError::Unavailable { .. })
-                if started.elapsed() < Duration::from_millis(LEADER_CHANGE_WAIT_MS) && still_leads(raft) =>
+                if started.elapsed() < Duration::from_millis(LEADER_CHANGE_WAIT_MS) && router.believes_it_leads() =>
             {
                 tokio::time::sleep(Duration::from_millis(LOCAL_RETRY_PAUSE_MS)).await;
             }
@@ -34,14 +34,7 @@ pub async fn propose(raft: &Raft, command: ControlCommand) -> Result<ControlAppl
     }
 }
 
-fn still_leads(raft: &Raft) -> bool {
-    use openraft::async_runtime::WatchReceiver;
-    let metrics = raft.metrics();
-    let current = metrics.borrow_watched();
-    current.current_leader == Some(current.id)
-}
-
-async fn propose_once(raft: &Raft, command: ControlCommand) -> Result<ControlApplied, ApiError> {
+async fn propose_once(raft: &strata_raft::Raft, command: ControlCommand) -> Result<ControlApplied, ApiError> {
     let label = command.label();
     let write = raft.client_write(Command::Control(command));
     let response = match tokio::time::timeout(Duration::from_millis(APPEND_APPLY_TIMEOUT_MS), write).await {

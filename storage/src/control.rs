@@ -28,7 +28,7 @@ pub struct AggregateSnapshot {
     pub stream: String,
     pub version: u64,
     pub content_type: String,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::command::serde_bytes_compat")]
     pub state: Vec<u8>,
     pub created_unix_ms: i64,
 }
@@ -52,7 +52,7 @@ pub struct GroupRecord {
     /// The source stream; None for `$all`.
     pub source_stream: Option<String>,
     /// The node's settings (filter, strategy, timeouts...), opaque to storage.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::command::serde_bytes_compat")]
     pub settings: Vec<u8>,
     /// Every matching event below this cursor (stream version or `$all` position) was
     /// acked, skipped or parked: it is never delivered again.
@@ -73,14 +73,14 @@ pub enum ControlCommand {
     CreateGroup {
         name: String,
         source_stream: Option<String>,
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::command::serde_bytes_compat")]
         settings: Vec<u8>,
         start: GroupStart,
         created_unix_ms: i64,
     },
     UpdateGroup {
         name: String,
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::command::serde_bytes_compat")]
         settings: Vec<u8>,
     },
     DeleteGroup { name: String },
@@ -338,11 +338,6 @@ const _: () = assert!(keys::EVENT != SNAPSHOT && keys::STREAM_INDEX != SNAPSHOT 
 const _: () = assert!(keys::EVENT != GROUP && keys::STREAM_INDEX != GROUP && keys::HEAD != GROUP && keys::META != GROUP);
 const _: () = assert!(keys::EVENT_ID != GROUP && keys::EVENT_ID != SNAPSHOT && keys::META != SNAPSHOT);
 const _: () = assert!(keys::EVENT != COUNTER && keys::STREAM_INDEX != COUNTER && keys::HEAD != COUNTER && keys::META != COUNTER && keys::EVENT_ID != COUNTER);
-
-/// Byte vectors as one length-prefixed blob (see `command::serde_bytes_compat`).
-mod serde_bytes {
-    pub use crate::command::serde_bytes_compat::{deserialize, serialize};
-}
 
 #[cfg(test)]
 mod tests {

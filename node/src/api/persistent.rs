@@ -62,13 +62,9 @@ impl PersistentService {
         // Room for every delivery a consumer may hold, plus the connection's markers.
         let (sender, receiver) = mpsc::channel(GROUP_IN_FLIGHT_MAX as usize + 2);
         let (reply, answer) = oneshot::channel();
-        mailbox
-            .send(RuntimeRequest::Connect { name: start.consumer_name, sender, reply })
-            .await
-            .map_err(|_| ApiError::Unavailable { reason: "the group stopped running here; connect again".into(), leader_id: None, leader_addr: None })?;
-        let connected = answer
-            .await
-            .map_err(|_| ApiError::Unavailable { reason: "the group stopped running here; connect again".into(), leader_id: None, leader_addr: None })??;
+        let stopped = || ApiError::Unavailable { reason: "the group stopped running here; connect again".into(), leader_id: None, leader_addr: None };
+        mailbox.send(RuntimeRequest::Connect { name: start.consumer_name, sender, reply }).await.map_err(|_| stopped())?;
+        let connected = answer.await.map_err(|_| stopped())??;
         let consumer: u64 = connected.consumer_id.parse().expect("consumer ids are numbers");
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
@@ -115,7 +111,7 @@ impl PersistentSubscriptions for PersistentService {
                         settings: settings.encode_to_vec(),
                         created_unix_ms: now_unix_ms(),
                     };
-                    let record = Self::group_of(propose(&ctx.router.raft, command).await?.success)?;
+                    let record = Self::group_of(propose(&ctx.router, command).await?.success)?;
                     ctx.groups.info(&ctx.events, &record).await
                 },
                 |channel| async move { Self::client(channel).create(mark_forwarded(remote)).await.map_err(forwarded_failure) },
@@ -147,7 +143,7 @@ impl PersistentSubscriptions for PersistentService {
                     settings.from = stored.from;
                     settings.from_revision = stored.from_revision;
                     let command = ControlCommand::UpdateGroup { name: request.group.clone(), settings: settings.encode_to_vec() };
-                    let record = Self::group_of(propose(&self.ctx.router.raft, command).await?.success)?;
+                    let record = Self::group_of(propose(&self.ctx.router, command).await?.success)?;
                     self.ctx.groups.info(&self.ctx.events, &record).await
                 },
                 |channel| async move { Self::client(channel).update(mark_forwarded(remote)).await.map_err(forwarded_failure) },
@@ -165,7 +161,7 @@ impl PersistentSubscriptions for PersistentService {
             .on_leader(
                 forwarded,
                 || async {
-                    propose(&self.ctx.router.raft, ControlCommand::DeleteGroup { name: request.group.clone() }).await?;
+                    propose(&self.ctx.router, ControlCommand::DeleteGroup { name: request.group.clone() }).await?;
                     Ok(DeleteGroupResponse {})
                 },
                 |channel| async move { Self::client(channel).delete(mark_forwarded(remote)).await.map_err(forwarded_failure) },
@@ -253,7 +249,7 @@ impl PersistentSubscriptions for PersistentService {
                         return Ok(ReplayParkedResponse { replaying: 0 });
                     }
                     let command = ControlCommand::ReplayParked { name: record.name.clone(), group_id: record.group_id, target };
-                    let updated = Self::group_of(propose(&self.ctx.router.raft, command).await?.success)?;
+                    let updated = Self::group_of(propose(&self.ctx.router, command).await?.success)?;
                     Ok(ReplayParkedResponse { replaying: updated.parked_replay_target - record.parked_replay_target })
                 },
                 |channel| async move { Self::client(channel).replay_parked(mark_forwarded(remote)).await.map_err(forwarded_failure) },

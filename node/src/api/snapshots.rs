@@ -71,7 +71,7 @@ impl Snapshots for SnapshotsService {
                 forwarded,
                 || async {
                     let (stream, version) = (snapshot.stream.clone(), snapshot.version);
-                    let applied = propose(&router.raft, ControlCommand::SaveSnapshot(snapshot)).await?;
+                    let applied = propose(router, ControlCommand::SaveSnapshot(snapshot)).await?;
                     Ok(SaveSnapshotResponse { stream, version, commit_token: commit_token(applied.log_index) })
                 },
                 |channel| async move { SnapshotsClient::new(channel).save(mark_forwarded(request)).await.map_err(forwarded_failure) },
@@ -131,7 +131,7 @@ impl Snapshots for SnapshotsService {
                 forwarded,
                 || async {
                     let command = ControlCommand::DeleteSnapshots { stream: request.stream.clone(), version: request.version };
-                    let deleted = match propose(&router.raft, command).await?.success {
+                    let deleted = match propose(router, command).await?.success {
                         ControlSuccess::Deleted(count) => count,
                         other => return Err(ApiError::Internal { reason: format!("delete answered {other:?}") }),
                     };

@@ -33,10 +33,14 @@ pub struct Groups {
 }
 
 impl Groups {
-    fn running_now(&self, name: &str, group_id: Option<u64>) -> Option<mpsc::Sender<Request>> {
-        let runtimes = self.runtimes.lock().expect("group registry lock is never poisoned");
+    /// The mailbox of a runtime of `name` that is still running (of group `group_id`, when given).
+    fn live(runtimes: &HashMap<String, (u64, mpsc::Sender<Request>)>, name: &str, group_id: Option<u64>) -> Option<mpsc::Sender<Request>> {
         let (id, mailbox) = runtimes.get(name)?;
         (!mailbox.is_closed() && group_id.is_none_or(|g| g == *id)).then(|| mailbox.clone())
+    }
+
+    fn running_now(&self, name: &str, group_id: Option<u64>) -> Option<mpsc::Sender<Request>> {
+        Self::live(&self.runtimes.lock().expect("group registry lock is never poisoned"), name, group_id)
     }
 
     /// The runtime of group `name`, started if it is not running. Called on the leader,
@@ -49,11 +53,8 @@ impl Groups {
         }
         let record = ctx.events.group(name)?.ok_or_else(|| ApiError::GroupNotFound { group: name.to_string() })?;
         let mut runtimes = self.runtimes.lock().expect("group registry lock is never poisoned");
-        if let Some((id, mailbox)) = runtimes.get(name)
-            && !mailbox.is_closed()
-            && *id == record.group_id
-        {
-            return Ok(mailbox.clone());
+        if let Some(mailbox) = Self::live(&runtimes, name, Some(record.group_id)) {
+            return Ok(mailbox);
         }
         let mailbox = Runtime::start(ctx.clone(), record.clone())?;
         runtimes.insert(name.to_string(), (record.group_id, mailbox.clone()));

@@ -80,11 +80,6 @@ struct Consumer {
     nacked: u64,
 }
 
-/// Why a runtime stopped, told to its consumers.
-fn stop_status(reason: &ApiError) -> Status {
-    reason.clone().into_status()
-}
-
 pub struct Runtime {
     ctx: Arc<NodeContext>,
     record: GroupRecord,
@@ -196,7 +191,7 @@ impl Runtime {
         };
         tracing::info!(group, reason = %stopped, "persistent group stopped on this node");
         for (_, consumer) in std::mem::take(&mut self.consumers) {
-            let _ = consumer.sender.try_send(Err(stop_status(&stopped)));
+            let _ = consumer.sender.try_send(Err(stopped.clone().into_status()));
         }
         self.ctx.metrics.forget_group(&group);
     }
@@ -212,8 +207,7 @@ impl Runtime {
         if last_confirmed.elapsed() < Duration::from_millis(GROUP_LEADERSHIP_CHECK_MS) {
             return true;
         }
-        let confirm = self.ctx.router.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
-        match tokio::time::timeout(Duration::from_millis(GROUP_LEADERSHIP_CHECK_MS), confirm).await {
+        match tokio::time::timeout(Duration::from_millis(GROUP_LEADERSHIP_CHECK_MS), self.ctx.router.linearize()).await {
             Ok(Ok(_)) => {
                 *last_confirmed = Instant::now();
                 true
@@ -372,8 +366,16 @@ impl Runtime {
             return;
         }
         let pinned = self.settings.strategy == ConsumerStrategy::Pinned;
-        let candidates: Vec<Key> = self.ready.iter().take(GROUP_DISPATCH_SCAN_MAX).copied().collect();
-        for key in candidates {
+        // Walks `ready` from its start; dispatched keys leave it, skipped ones stay behind
+        // the cursor. Runs on every request, so it copies nothing up front.
+        let mut cursor: Option<Key> = None;
+        for _ in 0..GROUP_DISPATCH_SCAN_MAX {
+            let next = match cursor {
+                None => self.ready.first(),
+                Some(after) => self.ready.range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)).next(),
+            };
+            let Some(&key) = next else { return };
+            cursor = Some(key);
             let stream = self.pending[&key].event.stream.clone();
             // Pinned: one event of a stream at a time, the stream's earliest first.
             if pinned && self.by_stream.get(&stream).and_then(|keys| keys.first()) != Some(&key) {
@@ -630,7 +632,11 @@ impl Runtime {
 
     /// The lowest source cursor and parked version not yet settled.
     fn checkpoints(&self) -> (u64, u64) {
-        let source = self.pending.keys().find_map(|k| if let Key::Source(c) = k { Some(*c) } else { None });
+        // Replay keys sort before source keys.
+        let source = self.pending.range(Key::Source(0)..).next().map(|(k, _)| match k {
+            Key::Source(cursor) => *cursor,
+            Key::Replay(_) => unreachable!("replay keys sort first"),
+        });
         let replay = self.pending.keys().next().and_then(|k| if let Key::Replay(v) = k { Some(*v) } else { None });
         (source.unwrap_or(self.read_cursor), replay.unwrap_or(self.parked_cursor))
     }
@@ -659,9 +665,9 @@ impl Runtime {
             checkpoint: now.0,
             parked_replay_done: now.1,
         };
-        let (raft, done) = (self.ctx.router.raft.clone(), self.done_sender.clone());
+        let (router, done) = (self.ctx.router.clone(), self.done_sender.clone());
         tokio::spawn(async move {
-            let result = crate::control::propose(&raft, command).await.and_then(|applied| match applied.success {
+            let result = crate::control::propose(&router, command).await.and_then(|applied| match applied.success {
                 strata_storage::ControlSuccess::Group(record) => Ok(record),
                 other => Err(ApiError::Internal { reason: format!("checkpoint answered {other:?}") }),
             });
