@@ -94,11 +94,36 @@ pub struct BenchArgs {
     /// Comma-separated server PIDs: their CPU time during the write window is reported.
     #[arg(long, default_value = "")]
     pub pids: String,
+    /// Instead of the grid: read all of `$all` from position 0 through the first endpoint
+    /// and print one JSON line with events/s (`scripts/bench-tier` times tiered reads so).
+    #[arg(long)]
+    pub read_all_only: bool,
+    /// Skip the persistent-group throughput runs after each pair.
+    #[arg(long)]
+    pub skip_groups: bool,
+    /// Skip the read-back and catch-up after each pair (the pair then reports its reads as
+    /// skipped and counts as not verified): for long fill runs.
+    #[arg(long)]
+    pub skip_reads: bool,
 }
 
 /// Runs the grid and prints the results; fails if any pair failed its read-back count,
 /// its OCC probe, or could not run at all.
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.read_all_only {
+        let first = args.endpoints.split(',').next().unwrap_or_default().trim();
+        let endpoint = if first.contains("://") { first.to_string() } else { format!("http://{first}") };
+        let mut client = connect(&endpoint).await?;
+        let started = Instant::now();
+        let stats = read_back(&mut client, "", 0).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let row = json!({
+            "read_all_events": stats.events, "read_all_bytes": stats.bytes, "seconds": seconds,
+            "events_per_s": stats.events as f64 / seconds.max(1e-9), "endpoint": endpoint,
+        });
+        println!("{row}");
+        return Ok(());
+    }
     let plan = Plan::from_args(&args)?;
     let mut out = match &args.out {
         Some(p) => Some(
@@ -728,7 +753,7 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
     drop(results);
 
     let rt = Instant::now();
-    let read = read_back(&mut control, &prefix, from_position).await;
+    let read = if a.skip_reads { Err(anyhow!("skipped (--skip-reads)")) } else { read_back(&mut control, &prefix, from_position).await };
     let read_secs = rt.elapsed().as_secs_f64();
     let (read_events, read_bytes, read_error) = match read {
         Ok(s) => (s.events, s.bytes, None),
@@ -736,7 +761,7 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
     };
 
     let ct = Instant::now();
-    let caught_up = catch_up(&plan.endpoints[0], &prefix, from_position).await;
+    let caught_up = if a.skip_reads { Err(anyhow!("skipped (--skip-reads)")) } else { catch_up(&plan.endpoints[0], &prefix, from_position).await };
     let catchup_secs = ct.elapsed().as_secs_f64();
     let (catchup_events, catchup_error) = match caught_up {
         Ok(s) => (s.events, None),
@@ -745,7 +770,7 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
 
     let group_target = events.min(GROUP_BENCH_EVENTS_MAX);
     let mut group_rates = Vec::new();
-    for consumers in [1usize, 4] {
+    for consumers in if a.skip_groups { vec![] } else { vec![1usize, 4] } {
         match group_throughput(&plan.endpoints, &prefix, from_position, consumers, group_target).await {
             Ok(rate) => group_rates.push(json!(rate)),
             Err(e) => {
@@ -801,8 +826,8 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
         "catchup_matches_written": catchup_error.is_none() && catchup_events == events,
         "catchup_error": catchup_error,
         "group_events": group_target,
-        "group_1c_events_per_s": group_rates[0],
-        "group_4c_events_per_s": group_rates[1],
+        "group_1c_events_per_s": group_rates.first().cloned().unwrap_or(Value::Null),
+        "group_4c_events_per_s": group_rates.get(1).cloned().unwrap_or(Value::Null),
         "server_cpu_s": server_cpu_s,
         "server_cpu_us_per_event": server_cpu_s
             .map(|s| if events > 0 { s * 1e6 / events as f64 } else { 0.0 }),

@@ -14,7 +14,7 @@ use serde_json::json;
 use strata_proto::v1::streams_client::StreamsClient;
 use strata_proto::v1::{
     AppendRequest, Consistency, Direction, ExpectedVersionKind, ListStreamsRequest, ProposedEvent, ReadAllRequest, ReadFilter,
-    ReadStreamRequest, RecordedEvent, StreamInfoRequest,
+    ReadStreamRequest, RecordedEvent, StreamInfoRequest, DeleteStreamRequest, SetStreamMetadataRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -277,6 +277,29 @@ pub struct StreamInfoArgs {
     pub stream: String,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    pub stream: String,
+    /// A tombstone: the stream can never be written again (default: a soft delete; later
+    /// appends continue its versions).
+    #[arg(long)]
+    pub hard: bool,
+    /// Expected version: any (default), no-stream, exists, or a version number.
+    #[arg(long, default_value = "any")]
+    pub expected: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RetentionArgs {
+    pub stream: String,
+    /// Read only events younger than this (`90s`, `15m`, `24h`, `7d`); omit for no limit.
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub max_age: Option<std::time::Duration>,
+    /// Read only the newest this many events; omit for no limit.
+    #[arg(long)]
+    pub max_count: Option<u64>,
+}
+
 pub(crate) fn read_data_argument(value: &str) -> Result<Vec<u8>, CliError> {
     if value == "-" {
         let mut data = Vec::new();
@@ -515,6 +538,8 @@ pub async fn stream_info(options: &ClientOptions, args: StreamInfoArgs) -> Resul
                 "stream": info.stream, "head_version": info.head_version, "event_count": info.event_count,
                 "created": format_unix_ms(info.created_unix_ms), "updated": format_unix_ms(info.updated_unix_ms),
                 "first_position": info.first_position, "last_position": info.last_position, "tiered": info.tiered,
+                "max_age_ms": info.max_age_ms, "max_count": info.max_count,
+                "first_visible_version": info.first_visible_version, "deleted": info.deleted,
             })
         );
     } else {
@@ -525,6 +550,45 @@ pub async fn stream_info(options: &ClientOptions, args: StreamInfoArgs) -> Resul
         println!("updated:      {}", format_unix_ms(info.updated_unix_ms));
         println!("positions:    {}..{}", info.first_position, info.last_position);
         println!("tier:         {}", if info.tiered { "tiered" } else { "hot" });
+        if info.max_age_ms.is_some() || info.max_count.is_some() || info.first_visible_version > 0 || info.deleted {
+            let age = info.max_age_ms.map_or("none".to_string(), |ms| format!("{} s", ms / 1000));
+            let count = info.max_count.map_or("none".to_string(), |c| c.to_string());
+            println!("retention:    max age {age}, max count {count}; readable from version {}", info.first_visible_version);
+        }
+        if info.deleted {
+            println!("deleted:      yes (soft; an append re-creates it)");
+        }
+    }
+    Ok(())
+}
+
+pub async fn delete(options: &ClientOptions, args: DeleteArgs) -> Result<(), CliError> {
+    let (kind, version) = parse_expected_version(&args.expected).map_err(CliError::Usage)?;
+    let request = DeleteStreamRequest { stream: args.stream, expected_kind: kind as i32, expected_version: version, hard: args.hard };
+    let reply = streams_client(connect(&options.endpoints).await?).delete_stream(request).await?.into_inner();
+    if options.json {
+        println!(
+            "{}",
+            json!({"stream": reply.stream, "truncate_before": reply.truncate_before, "hard": reply.hard, "commit_token": reply.commit_token})
+        );
+    } else {
+        let how = if reply.hard { "hard-deleted (tombstone)" } else { "deleted" };
+        println!("{} {how}: versions below {} are no longer read", reply.stream, reply.truncate_before);
+    }
+    Ok(())
+}
+
+pub async fn retention(options: &ClientOptions, args: RetentionArgs) -> Result<(), CliError> {
+    let request = SetStreamMetadataRequest {
+        stream: args.stream,
+        max_age_ms: args.max_age.map(|d| d.as_millis() as u64),
+        max_count: args.max_count,
+    };
+    let reply = streams_client(connect(&options.endpoints).await?).set_stream_metadata(request).await?.into_inner();
+    if options.json {
+        println!("{}", json!({"stream": reply.stream, "commit_token": reply.commit_token}));
+    } else {
+        println!("retention of {} set", reply.stream);
     }
     Ok(())
 }

@@ -81,6 +81,57 @@ pub struct NodeConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Object store for settled history: `file:///dir` (a directory every node of the
+    /// cluster sees, as `strata dev` and the compose file set up) or `s3://bucket/prefix`.
+    /// Every node of a cluster must name the same store. Without it nothing is tiered and
+    /// every event stays on the nodes' disks.
+    #[arg(long, env = "STRATA_OBJECT_STORE")]
+    pub object_store: Option<String>,
+    /// S3 endpoint for an `s3://` store (MinIO, a local S3 server); default: AWS.
+    #[arg(long, env = "STRATA_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// File of `KEY=value` lines (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    /// AWS_REGION) for an `s3://` store; otherwise the standard AWS environment variables.
+    #[arg(long, env = "STRATA_S3_CREDENTIALS_FILE")]
+    pub s3_credentials_file: Option<PathBuf>,
+    /// Hot window by count: an event is settled (tiered) once this many newer events follow it...
+    #[arg(long, env = "STRATA_HOT_WINDOW_EVENTS", default_value_t = HOT_WINDOW_EVENTS_DEFAULT)]
+    pub hot_window_events: u64,
+    /// ...or once this many bytes of newer events follow it...
+    #[arg(long, env = "STRATA_HOT_WINDOW_BYTES", default_value_t = HOT_WINDOW_BYTES_DEFAULT)]
+    pub hot_window_bytes: u64,
+    /// ...or once it is older than this (`90s`, `15m`, `24h`, `7d`, or seconds).
+    #[arg(long, env = "STRATA_HOT_WINDOW_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub hot_window_age: std::time::Duration,
+    /// Settled events not yet in the tier (the store is down or slow) that the hot tier
+    /// keeps accepting appends for; beyond it appends get RESOURCE_EXHAUSTED
+    /// (`TIER_BACKLOG_EVENTS_MAX`) until the uploads catch up. Nothing is ever dropped.
+    #[arg(long, env = "STRATA_TIER_BACKLOG_EVENTS", default_value_t = TIER_BACKLOG_EVENTS_DEFAULT)]
+    pub tier_backlog_events: u64,
+}
+
+/// Default bound of the tiering backlog: about 1 GiB of 256-byte events beyond the window.
+pub const TIER_BACKLOG_EVENTS_DEFAULT: u64 = 4_000_000;
+
+/// Default hot window: a million events, 1 GiB, a day; whichever is reached first.
+pub const HOT_WINDOW_EVENTS_DEFAULT: u64 = 1_000_000;
+pub const HOT_WINDOW_BYTES_DEFAULT: u64 = 1024 * 1024 * 1024;
+
+/// `90s`, `15m`, `24h`, `7d`, `250ms` or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("not a duration: `{text}` (use e.g. 90s, 15m, 24h, 7d)"))?;
+    let seconds = |s: u64| Ok(std::time::Duration::from_secs(number.saturating_mul(s)));
+    match unit {
+        "" | "s" => seconds(1),
+        "ms" => Ok(std::time::Duration::from_millis(number)),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "d" => seconds(86_400),
+        _ => Err(format!("unknown duration unit `{unit}` in `{text}` (use ms, s, m, h or d)")),
+    }
 }
 
 /// How long start-up keeps trying to resolve `--advertise-host`.
@@ -241,6 +292,9 @@ impl NodeConfig {
                 flag: "--max-snapshot-bytes",
                 reason: format!("must be 1..={SNAPSHOT_STATE_BYTES_MAX_CEILING}, got {}", self.max_snapshot_bytes),
             });
+        }
+        if self.object_store.is_none() && (self.s3_endpoint.is_some() || self.s3_credentials_file.is_some()) {
+            return Err(ConfigError::Invalid { flag: "--s3-endpoint", reason: "needs --object-store s3://bucket/prefix".into() });
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid { flag: "--log-format", reason: "must be text or json".into() });

@@ -31,6 +31,13 @@ pub struct DevArgs {
     /// Node i listens on gRPC base+i, HTTP base+80+i and gossip (UDP) base+90+i.
     #[arg(long, default_value_t = 7700)]
     pub base_port: u16,
+    /// Object store for tiered history, shared by every node (default: a `tier` directory
+    /// in --data-dir, as `file:///…`).
+    #[arg(long)]
+    pub object_store: Option<String>,
+    /// Passed to every node: the hot window by count (see `strata serve --help`).
+    #[arg(long)]
+    pub hot_window_events: Option<u64>,
 }
 
 /// The dev cluster's gossip secret: random, made once per data dir and kept there (0600),
@@ -67,6 +74,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // from node 1, and they form once all of them see each other.
     let seeds = gossip_of(1);
     let secret_file = dev_secret(&data_dir)?;
+    let object_store = args.object_store.clone().unwrap_or_else(|| format!("file://{}", data_dir.join("tier").display()));
     let mut nodes = Vec::new();
     for i in 1..=args.nodes {
         let log = data_dir.join(format!("node-{i}.log"));
@@ -83,13 +91,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             // Its own source address for peer traffic: what a chaos partition cuts.
             .args(["--source-ip", &format!("127.0.0.{}", DEV_SOURCE_IP_BASE + i)])
             .arg("--cluster-secret-file")
-            .arg(&secret_file);
+            .arg(&secret_file)
+            .args(["--object-store", &object_store]);
+        if let Some(events) = args.hot_window_events {
+            command.args(["--hot-window-events", &events.to_string()]);
+        }
         let child = crate::chaos::spawn_logged(&mut command, &log_file)?;
         // What `strata cluster chaos` needs to find, signal and restart this node.
         crate::chaos::record_dev_node(&data_dir, i as u64, child.id(), &command)?;
         nodes.push(DevNode { id: i, grpc: grpc_of(i), http, log, child });
     }
-    println!("strata dev: {} nodes on 127.0.0.1, data in {}", args.nodes, data_dir.display());
+    println!("strata dev: {} nodes on 127.0.0.1, data in {}, tier {object_store}", args.nodes, data_dir.display());
     for node in &nodes {
         println!("  node {}  grpc {}  http http://{}/metrics  log {}", node.id, node.grpc, node.http, node.log.display());
     }
@@ -106,6 +118,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             println!("  {client} append orders-1 --type OrderPlaced --data '{{\"amount\":42}}'");
             println!("  {client} read orders-1");
             println!("  {client} cluster status --endpoints {}", endpoints.join(","));
+            println!("  {client} cluster tier     (tier history to the object store now)");
             println!("Ctrl-C stops the cluster.");
             stop_requested().await;
         }

@@ -25,6 +25,9 @@ pub enum ApiError {
     Overloaded { limit_name: &'static str, limit_value: u64, retry_after_ms: u64 },
     #[error("stream not found: stream=`{stream}`")]
     StreamNotFound { stream: String },
+    /// The stream was hard-deleted (a tombstone): never read or written again.
+    #[error("stream is deleted: stream=`{stream}`")]
+    StreamDeleted { stream: String },
     /// Nothing was proposed: safe to retry (at the leader, when known).
     #[error("unavailable: {reason}")]
     Unavailable { reason: String, leader_id: Option<u64>, leader_addr: Option<String> },
@@ -51,6 +54,12 @@ pub enum ApiError {
     /// something was removed.
     #[error("limit reached: {what}, limit {limit_name}={limit_value}")]
     LimitReached { what: String, limit_name: &'static str, limit_value: u64 },
+    /// A tier watermark move whose starting point is gone: another upload committed first.
+    #[error("tier watermark moved: expected=`{expected}` actual=`{actual}`")]
+    TierWatermarkMoved { expected: u64, actual: u64 },
+    /// The call needs something this cluster was not started with (an object store).
+    #[error("not configured: {what}")]
+    NotConfigured { what: String },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }
@@ -64,6 +73,7 @@ impl ApiError {
             ApiError::InvalidArgument { .. } | ApiError::OverLimit { .. } => Code::InvalidArgument,
             ApiError::Overloaded { .. } => Code::ResourceExhausted,
             ApiError::StreamNotFound { .. } => Code::NotFound,
+            ApiError::StreamDeleted { .. } => Code::FailedPrecondition,
             ApiError::Unavailable { .. } => Code::Unavailable,
             ApiError::Indeterminate { deadline: true, .. } => Code::DeadlineExceeded,
             ApiError::Indeterminate { deadline: false, .. } => Code::Unavailable,
@@ -73,6 +83,7 @@ impl ApiError {
             ApiError::SnapshotNotFound { .. } | ApiError::GroupNotFound { .. } => Code::NotFound,
             ApiError::GroupExists { .. } => Code::AlreadyExists,
             ApiError::LimitReached { .. } => Code::ResourceExhausted,
+            ApiError::TierWatermarkMoved { .. } | ApiError::NotConfigured { .. } => Code::FailedPrecondition,
             ApiError::Internal { .. } => Code::Internal,
         }
     }
@@ -86,6 +97,7 @@ impl ApiError {
             ApiError::OverLimit { .. } => "limit_exceeded",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::StreamNotFound { .. } => "not_found",
+            ApiError::StreamDeleted { .. } => "stream_deleted",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Indeterminate { .. } => "indeterminate",
             ApiError::MembershipRefused { .. } => "membership_refused",
@@ -95,6 +107,8 @@ impl ApiError {
             ApiError::GroupNotFound { .. } => "group_not_found",
             ApiError::GroupExists { .. } => "group_exists",
             ApiError::LimitReached { .. } => "limit_reached",
+            ApiError::TierWatermarkMoved { .. } => "tier_watermark_moved",
+            ApiError::NotConfigured { .. } => "not_configured",
             ApiError::Internal { .. } => "internal",
         }
     }
@@ -107,7 +121,7 @@ impl ApiError {
                 detail.expected = expected.clone();
                 detail.actual_version = *actual;
             }
-            ApiError::IdempotencyConflict { stream, .. } | ApiError::StreamNotFound { stream } => {
+            ApiError::IdempotencyConflict { stream, .. } | ApiError::StreamNotFound { stream } | ApiError::StreamDeleted { stream } => {
                 detail.stream = stream.clone();
             }
             ApiError::InvalidArgument { field, .. } => detail.field = field.clone(),
@@ -136,7 +150,11 @@ impl ApiError {
                 detail.limit_name = limit_name.to_string();
                 detail.limit_value = *limit_value;
             }
-            ApiError::MembershipRefused { .. } | ApiError::NodeNotFound { .. } | ApiError::Internal { .. } => {}
+            ApiError::TierWatermarkMoved { actual, .. } => detail.actual_version = Some(*actual),
+            ApiError::MembershipRefused { .. }
+            | ApiError::NodeNotFound { .. }
+            | ApiError::NotConfigured { .. }
+            | ApiError::Internal { .. } => {}
         }
         detail
     }
@@ -169,6 +187,7 @@ impl From<strata_storage::AppendFailure> for ApiError {
             strata_storage::AppendFailure::IdempotencyConflict { stream, event_id, reason } => {
                 ApiError::IdempotencyConflict { stream, event_id, reason }
             }
+            strata_storage::AppendFailure::StreamDeleted { stream } => ApiError::StreamDeleted { stream },
         }
     }
 }
@@ -186,6 +205,36 @@ impl From<strata_storage::ControlFailure> for ApiError {
                 limit_name: "GROUPS_MAX",
                 limit_value: strata_storage::GROUPS_MAX as u64,
             },
+            ControlFailure::TierWatermarkMoved { expected, actual } => ApiError::TierWatermarkMoved { expected, actual },
+            failure @ ControlFailure::TierBeyondApplied { .. } => ApiError::Internal { reason: failure.to_string() },
+            ControlFailure::StreamDeleted { stream } => ApiError::StreamDeleted { stream },
+            ControlFailure::StreamNotFound { stream } => ApiError::StreamNotFound { stream },
+            ControlFailure::WrongExpectedVersion { stream, expected, actual } => {
+                ApiError::WrongExpectedVersion { stream, expected: expected.to_string(), actual }
+            }
+        }
+    }
+}
+
+impl From<strata_storage::ReadError> for ApiError {
+    fn from(e: strata_storage::ReadError) -> Self {
+        match e {
+            strata_storage::ReadError::Storage(e) => e.into(),
+            strata_storage::ReadError::Tier(e) => e.into(),
+        }
+    }
+}
+
+impl From<strata_storage::tier::TierError> for ApiError {
+    fn from(e: strata_storage::tier::TierError) -> Self {
+        use strata_storage::tier::TierError;
+        match e {
+            // A read of tiered history that the object store could not serve now: nothing
+            // changed, retry later.
+            TierError::Store(_) | TierError::Fenced(_) => {
+                ApiError::Unavailable { reason: format!("object-store tier: {e}"), leader_id: None, leader_addr: None }
+            }
+            TierError::Unusable(_) | TierError::Corrupt(_) => ApiError::Internal { reason: format!("object-store tier: {e}") },
         }
     }
 }
@@ -204,6 +253,7 @@ mod tests {
             ApiError::OverLimit { field: "events".into(), limit_name: "EVENTS_PER_APPEND_MAX", limit_value: 1, actual: 2 },
             ApiError::Overloaded { limit_name: "PROPOSAL_QUEUE_APPENDS_MAX", limit_value: 1, retry_after_ms: 50 },
             ApiError::StreamNotFound { stream: "s".into() },
+            ApiError::StreamDeleted { stream: "s".into() },
             ApiError::Unavailable { reason: "no leader".into(), leader_id: Some(2), leader_addr: Some("a:1".into()) },
             ApiError::Indeterminate { reason: "timeout".into(), deadline: true },
             ApiError::Indeterminate { reason: "lost".into(), deadline: false },
@@ -213,6 +263,8 @@ mod tests {
             ApiError::SnapshotNotFound { stream: "s".into() },
             ApiError::GroupNotFound { group: "g".into() },
             ApiError::GroupExists { group: "g".into() },
+            ApiError::TierWatermarkMoved { expected: 1, actual: 2 },
+            ApiError::NotConfigured { what: "object store".into() },
             ApiError::LimitReached { what: "consumers".into(), limit_name: "GROUP_CONSUMERS_MAX", limit_value: 1 },
             ApiError::Internal { reason: "bug".into() },
         ]
@@ -227,6 +279,7 @@ mod tests {
             Code::InvalidArgument,
             Code::ResourceExhausted,
             Code::NotFound,
+            Code::FailedPrecondition,
             Code::Unavailable,
             Code::DeadlineExceeded,
             Code::Unavailable,
@@ -236,9 +289,12 @@ mod tests {
             Code::NotFound,
             Code::NotFound,
             Code::AlreadyExists,
+            Code::FailedPrecondition,
+            Code::FailedPrecondition,
             Code::ResourceExhausted,
             Code::Internal,
         ];
+        assert_eq!(all_errors().len(), expected.len(), "one expected code per error");
         for (error, code) in all_errors().into_iter().zip(expected) {
             let kind = error.kind();
             let status = error.clone().into_status();

@@ -33,3 +33,4 @@ pub mod membership;
 pub mod metrics;
 pub mod routing;
 pub mod server;
+pub mod tier;

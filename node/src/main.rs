@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use strata_node::bench::BenchArgs;
-use strata_node::cli::{self, AppendArgs, ClientOptions, ReadAllArgs, ReadArgs, SubscribeArgs, StreamInfoArgs, StreamsArgs};
+use strata_node::cli::{
+    self, AppendArgs, ClientOptions, DeleteArgs, ReadAllArgs, ReadArgs, RetentionArgs, StreamInfoArgs, StreamsArgs, SubscribeArgs,
+};
 use strata_node::manager::{self, ClusterCommand};
 use strata_node::config::NodeConfig;
 use strata_node::dev::DevArgs;
@@ -40,8 +42,12 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// List streams.
     Streams(StreamsArgs),
-    /// Show a stream's head, count and timestamps.
+    /// Show a stream's head, count, timestamps, tier and retention.
     StreamInfo(StreamInfoArgs),
+    /// Delete a stream: soft (appends continue its versions) or --hard (a tombstone).
+    Delete(DeleteArgs),
+    /// Set a stream's retention: --max-age and --max-count (omitted: no limit).
+    Retention(RetentionArgs),
     /// Persistent subscription groups: create, update, delete, info, list, connect, replay-parked.
     #[command(subcommand)]
     Group(strata_node::cli_group::GroupCommand),
@@ -121,6 +127,8 @@ fn main() {
                     Command::Subscribe(args) => cli::subscribe(&options, args).await,
                     Command::Streams(args) => cli::streams(&options, args).await,
                     Command::StreamInfo(args) => cli::stream_info(&options, args).await,
+                    Command::Delete(args) => cli::delete(&options, args).await,
+                    Command::Retention(args) => cli::retention(&options, args).await,
                     Command::Group(command) => strata_node::cli_group::group(&options, command).await,
                     Command::Snapshot(command) => strata_node::cli_snapshot::snapshot(&options, command).await,
                     Command::Cluster(command) => manager::cluster(&options, command).await,

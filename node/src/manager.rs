@@ -9,7 +9,8 @@ use clap::Subcommand;
 use serde_json::json;
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::{
-    AddLearnerRequest, MembersRequest, MembershipResponse, NodeRequest, StatusRequest, StatusResponse, TriggerSnapshotRequest,
+    AddLearnerRequest, MembersRequest, MembershipResponse, NodeRequest, StatusRequest, StatusResponse, TierRequest, TierStatus,
+    TriggerSnapshotRequest,
 };
 
 use crate::cli::{connect, CliError, ClientOptions};
@@ -52,6 +53,16 @@ pub enum ClusterCommand {
     StepDown,
     /// Build a Raft snapshot on the node now and purge the log below it.
     Snapshot,
+    /// Tier history to the object store now, whatever the hot window: everything below
+    /// --to (default: the whole log), then print the tier's state.
+    Tier {
+        /// Position below which every event is tiered (default: the head).
+        #[arg(long)]
+        to: Option<u64>,
+        /// How long to wait for the watermark, in milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
     /// Inject a fault into one node of the dev or compose cluster.
     Chaos(crate::chaos::ChaosArgs),
     /// Drive the compose cluster of dev-env/docker-compose.yml.
@@ -127,6 +138,16 @@ pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result
             }
             return Ok(());
         }
+        ClusterCommand::Tier { to, timeout_ms } => {
+            let request = TierRequest { up_to_position: to.unwrap_or(u64::MAX), timeout_ms };
+            let tier = client.tier(request).await?.into_inner().tier.unwrap_or_default();
+            if options.json {
+                println!("{}", tier_json(&tier));
+            } else {
+                print_tier(&tier);
+            }
+            return Ok(());
+        }
         ClusterCommand::StepDown => {
             let local = client.status(StatusRequest { local_only: true }).await?.into_inner();
             if local.role != "leader" {
@@ -169,7 +190,33 @@ fn status_json(status: &StatusResponse) -> serde_json::Value {
         "snapshot_index": status.snapshot_index, "purged_index": status.purged_index,
         "head_position": status.head_position, "grpc_addr": status.grpc_addr, "http_addr": status.http_addr,
         "version": status.version, "members": members,
+        "tier": tier_json(&status.tier.clone().unwrap_or_default()),
     })
+}
+
+fn tier_json(tier: &TierStatus) -> serde_json::Value {
+    json!({
+        "enabled": tier.enabled, "object_store": tier.object_store, "watermark": tier.watermark,
+        "local_floor": tier.local_floor, "upload_lag_events": tier.upload_lag_events, "segments": tier.segments,
+        "bytes": tier.bytes, "last_error": tier.last_error,
+    })
+}
+
+fn print_tier(tier: &TierStatus) {
+    if !tier.enabled {
+        println!("tier: off (no --object-store); watermark {}", tier.watermark);
+        return;
+    }
+    println!(
+        "tier: {}; watermark {} ({} segments, {} bytes); upload lag {} events; this node holds from position {}{}",
+        tier.object_store,
+        tier.watermark,
+        tier.segments,
+        tier.bytes,
+        tier.upload_lag_events,
+        tier.local_floor,
+        if tier.last_error.is_empty() { String::new() } else { format!("; last upload error: {}", tier.last_error) }
+    );
 }
 
 fn print_status(status: &StatusResponse) {
@@ -179,6 +226,7 @@ fn print_status(status: &StatusResponse) {
         status.node_id, status.grpc_addr, status.role, status.term, leader, status.last_log_index, status.committed_index,
         status.applied_index, status.snapshot_index, status.head_position
     );
+    print_tier(&status.tier.clone().unwrap_or_default());
     println!(
         "{:<4} {:<22} {:<10} {:<8} {:>6} {:>10} {:>8}  {:<6} {:<6}",
         "ID", "ADDRESS", "ROLE", "MEMBER", "TERM", "APPLIED", "LAG", "RAFT", "GOSSIP"
@@ -269,7 +317,7 @@ fn write_scale_file(args: &ComposeArgs, nodes: u16) -> anyhow::Result<()> {
     let mut text = String::from("# Written by `strata cluster compose scale`: the nodes beyond the base three.\nversion: \"3.7\"\nservices:\n");
     for node in COMPOSE_BASE_NODES..nodes {
         text.push_str(&format!(
-            "  strata-{node}:\n    image: strata:${{STRATA_VERSION:-0.1.0}}\n    command: [\"serve\", \"--node-id-from-hostname\"]\n    hostname: strata-{node}\n    environment:\n      STRATA_SEEDS: strata-0:7791,strata-1:7791,strata-2:7791\n      STRATA_CLUSTER_NAME: strata-compose\n      STRATA_CLUSTER_SECRET: ${{STRATA_CLUSTER_SECRET:-compose-dev-secret-change-me}}\n      STRATA_ADVERTISE_HOST: strata-{node}\n    healthcheck:\n      test: [\"CMD\", \"/usr/local/bin/strata\", \"health\"]\n      interval: 2s\n      timeout: 3s\n      retries: 60\n    volumes:\n      - strata-{node}-data:/data\n"
+            "  strata-{node}:\n    image: strata:${{STRATA_VERSION:-0.1.0}}\n    command: [\"serve\", \"--node-id-from-hostname\"]\n    hostname: strata-{node}\n    environment:\n      STRATA_SEEDS: strata-0:7791,strata-1:7791,strata-2:7791\n      STRATA_CLUSTER_NAME: strata-compose\n      STRATA_CLUSTER_SECRET: ${{STRATA_CLUSTER_SECRET:-compose-dev-secret-change-me}}\n      STRATA_ADVERTISE_HOST: strata-{node}\n      STRATA_OBJECT_STORE: ${{STRATA_OBJECT_STORE:-file:///tier}}\n    healthcheck:\n      test: [\"CMD\", \"/usr/local/bin/strata\", \"health\"]\n      interval: 2s\n      timeout: 3s\n      retries: 60\n    volumes:\n      - strata-{node}-data:/data\n      - strata-tier:/tier\n"
         ));
     }
     text.push_str("volumes:\n");

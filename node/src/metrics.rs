@@ -30,6 +30,15 @@ pub struct Metrics {
     pub group_parked: IntGaugeVec,
     pub group_consumers: IntGaugeVec,
     pub group_events_total: IntCounterVec,
+    pub tier_uploaded_bytes_total: IntCounter,
+    pub tier_uploaded_segments_total: IntCounter,
+    pub tier_uploaded_events_total: IntCounter,
+    pub tier_upload_failures_total: IntCounter,
+    pub tier_released_events_total: IntCounter,
+    pub tier_watermark: IntGauge,
+    pub tier_local_floor: IntGauge,
+    pub tier_upload_lag_events: IntGauge,
+    pub tier_upload_seconds: Histogram,
     gossip: std::sync::OnceLock<std::sync::Arc<strata_gossip::GossipCounters>>,
 }
 
@@ -81,6 +90,19 @@ impl Metrics {
             &["group", "outcome"],
         )
         .expect("valid metric");
+        let tier_uploaded_bytes_total = IntCounter::new("tier_uploaded_bytes_total", "bytes of event chunks uploaded to the object-store tier (leader)").expect("valid metric");
+        let tier_uploaded_segments_total = IntCounter::new("tier_uploaded_segments_total", "segments uploaded to the tier and committed (leader)").expect("valid metric");
+        let tier_uploaded_events_total = IntCounter::new("tier_uploaded_events_total", "events uploaded to the tier (leader)").expect("valid metric");
+        let tier_upload_failures_total = IntCounter::new("tier_upload_failures_total", "failed tier uploads: store down, slow or fenced (leader)").expect("valid metric");
+        let tier_released_events_total = IntCounter::new("tier_released_events_total", "events whose local copy this node dropped after tiering").expect("valid metric");
+        let tier_watermark = IntGauge::new("tier_watermark", "every event below this position is durable in the tier").expect("valid metric");
+        let tier_local_floor = IntGauge::new("tier_local_floor", "first position this node still holds on its own disk").expect("valid metric");
+        let tier_upload_lag_events = IntGauge::new("tier_upload_lag_events", "events above the tier watermark (leader)").expect("valid metric");
+        let tier_upload_seconds = Histogram::with_opts(
+            HistogramOpts::new("tier_upload_seconds", "time to make one segment durable in the tier and commit the watermark")
+                .buckets(prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid metric");
         let metrics = Self {
             registry,
             appends_total,
@@ -106,6 +128,15 @@ impl Metrics {
             group_parked,
             group_consumers,
             group_events_total,
+            tier_uploaded_bytes_total,
+            tier_uploaded_segments_total,
+            tier_uploaded_events_total,
+            tier_upload_failures_total,
+            tier_released_events_total,
+            tier_watermark,
+            tier_local_floor,
+            tier_upload_lag_events,
+            tier_upload_seconds,
             gossip: std::sync::OnceLock::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -132,6 +163,15 @@ impl Metrics {
             Box::new(metrics.group_parked.clone()),
             Box::new(metrics.group_consumers.clone()),
             Box::new(metrics.group_events_total.clone()),
+            Box::new(metrics.tier_uploaded_bytes_total.clone()),
+            Box::new(metrics.tier_uploaded_segments_total.clone()),
+            Box::new(metrics.tier_uploaded_events_total.clone()),
+            Box::new(metrics.tier_upload_failures_total.clone()),
+            Box::new(metrics.tier_released_events_total.clone()),
+            Box::new(metrics.tier_watermark.clone()),
+            Box::new(metrics.tier_local_floor.clone()),
+            Box::new(metrics.tier_upload_lag_events.clone()),
+            Box::new(metrics.tier_upload_seconds.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).expect("metric names are unique");

@@ -33,6 +33,38 @@ use crate::limits::*;
 use crate::metrics::Metrics;
 use crate::routing::Router;
 
+/// Opens the object-store tier, if one is configured, and checks it can hold one. A node
+/// whose local history already starts above 0 cannot serve without it.
+async fn open_tier(config: &NodeConfig, events: &EventState) -> anyhow::Result<Option<Arc<crate::tier::TierRuntime>>> {
+    let Some(url) = &config.object_store else {
+        if events.floor() > 0 {
+            anyhow::bail!(
+                "this node's history below position {} is in the object-store tier: start it with the cluster's --object-store",
+                events.floor()
+            );
+        }
+        return Ok(None);
+    };
+    let store_config = strata_storage::tier::TierStoreConfig {
+        url: url.clone(),
+        s3_endpoint: config.s3_endpoint.clone(),
+        s3_credentials_file: config.s3_credentials_file.clone(),
+    };
+    let window = crate::tier::HotWindow { events: config.hot_window_events, bytes: config.hot_window_bytes, age: config.hot_window_age };
+    let tier = crate::tier::TierRuntime::open(&store_config, window, config.tier_backlog_events).await?;
+    let state = events.tier_state()?;
+    tracing::info!(
+        store = %tier.store.description,
+        watermark = state.watermark,
+        local_floor = events.floor(),
+        hot_window_events = window.events,
+        hot_window_bytes = window.bytes,
+        hot_window_age = ?window.age,
+        "object-store tier ready (conditional writes supported)"
+    );
+    Ok(Some(tier))
+}
+
 /// Runs a node until SIGTERM or Ctrl-C.
 pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     config.resolve_node_id()?;
@@ -46,7 +78,12 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let events = Arc::new(EventState::open(&db)?);
     let mut log_store = LogStore::new(raft_store.clone());
     let committed_at_start = log_store.read_committed().await?.map_or(0, |id| id.index);
-    let mut state_machine = StateMachine::new(events.clone(), raft_store.clone(), &config.data_dir.join("snapshots"))?;
+    let tier = open_tier(&config, &events).await?;
+    if let Some(tier) = &tier {
+        crate::tier::fill_id_filter_gap(&events, &tier.reader).await?;
+    }
+    let mut state_machine = StateMachine::new(events.clone(), raft_store.clone(), &config.data_dir.join("snapshots"))?
+        .with_tier(tier.as_ref().map(|t| t.reader.clone()));
     strata_raft::snapshot_applied_state_ahead_of_log(&mut log_store, &mut state_machine).await?;
     let applied = state_machine.applied_watch();
     let channels = PeerChannels::with_source_ip(config.source_ip);
@@ -91,6 +128,8 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let ctx = Arc::new(NodeContext {
         router: Router { node_id, raft: raft.clone(), applied, channels: channels.clone() },
         events: events.clone(),
+        reader: strata_storage::EventReader::new(events.clone(), tier.as_ref().map(|t| t.reader.clone())),
+        tier: tier.clone(),
         batcher,
         metrics: metrics.clone(),
         max_event_bytes: config.max_event_bytes,
@@ -138,7 +177,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         )
         .add_service(ClusterServer::new(ClusterService::new(ctx.clone())))
         .add_service(
-            RaftTransportServer::new(RaftTransportService::new(node_id, raft.clone(), log_store.clone(), state_machine, resync.clone()))
+            RaftTransportServer::new(RaftTransportService::new(node_id, raft.clone(), log_store.clone(), state_machine.clone(), resync.clone()))
                 .max_decoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_RPC_MESSAGE_BYTES_MAX),
         )
@@ -153,6 +192,11 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let http_app = http::router(HttpState { ctx: ctx.clone(), committed_at_start });
     let http_task = tokio::spawn(axum::serve(http_listener, http_app).with_graceful_shutdown(wait_for(shutdown.clone())).into_future());
 
+    if let Some(tier) = &tier {
+        tokio::spawn(crate::tier::run_uploader(ctx.router.clone(), events.clone(), tier.clone(), metrics.clone(), shutdown.clone()));
+        tokio::spawn(crate::tier::run_releaser(state_machine.clone(), events.clone(), tier.clone(), metrics.clone(), shutdown.clone()));
+        tokio::spawn(crate::tier::run_snapshot_trigger(raft.clone(), events.clone(), shutdown.clone()));
+    }
     tokio::spawn(watch_raft(raft.clone(), metrics));
     if resync.is_resyncing() {
         let ctx = ctx.clone();

@@ -12,6 +12,10 @@ use strata_chaos::scenario::{self, RunConfig};
 const BOUNDED_SECS: u64 = 24;
 
 async fn run(name: &str, subnet: u8) {
+    run_outcome(name, subnet).await;
+}
+
+async fn run_outcome(name: &str, subnet: u8) -> scenario::Outcome {
     let seed: u64 = std::env::var("STRATA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_124);
     let chosen = scenario::find(name).expect("scenario");
     let config = RunConfig { seed, duration: Duration::from_secs(BOUNDED_SECS), subnet, clients: 4, subscribers: 2, group_consumers: 2, keep: false };
@@ -23,6 +27,13 @@ async fn run(name: &str, subnet: u8) {
     assert_eq!(outcome.report.anomalies(), 0, "anomalies found; run kept in {}\n{}", outcome.dir.display(), outcome.report);
     assert!(outcome.report.acknowledged_events > 50, "the workload made progress: {}", outcome.report);
     assert!(outcome.faults_injected > 0 || !outcome.skipped.is_empty(), "faults were injected");
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiering_under_leader_loss_zombies_and_store_outages_loses_nothing() {
+    let outcome = run_outcome("tier", 52).await;
+    assert!(outcome.tier_floor.unwrap_or(0) > 0, "history was tiered and released on every node: {:?}", outcome.tier_floor);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

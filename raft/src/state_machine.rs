@@ -16,8 +16,9 @@ use futures::{Stream, TryStreamExt};
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use strata_storage::{EventState, RaftLogStore};
-use tokio::sync::watch;
+use strata_storage::tier::{TierError, TierReader};
+use strata_storage::{ColdEvents, Command, EventState, RaftLogStore};
+use tokio::sync::{watch, Mutex};
 
 use crate::codec::{decode, encode};
 use crate::{CommandResponse, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
@@ -30,6 +31,9 @@ const BUILDING_PREFIX: &str = "building-";
 pub const APPLY_GROUP_ENTRIES_MAX: usize = 256;
 /// Most encoded payload bytes (roughly) applied in one storage batch.
 pub const APPLY_GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Longest wait between retries of a tier lookup an apply needs (the store is down).
+const COLD_LOOKUP_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The payload size of an entry, for bounding apply groups.
 fn entry_bytes(entry: &crate::Entry) -> usize {
@@ -72,11 +76,18 @@ pub struct StateMachine {
     raft_meta: RaftLogStore,
     snapshot_dir: PathBuf,
     applied: watch::Sender<u64>,
+    /// The object-store tier, where history below the local floor is read from.
+    tier: Option<Arc<TierReader>>,
+    /// Held by each apply and by each release of tiered history: an apply looks up in
+    /// the tier exactly the ids it no longer holds locally, so nothing may be released
+    /// between that lookup and its decision.
+    apply_gate: Arc<Mutex<()>>,
 }
 
 impl StateMachine {
     /// Applies consecutive entries in one storage batch, then answers their proposers.
-    fn apply_group(&self, group: Vec<EntryResponder<TypeConfig>>, applied: &mut AppliedMeta) -> Result<(), io::Error> {
+    async fn apply_group(&self, group: Vec<EntryResponder<TypeConfig>>, applied: &mut AppliedMeta) -> Result<(), io::Error> {
+        let _gate = self.apply_gate.lock().await;
         let mut commands = Vec::with_capacity(group.len());
         for (entry, _) in &group {
             applied.last_applied = Some(entry.log_id());
@@ -89,7 +100,8 @@ impl StateMachine {
                 EntryPayload::Blank => None,
             });
         }
-        let (outcomes, staged) = self.state.stage_entries(&commands, &encode(&*applied))?;
+        let cold = self.resolve_cold(&commands).await?;
+        let (outcomes, staged) = self.state.stage_entries(&commands, &encode(&*applied), &cold)?;
         // The entries are committed and their outcomes final, so proposers are answered
         // before the sled write (two synchronous write-backs) instead of after it. Reads
         // still see the entries only once they are written: the applied watch, which
@@ -105,6 +117,46 @@ impl StateMachine {
         Ok(())
     }
 
+    /// The tiered events the idempotency checks of `commands` need. The answer must be
+    /// the tier's, whatever it costs: deciding without it could differ from a node that
+    /// still holds those events locally. So an unreachable store stalls this node's
+    /// applies (retrying, logged) rather than let it decide differently.
+    async fn resolve_cold(&self, commands: &[Option<&Command>]) -> Result<ColdEvents, io::Error> {
+        let ids = self.state.ids_to_resolve(commands)?;
+        if ids.is_empty() {
+            return Ok(ColdEvents::new());
+        }
+        let Some(tier) = &self.tier else {
+            return Err(io::Error::other("history below this node's floor is tiered, but no object store is configured"));
+        };
+        let mut backoff = std::time::Duration::from_millis(50);
+        loop {
+            match tier.lookup_ids(&ids).await {
+                Ok(found) => return Ok(found),
+                Err(TierError::Corrupt(e)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, ids = ids.len(), "idempotency check needs the tier, which failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(COLD_LOOKUP_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Sets the object-store tier this node reads history below its floor from.
+    pub fn with_tier(mut self, tier: Option<Arc<TierReader>>) -> Self {
+        self.tier = tier;
+        self
+    }
+
+    /// Drops the local copy of history below `watermark` (durable in the tier and visible
+    /// to this node's tier reader), at most `max_events` of it, between applies.
+    pub async fn release_tiered(&self, watermark: u64, max_events: usize) -> Result<u64, io::Error> {
+        let _gate = self.apply_gate.lock().await;
+        let state = self.state.clone();
+        Ok(tokio::task::spawn_blocking(move || state.release_below(watermark, max_events)).await.map_err(io::Error::other)??)
+    }
+
     pub fn new(state: Arc<EventState>, raft_meta: RaftLogStore, snapshot_dir: &Path) -> Result<Self, io::Error> {
         std::fs::create_dir_all(snapshot_dir)?;
         for entry in std::fs::read_dir(snapshot_dir)? {
@@ -118,6 +170,8 @@ impl StateMachine {
             raft_meta,
             snapshot_dir: snapshot_dir.to_path_buf(),
             applied: watch::Sender::new(0),
+            tier: None,
+            apply_gate: Arc::new(Mutex::new(())),
         };
         let applied_index = machine.read_applied()?.last_applied.map_or(0, |id| id.index());
         machine.applied.send_replace(applied_index);
@@ -237,7 +291,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // (bounded, so catching up on a long log does not hold it all in memory).
             let full = group.len() >= APPLY_GROUP_ENTRIES_MAX || group_bytes >= APPLY_GROUP_BYTES_MAX;
             if (done || full) && !group.is_empty() {
-                self.apply_group(std::mem::take(&mut group), &mut applied)?;
+                self.apply_group(std::mem::take(&mut group), &mut applied).await?;
                 group_bytes = 0;
             }
             if done {

@@ -93,6 +93,18 @@ impl EventChunk {
         self.events.push(Self::of(event).events.pop().expect("one event"));
     }
 
+    /// The part of the chunk within positions `[from, to)` (which must overlap it).
+    pub fn cut(mut self, from: u64, to: u64) -> Self {
+        let start = from.saturating_sub(self.first_position) as usize;
+        let end = (to.min(self.end_position()) - self.first_position) as usize;
+        assert!(start < end, "a cut keeps at least one event");
+        self.events.truncate(end);
+        self.events.drain(..start);
+        self.first_position += start as u64;
+        self.first_version += start as u64;
+        self
+    }
+
     /// A chunk of the single event `event`.
     pub fn of(event: StoredEvent) -> Self {
         Self {

@@ -106,6 +106,9 @@ pub enum AppendFailure {
     WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual: Option<u64> },
     #[error("idempotency conflict: {reason} stream=`{stream}` event_id=`{event_id}`")]
     IdempotencyConflict { stream: String, event_id: String, reason: String },
+    /// The stream was hard-deleted: it can never be written again.
+    #[error("stream is deleted: stream=`{stream}`")]
+    StreamDeleted { stream: String },
 }
 
 fn display_head(head: Option<u64>) -> String {

@@ -8,11 +8,15 @@
 //! - `n` stream 0x00 version(u64 BE) → [`AggregateSnapshot`]
 //! - `g` group name                   → [`GroupRecord`]
 //! - `k` counter name                 → u64 BE (the next group id)
+//! - `t` "tier"                         → [`TierState`] (the tier watermark)
+//! - `r` stream                         → [`StreamMeta`] (retention, deletion; `retention`)
 
 use serde::{Deserialize, Serialize};
 
+use crate::command::ExpectedVersion;
 use crate::keys;
 use crate::record;
+use crate::retention::{stream_meta_key, StreamMeta, STREAM_META};
 use crate::StorageError;
 
 /// Aggregate snapshots kept per stream; saving one more drops the lowest version. Bounds
@@ -64,6 +68,19 @@ pub struct GroupRecord {
     pub created_unix_ms: i64,
 }
 
+/// How far settled history has been copied to the object-store tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierState {
+    /// Every event below this position is durable in the tier: nodes may drop their
+    /// local copies below it, and read them from the tier.
+    pub watermark: u64,
+    /// Segments and bytes uploaded so far (for status and metrics).
+    pub segments: u64,
+    pub bytes: u64,
+    /// The leader's clock when the watermark last moved.
+    pub updated_unix_ms: i64,
+}
+
 /// A change to the replicated control state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlCommand {
@@ -88,6 +105,15 @@ pub enum ControlCommand {
     CheckpointGroup { name: String, group_id: u64, checkpoint: u64, parked_replay_done: u64 },
     /// Asks for the parked events below `target` (a `$parked-{name}` version) to be replayed.
     ReplayParked { name: String, group_id: u64, target: u64 },
+    /// Moves the tier watermark from `from` to `to` after the leader made `[from, to)`
+    /// durable in the tier. Refused unless the watermark is still `from` (a concurrent or
+    /// repeated upload commits once) and `to` is applied.
+    AdvanceTier { from: u64, to: u64, segments: u64, bytes: u64, updated_unix_ms: i64 },
+    /// Sets a stream's retention (None: no limit). The stream need not exist yet.
+    SetStreamMetadata { stream: String, max_age_ms: Option<u64>, max_count: Option<u64> },
+    /// Deletes a stream if `expected` holds: soft (readers see no events up to the head;
+    /// appends continue its versions) or hard (a tombstone: never read or written again).
+    DeleteStream { stream: String, expected: ExpectedVersion, hard: bool },
 }
 
 impl ControlCommand {
@@ -101,6 +127,9 @@ impl ControlCommand {
             ControlCommand::DeleteGroup { .. } => "delete_group",
             ControlCommand::CheckpointGroup { .. } => "checkpoint_group",
             ControlCommand::ReplayParked { .. } => "replay_parked",
+            ControlCommand::AdvanceTier { .. } => "advance_tier",
+            ControlCommand::SetStreamMetadata { .. } => "set_stream_metadata",
+            ControlCommand::DeleteStream { .. } => "delete_stream",
         }
     }
 }
@@ -112,6 +141,8 @@ pub enum ControlSuccess {
     Group(GroupRecord),
     /// Snapshots deleted.
     Deleted(u64),
+    Tier(TierState),
+    Stream(StreamMeta),
 }
 
 /// Why a control command changed nothing. Definite, like append failures.
@@ -127,6 +158,16 @@ pub enum ControlFailure {
     GroupNotFound { name: String },
     #[error("too many groups: GROUPS_MAX={GROUPS_MAX}")]
     GroupsFull,
+    #[error("tier watermark moved: expected=`{expected}` actual=`{actual}`")]
+    TierWatermarkMoved { expected: u64, actual: u64 },
+    #[error("tier watermark beyond the applied events: to=`{to}` next_position=`{next_position}`")]
+    TierBeyondApplied { to: u64, next_position: u64 },
+    #[error("stream is deleted: stream=`{stream}`")]
+    StreamDeleted { stream: String },
+    #[error("stream not found: stream=`{stream}`")]
+    StreamNotFound { stream: String },
+    #[error("wrong expected version: stream=`{stream}` expected=`{expected}` actual=`{}`", actual.map_or("no_stream".to_string(), |v| v.to_string()))]
+    WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual: Option<u64> },
 }
 
 pub type ControlOutcome = Result<ControlSuccess, ControlFailure>;
@@ -134,8 +175,54 @@ pub type ControlOutcome = Result<ControlSuccess, ControlFailure>;
 pub const SNAPSHOT: u8 = b'n';
 pub const GROUP: u8 = b'g';
 pub const COUNTER: u8 = b'k';
-/// Key prefixes of the control state: what a Raft snapshot carries beside the events.
-pub const CONTROL_PREFIXES: [u8; 3] = [SNAPSHOT, GROUP, COUNTER];
+pub const TIER: u8 = b't';
+/// Key prefixes of the control state: what a Raft snapshot carries beside the events
+/// (and the stream heads, which outlive their tiered events).
+pub const CONTROL_PREFIXES: [u8; 5] = [SNAPSHOT, GROUP, COUNTER, TIER, STREAM_META];
+
+/// A stream's metadata record in `store`.
+pub(crate) fn stream_meta(store: &dyn ControlStore, stream: &str) -> Result<Option<StreamMeta>, StorageError> {
+    let key = stream_meta_key(stream);
+    match store.get(&key)? {
+        None => Ok(None),
+        Some(value) => Ok(Some(record::open_value("stream metadata", &key, &value)?)),
+    }
+}
+
+pub(crate) fn read_stream_meta(tree: &sled::Tree, stream: &str) -> Result<Option<StreamMeta>, StorageError> {
+    let key = stream_meta_key(stream);
+    match tree.get(&key)? {
+        None => Ok(None),
+        Some(value) => Ok(Some(record::open_value("stream metadata", &key, &value)?)),
+    }
+}
+
+fn put_stream_meta(store: &mut dyn ControlStore, stream: &str, meta: &StreamMeta) -> Result<(), StorageError> {
+    let key = stream_meta_key(stream);
+    store.put(key.clone(), record::seal_value("stream metadata", &key, meta)?);
+    Ok(())
+}
+
+pub fn tier_key() -> Vec<u8> {
+    vec![TIER, b't', b'i', b'e', b'r']
+}
+
+/// The tier state in `store` (all zero before the first upload).
+pub(crate) fn tier_state(store: &dyn ControlStore) -> Result<TierState, StorageError> {
+    let key = tier_key();
+    match store.get(&key)? {
+        None => Ok(TierState::default()),
+        Some(value) => record::open_value("tier state", &key, &value),
+    }
+}
+
+pub(crate) fn read_tier_state(tree: &sled::Tree) -> Result<TierState, StorageError> {
+    let key = tier_key();
+    match tree.get(&key)? {
+        None => Ok(TierState::default()),
+        Some(value) => record::open_value("tier state", &key, &value),
+    }
+}
 
 /// The counter that numbers groups.
 pub fn next_group_id_key() -> Vec<u8> {
@@ -266,6 +353,53 @@ pub(crate) fn apply_control(store: &mut dyn ControlStore, command: &ControlComma
         ControlCommand::ReplayParked { name, group_id, target } => update_group(store, name, Some(*group_id), |group| {
             group.parked_replay_target = group.parked_replay_target.max(*target);
         }),
+        ControlCommand::AdvanceTier { from, to, segments, bytes, updated_unix_ms } => {
+            let current = tier_state(store)?;
+            if current.watermark != *from {
+                return Ok(Err(ControlFailure::TierWatermarkMoved { expected: *from, actual: current.watermark }));
+            }
+            if *to > store.next_position() || to < from {
+                return Ok(Err(ControlFailure::TierBeyondApplied { to: *to, next_position: store.next_position() }));
+            }
+            let next = TierState {
+                watermark: *to,
+                segments: current.segments + segments,
+                bytes: current.bytes + bytes,
+                updated_unix_ms: *updated_unix_ms,
+            };
+            let key = tier_key();
+            store.put(key.clone(), record::seal_value("tier state", &key, &next)?);
+            Ok(Ok(ControlSuccess::Tier(next)))
+        }
+        ControlCommand::SetStreamMetadata { stream, max_age_ms, max_count } => {
+            let mut meta = stream_meta(store, stream)?.unwrap_or_default();
+            if meta.tombstone {
+                return Ok(Err(ControlFailure::StreamDeleted { stream: stream.clone() }));
+            }
+            meta.max_age_ms = *max_age_ms;
+            meta.max_count = *max_count;
+            put_stream_meta(store, stream, &meta)?;
+            Ok(Ok(ControlSuccess::Stream(meta)))
+        }
+        ControlCommand::DeleteStream { stream, expected, hard } => {
+            let mut meta = stream_meta(store, stream)?.unwrap_or_default();
+            if meta.tombstone {
+                return Ok(Err(ControlFailure::StreamDeleted { stream: stream.clone() }));
+            }
+            let head = store.stream_head(stream)?;
+            // A soft-deleted stream with nothing appended since looks like no stream.
+            let visible_head = if meta.deleted_and_empty(head) { None } else { head };
+            if visible_head.is_none() && !hard {
+                return Ok(Err(ControlFailure::StreamNotFound { stream: stream.clone() }));
+            }
+            if !expected.admits(visible_head) {
+                return Ok(Err(ControlFailure::WrongExpectedVersion { stream: stream.clone(), expected: *expected, actual: visible_head }));
+            }
+            meta.truncate_before = head.map_or(0, |last| last + 1);
+            meta.tombstone = *hard;
+            put_stream_meta(store, stream, &meta)?;
+            Ok(Ok(ControlSuccess::Stream(meta)))
+        }
     }
 }
 
@@ -436,7 +570,7 @@ mod tests {
         let create = Command::Control(ControlCommand::CreateGroup { name: "g".into(), source_stream: None, settings: vec![], start: GroupStart::Start, created_unix_ms: 1 });
         let update = Command::Control(ControlCommand::UpdateGroup { name: "g".into(), settings: vec![7] });
         let delete = Command::Control(ControlCommand::DeleteGroup { name: "h".into() });
-        let out = state.apply_entries(&[Some(&create), Some(&update), Some(&delete)], b"m").unwrap();
+        let out = state.apply_entries(&[Some(&create), Some(&update), Some(&delete)], b"m", &Default::default()).unwrap();
         assert!(matches!(out[1].control, Some(Ok(ControlSuccess::Group(ref g))) if g.settings == vec![7]));
         assert!(matches!(out[2].control, Some(Err(ControlFailure::GroupNotFound { .. }))));
         assert_eq!(state.group("g").unwrap().unwrap().settings, vec![7]);

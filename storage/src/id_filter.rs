@@ -6,8 +6,12 @@
 //! not" without touching sled; "maybe" falls through to the id index. It has no false
 //! negatives, so correctness never depends on it: a fuller filter only means more lookups.
 //!
-//! It lives in memory only: rebuilt from the id index when the state is opened or
-//! replaced by a snapshot.
+//! It lives in memory, rebuilt from the id index when the state is opened. Ids whose
+//! index entries left the node with tiered history stay in it: before the node drops
+//! them, the filter is stored in the applied state ([`IdFilter::encode`]), Raft
+//! snapshots carry it, and opening the state merges it back. Without that, a restarted
+//! node would answer "certainly not written" for a tiered id that a node which never
+//! restarted would look up: two answers to one idempotency check.
 
 use std::sync::Mutex;
 
@@ -59,6 +63,67 @@ impl IdFilter {
     }
 }
 
+impl IdFilter {
+    /// The filter's bits, run-length coded: `[zero words u32 LE][literal words u32 LE]
+    /// [literal words, u64 LE each]...`. A sparse filter encodes small.
+    pub fn encode(&self) -> Vec<u8> {
+        let words = self.words.lock().expect("id filter lock is never poisoned");
+        let mut out = Vec::with_capacity(16);
+        out.extend_from_slice(&(words.len() as u64).to_le_bytes());
+        let mut i = 0;
+        while i < words.len() {
+            let zeros_start = i;
+            while i < words.len() && words[i] == 0 {
+                i += 1;
+            }
+            let literal_start = i;
+            // A literal run ends at two zero words in a row (one zero is cheaper inline).
+            while i < words.len() && !(words[i] == 0 && words.get(i + 1).is_none_or(|w| *w == 0)) {
+                i += 1;
+            }
+            out.extend_from_slice(&((literal_start - zeros_start) as u32).to_le_bytes());
+            out.extend_from_slice(&((i - literal_start) as u32).to_le_bytes());
+            for word in &words[literal_start..i] {
+                out.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Adds the bits of an [`IdFilter::encode`]d filter of the same size. None if the
+    /// bytes do not decode to one.
+    pub fn merge_encoded(&self, bytes: &[u8]) -> Option<()> {
+        let take = |at: &mut usize, n: usize| -> Option<&[u8]> {
+            let out = bytes.get(*at..*at + n)?;
+            *at += n;
+            Some(out)
+        };
+        let mut at = 0;
+        let len = u64::from_le_bytes(take(&mut at, 8)?.try_into().ok()?) as usize;
+        if len != self.len {
+            return None;
+        }
+        let mut decoded = vec![0u64; 0];
+        decoded.reserve(len);
+        while at < bytes.len() {
+            let zeros = u32::from_le_bytes(take(&mut at, 4)?.try_into().ok()?) as usize;
+            let literals = u32::from_le_bytes(take(&mut at, 4)?.try_into().ok()?) as usize;
+            if decoded.len() + zeros + literals > len {
+                return None;
+            }
+            decoded.resize(decoded.len() + zeros, 0);
+            for _ in 0..literals {
+                decoded.push(u64::from_le_bytes(take(&mut at, 8)?.try_into().ok()?));
+            }
+        }
+        let mut words = self.words.lock().expect("id filter lock is never poisoned");
+        for (word, bits) in words.iter_mut().zip(decoded) {
+            *word |= bits;
+        }
+        Some(())
+    }
+}
+
 impl Default for IdFilter {
     fn default() -> Self {
         Self::new()
@@ -90,5 +155,22 @@ mod tests {
         assert!((0..20_000).all(|n| filter.may_contain(&id(n))));
         let false_positives = (1_000_000..1_100_000).filter(|n| filter.may_contain(&id(*n))).count();
         assert!(false_positives < 2_000, "{false_positives} false positives in 100k");
+    }
+
+    #[test]
+    fn encoded_filter_merges_back_to_the_same_answers() {
+        let filter = IdFilter::with_bytes(64 * 1024);
+        let empty = filter.encode();
+        assert!(empty.len() < 64, "an empty filter encodes small: {}", empty.len());
+        for n in 0..500u64 {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_le_bytes());
+            filter.insert(&id);
+        }
+        let copy = IdFilter::with_bytes(64 * 1024);
+        copy.merge_encoded(&filter.encode()).unwrap();
+        assert_eq!(copy.encode(), filter.encode());
+        assert!(IdFilter::with_bytes(128).merge_encoded(&filter.encode()).is_none(), "size mismatch is refused");
+        assert!(copy.merge_encoded(&filter.encode()[..20]).is_none(), "truncation is refused");
     }
 }

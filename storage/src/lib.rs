@@ -23,9 +23,12 @@ mod error;
 mod id_filter;
 mod keys;
 mod log_store;
+mod reads;
 mod record;
+pub mod retention;
 mod snapshot;
 mod state;
+pub mod tier;
 mod wal;
 
 pub use command::{
@@ -33,13 +36,15 @@ pub use command::{
     StoredEvent,
 };
 pub use control::{
-    AggregateSnapshot, ControlCommand, ControlFailure, ControlOutcome, ControlSuccess, GroupRecord, GroupStart, GROUPS_MAX,
+    AggregateSnapshot, ControlCommand, ControlFailure, ControlOutcome, ControlSuccess, GroupRecord, GroupStart, TierState, GROUPS_MAX,
     SNAPSHOTS_PER_STREAM_MAX,
 };
 pub use error::StorageError;
 pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
+pub use retention::StreamMeta;
+pub use reads::{EventReader, ReadError, SharedFilter};
 pub use snapshot::{verify_snapshot, SnapshotInProgress, SnapshotItem, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
-pub use state::{EventState, ReadAllOptions, StagedApply, StreamHead};
+pub use state::{ChunkMark, ColdEvents, EventState, ReadAllOptions, StagedApply, StreamHead, RELEASE_BATCH_EVENTS_MAX};
 pub use id_filter::ID_FILTER_BYTES;
 pub use wal::{Salvage, LOSE_UNSYNCED_TAIL_FAILPOINT, WAL_RECORD_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
 

@@ -1,12 +1,16 @@
 //! Snapshot files: the control state and the applied events below a cutoff position,
 //! streamed to and from disk.
 //!
-//! Layout: `MAGIC`, format version (u32 LE), cutoff (u64 LE); one frame per control record
-//! (aggregate snapshots, groups: `[len u32 LE][crc32c u32 LE][key len u32 LE][key][sealed
-//! value]`), the control end frame `[CONTROL_END u32 LE][record count u64 LE]`; one frame
-//! per event `[len u32 LE][crc32c u32 LE][bincode StoredEvent]`, then the end frame
-//! `[END_MARKER u32 LE][event count u64 LE]`. Indexes and heads are not stored: they are
-//! rebuilt from the events on install, so a snapshot cannot disagree with itself.
+//! Layout: `MAGIC`, format version (u32 LE), cutoff (u64 LE), floor (u64 LE); one frame
+//! per control record (aggregate snapshots, groups, the tier state, stream heads: `[len u32
+//! LE][crc32c u32 LE][key len u32 LE][key][sealed value]`), the control end frame
+//! `[CONTROL_END u32 LE][record count u64 LE]`; the id filter frame `[len u32 LE][crc32c
+//! u32 LE][encoded filter]`; one frame per event from the floor below the cutoff `[len u32
+//! LE][crc32c u32 LE][bincode StoredEvent]`, then the end frame `[END_MARKER u32 LE][event
+//! count u64 LE]`. Events below the floor are in the object-store tier, so a node that
+//! installs the snapshot fetches only the hot part. The stream and id indexes are rebuilt
+//! from the events on install; the heads come as records, since a stream's events may all
+//! be tiered.
 //!
 //! Events are immutable below the applied position, so they can be written while the node
 //! keeps applying: the cutoff fixes what the snapshot contains. The control state changes
@@ -22,17 +26,21 @@ use crate::state::EventState;
 use crate::StorageError;
 
 const MAGIC: &[u8; 8] = b"STRATASN";
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 const END_MARKER: u32 = u32::MAX;
 const CONTROL_END: u32 = u32::MAX - 1;
 /// Largest event frame accepted when reading a snapshot: an event is at most 16 MiB of
 /// data plus 64 KiB of metadata (SPEC §8), plus its names.
 const FRAME_BYTES_MAX: u32 = 17 * 1024 * 1024;
+/// Largest id filter frame: the encoded filter is at most 1.5 times its memory.
+const FILTER_FRAME_BYTES_MAX: u32 = (crate::ID_FILTER_BYTES as u32 / 2) * 3 + 64;
 
 /// What a snapshot file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotSummary {
     pub cutoff_position: u64,
+    /// The first position in the snapshot; those below are in the tier.
+    pub floor_position: u64,
     pub events: u64,
     pub bytes: u64,
 }
@@ -41,6 +49,8 @@ pub struct SnapshotSummary {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotItem {
     Control { key: Vec<u8>, value: Vec<u8> },
+    /// The encoded id filter (see `id_filter`), after the control records.
+    IdFilter(Vec<u8>),
     Event(StoredEvent),
 }
 
@@ -49,6 +59,7 @@ pub enum SnapshotItem {
 pub struct SnapshotInProgress {
     path: std::path::PathBuf,
     cutoff: u64,
+    floor: u64,
     bytes: u64,
 }
 
@@ -69,14 +80,27 @@ impl EventState {
 
     /// Writes the header and the control state. Must run while no entry is being applied,
     /// so that the control state is the one at `cutoff`.
+    ///
+    /// Until [`EventState::finish_snapshot`] (which must follow) history
+    /// is not released, so the events from the floor stay there to be written.
     pub fn begin_snapshot(&self, path: &Path, cutoff: u64) -> Result<SnapshotInProgress, StorageError> {
         assert!(cutoff <= self.next_position(), "cannot snapshot events that are not applied");
+        let floor = self.snapshot_started();
+        let begun = self.write_snapshot_head(path, cutoff, floor);
+        if begun.is_err() {
+            self.snapshot_done();
+        }
+        begun
+    }
+
+    fn write_snapshot_head(&self, path: &Path, cutoff: u64, floor: u64) -> Result<SnapshotInProgress, StorageError> {
         let file = File::create(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(MAGIC)?;
         out.write_all(&SNAPSHOT_FORMAT_VERSION.to_le_bytes())?;
         out.write_all(&cutoff.to_le_bytes())?;
-        let mut bytes = 20u64;
+        out.write_all(&floor.to_le_bytes())?;
+        let mut bytes = 28u64;
         let mut records = 0u64;
         for record in self.control_records() {
             let (key, value) = record?;
@@ -92,19 +116,30 @@ impl EventState {
         }
         out.write_all(&CONTROL_END.to_le_bytes())?;
         out.write_all(&records.to_le_bytes())?;
+        // Written with the control state, so it covers every id applied up to the cutoff.
+        let filter = self.encoded_id_filter();
+        out.write_all(&(filter.len() as u32).to_le_bytes())?;
+        out.write_all(&crc32c::crc32c(&filter).to_le_bytes())?;
+        out.write_all(&filter)?;
         out.flush()?;
-        Ok(SnapshotInProgress { path: path.to_path_buf(), cutoff, bytes: bytes + 12 })
+        Ok(SnapshotInProgress { path: path.to_path_buf(), cutoff, floor, bytes: bytes + 12 + 8 + filter.len() as u64 })
     }
 
     /// Appends the events below the cutoff and the end frame, and fsyncs the file.
     pub fn finish_snapshot(&self, begun: SnapshotInProgress) -> Result<SnapshotSummary, StorageError> {
-        let SnapshotInProgress { path, cutoff, mut bytes } = begun;
+        let result = self.write_snapshot_events(begun);
+        self.snapshot_done();
+        result
+    }
+
+    fn write_snapshot_events(&self, begun: SnapshotInProgress) -> Result<SnapshotSummary, StorageError> {
+        let SnapshotInProgress { path, cutoff, floor, mut bytes } = begun;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut events = 0u64;
-        for event in self.events_below(cutoff) {
+        for event in self.events_below(floor, cutoff) {
             let event = event?;
-            assert_eq!(event.position, events, "snapshot positions are gapless");
+            assert_eq!(event.position, floor + events, "snapshot positions are gapless");
             let payload = bincode::serialize(&event).map_err(|_| StorageError::Encode { what: "snapshot event" })?;
             out.write_all(&(payload.len() as u32).to_le_bytes())?;
             out.write_all(&crc32c::crc32c(&payload).to_le_bytes())?;
@@ -112,12 +147,12 @@ impl EventState {
             events += 1;
             bytes += 8 + payload.len() as u64;
         }
-        assert_eq!(events, cutoff, "a snapshot holds every event below its cutoff");
+        assert_eq!(floor + events, cutoff.max(floor), "a snapshot holds every event from its floor below its cutoff");
         out.write_all(&END_MARKER.to_le_bytes())?;
         out.write_all(&events.to_le_bytes())?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        Ok(SnapshotSummary { cutoff_position: cutoff, events, bytes: bytes + 12 })
+        Ok(SnapshotSummary { cutoff_position: cutoff, floor_position: floor, events, bytes: bytes + 12 })
     }
 
     /// Replaces the state with the snapshot at `path`, then records `applied_meta`.
@@ -125,8 +160,8 @@ impl EventState {
         let summary = verify_snapshot(path)?;
         let mut reader = SnapshotReader::open(path)?;
         let items = std::iter::from_fn(move || reader.next_item().transpose());
-        let next = self.replace_all(items, applied_meta)?;
-        assert_eq!(next, summary.cutoff_position, "installed state ends at the snapshot cutoff");
+        let next = self.replace_all(summary.floor_position, items, applied_meta)?;
+        assert_eq!(next, summary.cutoff_position.max(summary.floor_position), "installed state ends at the snapshot cutoff");
         Ok(summary)
     }
 }
@@ -138,20 +173,30 @@ pub fn verify_snapshot(path: &Path) -> Result<SnapshotSummary, StorageError> {
     let mut events = 0u64;
     while let Some(item) = reader.next_item()? {
         let SnapshotItem::Event(event) = item else { continue };
-        if event.position != events {
+        if event.position != reader.floor + events {
             return Err(reader.bad("positions are not gapless"));
         }
         events += 1;
     }
-    if events != reader.cutoff {
+    if reader.floor + events != reader.cutoff.max(reader.floor) {
         return Err(reader.bad("event count does not match the cutoff"));
     }
-    Ok(SnapshotSummary { cutoff_position: reader.cutoff, events, bytes: std::fs::metadata(path)?.len() })
+    if !reader.filter_seen {
+        return Err(reader.bad("the id filter frame is missing"));
+    }
+    Ok(SnapshotSummary {
+        cutoff_position: reader.cutoff,
+        floor_position: reader.floor,
+        events,
+        bytes: std::fs::metadata(path)?.len(),
+    })
 }
 
 struct SnapshotReader {
     input: BufReader<File>,
     cutoff: u64,
+    floor: u64,
+    filter_seen: bool,
     seen: u64,
     /// Control records read; None once the control end frame was read.
     control_seen: Option<u64>,
@@ -162,7 +207,7 @@ struct SnapshotReader {
 impl SnapshotReader {
     fn open(path: &Path) -> Result<Self, StorageError> {
         let mut input = BufReader::with_capacity(1 << 20, File::open(path)?);
-        let mut reader = Self { input: BufReader::new(File::open(path)?), cutoff: 0, seen: 0, control_seen: Some(0), finished: false, path: path.display().to_string() };
+        let mut reader = Self { input: BufReader::new(File::open(path)?), cutoff: 0, floor: 0, filter_seen: false, seen: 0, control_seen: Some(0), finished: false, path: path.display().to_string() };
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
         if &magic != MAGIC {
@@ -173,6 +218,7 @@ impl SnapshotReader {
             return Err(reader.bad(&format!("unsupported format version {version}")));
         }
         reader.cutoff = read_u64(&mut input)?;
+        reader.floor = read_u64(&mut input)?;
         reader.input = input;
         Ok(reader)
     }
@@ -189,6 +235,10 @@ impl SnapshotReader {
                     return Err(self.bad("control end frame count does not match the frames"));
                 }
                 self.control_seen = None;
+                let len = read_u32(&mut self.input)?;
+                let filter = self.frame_up_to(len, FILTER_FRAME_BYTES_MAX)?;
+                self.filter_seen = true;
+                return Ok(Some(SnapshotItem::IdFilter(filter)));
             } else {
                 let payload = self.frame(len)?;
                 let key_len = payload.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
@@ -206,7 +256,11 @@ impl SnapshotReader {
 
     /// One checksummed frame's payload of `len` bytes.
     fn frame(&mut self, len: u32) -> Result<Vec<u8>, StorageError> {
-        if len > FRAME_BYTES_MAX {
+        self.frame_up_to(len, FRAME_BYTES_MAX)
+    }
+
+    fn frame_up_to(&mut self, len: u32, max: u32) -> Result<Vec<u8>, StorageError> {
+        if len > max {
             return Err(self.bad("frame larger than any record"));
         }
         let crc = read_u32(&mut self.input)?;

@@ -8,26 +8,49 @@
 //!   applied-log metadata) go into one atomic sled batch, so a crash leaves either all of
 //!   an entry applied or none of it, and `applied` always describes the data beside it;
 //! - readers see only positions below `visible_next_position`, which moves after a whole
-//!   entry is in, so an append is never seen half-written.
+//!   entry is in, so an append is never seen half-written;
+//! - with tiering, the node holds positions `floor..` (whole chunks); everything below
+//!   `floor` is in the tier (`floor` ≤ the replicated tier watermark). The floor moves only
+//!   in [`EventState::release_below`], under the release lock that local reads hold, so a
+//!   read sees the local part whole or not at all; stream heads and the control state
+//!   stay local whatever their events' tier.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::EventChunk;
 use crate::id_filter::IdFilter;
 use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, NewEvent, StoredEvent};
-use crate::control::{self, AggregateSnapshot, ControlStore, GroupRecord};
+use crate::control::{self, AggregateSnapshot, ControlStore, GroupRecord, TierState};
 use crate::snapshot::SnapshotItem;
 use crate::keys;
 use crate::record;
+use crate::retention::{self, MetaStreams, StreamMeta};
 use crate::StorageError;
 
 const META_APPLIED: &str = "applied";
 const META_NEXT_POSITION: &str = "next_position";
+const META_FLOOR: &str = "floor";
+/// The id filter as stored: `[covers_below u64 BE][encoded filter]`, holding every id of
+/// the events below `covers_below` (see `id_filter`).
+const META_ID_FILTER: &str = "id_filter";
+/// Released events after which the id filter is stored again. Between two stores, the
+/// ids released since the last one are re-read from the tier at start-up
+/// ([`EventState::id_filter_gap`]), so this bounds that work, while the filter (up to
+/// `ID_FILTER_BYTES`) is not rewritten on every release.
+pub const ID_FILTER_STORE_EVENTS: u64 = 1_000_000;
+
+/// Events of tiered history that an apply batch's idempotency checks need, fetched from
+/// the tier before the batch is staged (by id).
+pub type ColdEvents = HashMap<[u8; 16], StoredEvent>;
+
+/// Events released from the local store per sled batch: bounds one batch's memory and
+/// how long readers wait on the release lock.
+pub const RELEASE_BATCH_EVENTS_MAX: usize = 20_000;
 /// Key in the database's default tree naming the tree that holds the live state; a
 /// snapshot install fills a fresh tree and then flips this pointer (atomic swap).
 const ACTIVE_STATE_TREE: &[u8] = b"active_state_tree";
@@ -42,6 +65,15 @@ pub struct StreamHead {
     pub updated_unix_ms: i64,
     pub first_position: u64,
     pub last_position: u64,
+}
+
+/// A chunk's extent, encoded size and creation time (see [`EventState::chunk_marks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkMark {
+    pub first_position: u64,
+    pub end_position: u64,
+    pub bytes: u64,
+    pub created_unix_ms: i64,
 }
 
 /// Decided, not yet written entries (see [`EventState::stage_entries`]).
@@ -71,6 +103,21 @@ pub struct EventState {
     /// Every id of the id index (and possibly ids of replaced states): skips the index
     /// lookup for ids that were certainly never written.
     ids: IdFilter,
+    /// The first position held locally; positions below it are in the tier.
+    floor: AtomicU64,
+    /// Local reads hold it shared; releasing history below the floor holds it exclusively.
+    release_lock: RwLock<()>,
+    /// Raft snapshots being written: history is not released under them.
+    snapshots_building: AtomicUsize,
+    /// The in-memory filter holds every id below this position for sure: the stored
+    /// filter's coverage after a restart that left a gap, u64::MAX once complete (ids at
+    /// and above the floor are always in: the local index is loaded at open).
+    filter_covers_below: AtomicU64,
+    /// The coverage of the stored filter (kept here so that deciding whether to store it
+    /// again does not read the stored filter back).
+    filter_stored_covers: AtomicU64,
+    /// Streams with retention or deletion metadata (see `retention`).
+    meta_streams: MetaStreams,
 }
 
 impl EventState {
@@ -92,8 +139,32 @@ impl EventState {
             }
         }
         let tree = db.open_tree(&name)?;
+        let meta_streams = MetaStreams::default();
+        for key in tree.scan_prefix([retention::STREAM_META]).keys() {
+            let key = key?;
+            if let Some(stream) = retention::stream_of_meta_key(&key) {
+                meta_streams.insert(stream);
+            }
+        }
         let next_position = read_u64_meta(&tree, META_NEXT_POSITION)?.unwrap_or(0);
+        let floor = read_u64_meta(&tree, META_FLOOR)?.unwrap_or(0);
         let ids = IdFilter::new();
+        let mut covers_below = floor;
+        let mut stored_covers = 0;
+        if floor > 0 {
+            let key = keys::meta(META_ID_FILTER);
+            let corrupt = || StorageError::Corrupt { what: "stored id filter", key: record::printable_key(&key) };
+            covers_below = match tree.get(&key)? {
+                None => 0,
+                Some(value) => {
+                    let payload = record::open("stored id filter", &key, &value)?;
+                    let (covers, encoded) = payload.split_at_checked(8).ok_or_else(corrupt)?;
+                    ids.merge_encoded(encoded).ok_or_else(corrupt)?;
+                    stored_covers = u64::from_be_bytes(covers.try_into().map_err(|_| corrupt())?);
+                    stored_covers.min(floor)
+                }
+            };
+        }
         for key in tree.scan_prefix([keys::EVENT_ID]).keys() {
             let key = key?;
             let id: &[u8; 16] = key[1..]
@@ -101,7 +172,144 @@ impl EventState {
                 .map_err(|_| StorageError::Corrupt { what: "event id index key", key: record::printable_key(&key) })?;
             ids.insert(id);
         }
-        Ok(Self { db: db.clone(), tree: RwLock::new(tree), visible_next_position: AtomicU64::new(next_position), ids })
+        Ok(Self {
+            db: db.clone(),
+            tree: RwLock::new(tree),
+            visible_next_position: AtomicU64::new(next_position),
+            ids,
+            floor: AtomicU64::new(floor),
+            release_lock: RwLock::new(()),
+            snapshots_building: AtomicUsize::new(0),
+            filter_covers_below: AtomicU64::new(if covers_below >= floor { u64::MAX } else { covers_below }),
+            filter_stored_covers: AtomicU64::new(stored_covers),
+            meta_streams,
+        })
+    }
+
+    /// Positions `[from, floor)` whose ids the filter may lack after a restart (released
+    /// since the filter was last stored): the caller reads them from the tier and hands
+    /// their ids to [`EventState::fill_id_filter`] before anything is applied.
+    pub fn id_filter_gap(&self) -> Option<std::ops::Range<u64>> {
+        let (covers, floor) = (self.filter_covers_below.load(Ordering::Acquire), self.floor());
+        (covers < floor).then_some(covers..floor)
+    }
+
+    /// Adds ids read from the tier for the gap, then records the gap as filled up to `to`.
+    pub fn fill_id_filter(&self, ids: impl IntoIterator<Item = [u8; 16]>, to: u64) {
+        for id in ids {
+            self.ids.insert(&id);
+        }
+        let covers = if to >= self.floor() { u64::MAX } else { to };
+        self.filter_covers_below.fetch_max(covers, Ordering::AcqRel);
+    }
+
+    /// Stores the id filter if `ID_FILTER_STORE_EVENTS` events were released since it was
+    /// last stored (or `force`); returns whether it did.
+    pub fn store_id_filter_if_due(&self, force: bool) -> Result<bool, StorageError> {
+        let stored_covers = self.filter_stored_covers.load(Ordering::Acquire);
+        let floor = self.floor();
+        if floor == 0 || self.id_filter_gap().is_some() || (!force && floor < stored_covers + ID_FILTER_STORE_EVENTS) {
+            return Ok(false);
+        }
+        // Everything applied so far is in the filter: it covers the visible end.
+        let covers = self.next_position();
+        let mut payload = covers.to_be_bytes().to_vec();
+        payload.extend_from_slice(&self.ids.encode());
+        let key = keys::meta(META_ID_FILTER);
+        self.tree().insert(key.clone(), record::seal(&key, &payload))?;
+        self.filter_stored_covers.store(covers, Ordering::Release);
+        Ok(true)
+    }
+
+    /// The first position held locally (0 until tiered history was released).
+    pub fn floor(&self) -> u64 {
+        self.floor.load(Ordering::Acquire)
+    }
+
+    /// Holds off releases while local reads run: the floor it returns stays put until the
+    /// guard is dropped.
+    fn local_reads(&self) -> (RwLockReadGuard<'_, ()>, u64) {
+        let guard = self.release_lock.read().expect("release lock is never poisoned");
+        (guard, self.floor())
+    }
+
+    /// A stream's retention and deletion metadata, if it has any.
+    pub fn stream_meta(&self, stream: &str) -> Result<Option<StreamMeta>, StorageError> {
+        if !self.meta_streams.may_have(stream) {
+            return Ok(None);
+        }
+        control::read_stream_meta(&self.tree(), stream)
+    }
+
+    /// The replicated tier state.
+    pub fn tier_state(&self) -> Result<TierState, StorageError> {
+        control::read_tier_state(&self.tree())
+    }
+
+    /// The ids of `commands`' events whose idempotency check needs the tier: they may
+    /// have been written (the filter says maybe), and not at a position held locally.
+    pub fn ids_to_resolve(&self, commands: &[Option<&Command>]) -> Result<Vec<[u8; 16]>, StorageError> {
+        if self.floor() == 0 {
+            return Ok(Vec::new());
+        }
+        // Until a restart's gap is filled the filter may lack released ids: ask the tier.
+        let complete = self.id_filter_gap().is_none();
+        let tree = self.tree();
+        let mut out = Vec::new();
+        for command in commands {
+            let Some(Command::Appends(appends)) = command else { continue };
+            for event in appends.iter().flat_map(|a| a.events.iter()) {
+                if (!complete || self.ids.may_contain(&event.id)) && tree.get(keys::event_id(&event.id))?.is_none() {
+                    out.push(event.id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the local copy of whole chunks below `watermark` (which must be durable in the
+    /// tier and visible to this node's tier reader), at most `max_events` events of them;
+    /// returns the events dropped. The in-memory id filter keeps their ids; it is stored
+    /// now and then ([`EventState::store_id_filter_if_due`]) and the rest re-read from the
+    /// tier after a restart. Never runs while a Raft snapshot is built,
+    /// nor concurrently with an apply (the caller serialises it with applies).
+    pub fn release_below(&self, watermark: u64, max_events: usize) -> Result<u64, StorageError> {
+        if self.snapshots_building.load(Ordering::Acquire) > 0 {
+            return Ok(0);
+        }
+        let tree = self.tree();
+        let mut floor = self.floor();
+        let mut released = 0u64;
+        while (released as usize) < max_events {
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0usize;
+            let mut new_floor = floor;
+            for item in tree.range(keys::event(floor)..keys::event(watermark)) {
+                let (key, value) = item?;
+                let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
+                if chunk.end_position() > watermark || released as usize + in_batch >= max_events || in_batch >= RELEASE_BATCH_EVENTS_MAX {
+                    break;
+                }
+                batch.remove(key);
+                batch.remove(keys::stream_index(&chunk.stream, chunk.first_version));
+                for event in &chunk.events {
+                    batch.remove(&keys::event_id(&event.id)[..]);
+                }
+                in_batch += chunk.events.len();
+                new_floor = chunk.end_position();
+            }
+            if in_batch == 0 {
+                break;
+            }
+            let key = keys::meta(META_FLOOR);
+            batch.insert(key.clone(), record::seal(&key, &new_floor.to_be_bytes()));
+            let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
+            tree.apply_batch(batch)?;
+            self.floor.store(new_floor, Ordering::Release);
+            released += in_batch as u64;
+            floor = new_floor;
+        }
+        Ok(released)
     }
 
     fn tree(&self) -> sled::Tree {
@@ -126,13 +334,13 @@ impl EventState {
     /// Applies one Raft entry: its command (None for blank and membership entries) and the
     /// raft layer's new applied metadata, atomically. Returns one outcome per append.
     pub fn apply(&self, command: Option<&Command>, applied_meta: &[u8]) -> Result<Vec<AppendOutcome>, StorageError> {
-        Ok(self.apply_entries(&[command], applied_meta)?.pop().expect("one entry in, one out").appends)
+        Ok(self.apply_entries(&[command], applied_meta, &ColdEvents::new())?.pop().expect("one entry in, one out").appends)
     }
 
     /// Applies one control command as its own entry (tests and tools).
     pub fn apply_control(&self, command: control::ControlCommand, applied_meta: &[u8]) -> Result<control::ControlOutcome, StorageError> {
         let command = Command::Control(command);
-        let mut out = self.apply_entries(&[Some(&command)], applied_meta)?;
+        let mut out = self.apply_entries(&[Some(&command)], applied_meta, &ColdEvents::new())?;
         Ok(out.pop().and_then(|entry| entry.control).expect("a control entry has a control outcome"))
     }
 
@@ -143,8 +351,13 @@ impl EventState {
     /// One batch for many entries because every sled batch costs two synchronous log
     /// write-backs (sled rolls its io buffer around it): under load, committed entries
     /// arrive together and share them.
-    pub fn apply_entries(&self, commands: &[Option<&Command>], applied_meta: &[u8]) -> Result<Vec<EntryOutcome>, StorageError> {
-        let (outcomes, staged) = self.stage_entries(commands, applied_meta)?;
+    pub fn apply_entries(
+        &self,
+        commands: &[Option<&Command>],
+        applied_meta: &[u8],
+        cold: &ColdEvents,
+    ) -> Result<Vec<EntryOutcome>, StorageError> {
+        let (outcomes, staged) = self.stage_entries(commands, applied_meta, cold)?;
         self.commit_staged(staged)?;
         Ok(outcomes)
     }
@@ -154,13 +367,19 @@ impl EventState {
     /// the decision is deterministic), so the caller may answer proposers before
     /// [`EventState::commit_staged`] writes them; readers see nothing until then. Nothing
     /// else may be staged or applied in between.
+    ///
+    /// `cold` holds the tiered events of the ids [`EventState::ids_to_resolve`] named (those
+    /// found in the tier): with them, every node decides idempotency on the same history,
+    /// whichever part of it it still holds locally.
     pub fn stage_entries(
         &self,
         commands: &[Option<&Command>],
         applied_meta: &[u8],
+        cold: &ColdEvents,
     ) -> Result<(Vec<EntryOutcome>, StagedApply), StorageError> {
         let tree = self.tree();
-        let mut writer = BatchWriter::new(&tree, self.next_position(), &self.ids);
+        let mut writer = BatchWriter::new(&tree, self.next_position(), &self.ids, &self.meta_streams);
+        writer.cold = Some(cold);
         let mut per_entry = Vec::with_capacity(commands.len());
         for command in commands {
             let mut outcome = EntryOutcome::default();
@@ -198,14 +417,16 @@ impl EventState {
 
     /// The event at `position`, if applied.
     pub fn event_at(&self, position: u64) -> Result<Option<StoredEvent>, StorageError> {
-        if position >= self.next_position() {
+        let (_guard, floor) = self.local_reads();
+        if position >= self.next_position() || position < floor {
             return Ok(None);
         }
         Ok(read_chunk_containing(&self.tree(), position)?.map(|chunk| chunk.event_at(position)))
     }
 
     /// Up to `limit` events of `stream` starting at `from_version` (inclusive), forwards
-    /// or backwards. Stops at the visible end of `$all`.
+    /// or backwards. Stops at the visible end of `$all`. Only the locally held part (see
+    /// [`EventState::read_stream_local`]).
     pub fn read_stream(
         &self,
         stream: &str,
@@ -213,6 +434,19 @@ impl EventState {
         backwards: bool,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StorageError> {
+        Ok(self.read_stream_local(stream, from_version, backwards, limit)?.0)
+    }
+
+    /// [`EventState::read_stream`], and the floor it read at: the stream's events below
+    /// the floor, if any, are in the tier, not in the answer.
+    pub fn read_stream_local(
+        &self,
+        stream: &str,
+        from_version: u64,
+        backwards: bool,
+        limit: usize,
+    ) -> Result<(Vec<StoredEvent>, u64), StorageError> {
+        let (_guard, floor) = self.local_reads();
         let tree = self.tree();
         let visible = self.next_position();
         let prefix = keys::stream_index_prefix(stream);
@@ -261,14 +495,34 @@ impl EventState {
                 out.push(event);
             }
         }
-        Ok(out)
+        Ok((out, floor))
     }
 
     /// A page of `$all`: returns the matching events and the position to continue from
-    /// (None when the visible end, or position 0 backwards, was reached).
+    /// (None when the visible end, or position 0 backwards, was reached). Only the locally
+    /// held part: see [`EventState::read_all_local`].
     pub fn read_all(&self, options: &ReadAllOptions<'_>) -> Result<(Vec<StoredEvent>, Option<u64>), StorageError> {
+        let (events, next, _) = self.read_all_local(options)?;
+        Ok((events, next))
+    }
+
+    /// [`EventState::read_all`] and the floor it read at. Positions below the floor are
+    /// in the tier: a forward read from below it starts at the floor, a backward read
+    /// stops there (its continuation is then below the floor).
+    #[allow(clippy::type_complexity)]
+    pub fn read_all_local(&self, options: &ReadAllOptions<'_>) -> Result<(Vec<StoredEvent>, Option<u64>, u64), StorageError> {
+        let (_guard, floor) = self.local_reads();
+        let (events, next) = self.read_all_unlocked(options, floor)?;
+        Ok((events, next, floor))
+    }
+
+    fn read_all_unlocked(&self, options: &ReadAllOptions<'_>, floor: u64) -> Result<(Vec<StoredEvent>, Option<u64>), StorageError> {
         let tree = self.tree();
         let visible = self.next_position();
+        if options.backwards && options.from_position < floor {
+            return Ok((Vec::new(), Some(options.from_position)));
+        }
+        let options = &ReadAllOptions { from_position: options.from_position.max(floor), ..*options };
         if !options.backwards && options.from_position >= visible {
             return Ok((Vec::new(), None));
         }
@@ -280,11 +534,7 @@ impl EventState {
         } else {
             options.from_position
         };
-        // Start at the chunk holding `from`.
-        let start = match tree.range(keys::event(0)..=keys::event(from)).next_back() {
-            Some(item) => decode_chunk_key(&item?.0)?,
-            None => 0,
-        };
+        let start = chunk_start(&tree, from)?;
         let range: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if options.backwards {
             Box::new(tree.range(keys::event(0)..=keys::event(start)).rev())
         } else {
@@ -350,10 +600,11 @@ impl EventState {
         control::latest_snapshot(&self.tree(), stream, max_version)
     }
 
-    /// Every control record (key, sealed value), for a Raft snapshot.
+    /// Every control record and stream head (key, sealed value), for a Raft snapshot:
+    /// heads travel as records because a stream's events may all be in the tier.
     pub(crate) fn control_records(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageError>> {
         let tree = self.tree();
-        control::CONTROL_PREFIXES.into_iter().flat_map(move |prefix| {
+        control::CONTROL_PREFIXES.into_iter().chain([keys::HEAD]).flat_map(move |prefix| {
             tree.scan_prefix([prefix]).map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StorageError::from))
         })
     }
@@ -390,6 +641,7 @@ impl EventState {
     /// state is built in a fresh tree and swapped in by one durable pointer write.
     pub fn replace_all(
         &self,
+        floor: u64,
         items: impl Iterator<Item = Result<SnapshotItem, StorageError>>,
         applied_meta: &[u8],
     ) -> Result<u64, StorageError> {
@@ -402,16 +654,33 @@ impl EventState {
         self.db.drop_tree(name.as_bytes())?;
         let fresh = self.db.open_tree(&name)?;
         // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
-        let mut writer = BatchWriter::new(&fresh, 0, &self.ids);
+        let mut writer = BatchWriter::new(&fresh, floor, &self.ids, &self.meta_streams);
+        // Stream heads come as records (their events may be in the tier).
+        writer.heads_given = true;
         let mut chunk: Option<EventChunk> = None;
         for item in items {
             let event = match item? {
                 SnapshotItem::Event(event) => event,
+                SnapshotItem::IdFilter(bytes) => {
+                    self.ids.merge_encoded(&bytes).ok_or_else(|| StorageError::Corrupt {
+                        what: "snapshot id filter",
+                        key: META_ID_FILTER.into(),
+                    })?;
+                    // It holds every id below the floor (written with the control state).
+                    let key = keys::meta(META_ID_FILTER);
+                    let mut payload = floor.to_be_bytes().to_vec();
+                    payload.extend_from_slice(&bytes);
+                    writer.batch.insert(key.clone(), record::seal(&key, &payload));
+                    continue;
+                }
                 SnapshotItem::Control { key, value } => {
-                    if !control::is_control_key(&key) {
+                    if !control::is_control_key(&key) && key.first() != Some(&keys::HEAD) {
                         return Err(StorageError::Corrupt { what: "snapshot control record key", key: record::printable_key(&key) });
                     }
                     record::open("snapshot control record", &key, &value)?;
+                    if let Some(stream) = retention::stream_of_meta_key(&key) {
+                        self.meta_streams.insert(stream);
+                    }
                     writer.batch.insert(key, value);
                     continue;
                 }
@@ -436,6 +705,8 @@ impl EventState {
         let mut batch = writer.finish()?;
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
+        let floor_key = keys::meta(META_FLOOR);
+        batch.insert(floor_key.clone(), record::seal(&floor_key, &floor.to_be_bytes()));
         fresh.apply_batch(batch)?;
         // sled recovers a prefix of its writes, so the fresh tree is in before the pointer
         // that names it; the caller's next durable flush (the raft layer records the
@@ -443,16 +714,77 @@ impl EventState {
         self.db.flush()?;
         self.db.insert(ACTIVE_STATE_TREE, name.as_bytes())?;
         self.db.flush()?;
+        let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
         let old = std::mem::replace(&mut *self.tree.write().expect("state tree lock is never poisoned"), fresh);
         self.visible_next_position.store(next_position, Ordering::Release);
+        self.floor.store(floor, Ordering::Release);
+        // The snapshot's filter holds every id below its floor; the rest is local.
+        self.filter_covers_below.store(u64::MAX, Ordering::Release);
+        self.filter_stored_covers.store(floor, Ordering::Release);
         self.db.drop_tree(old.name())?;
         Ok(next_position)
     }
 
-    /// Every event below `cutoff`, in position order (for snapshot export).
-    pub fn events_below(&self, cutoff: u64) -> impl Iterator<Item = Result<StoredEvent, StorageError>> {
+    /// What the tier uploader needs to know of the chunks from `from` below `to` (at most
+    /// `max` of them): their extent, size and age, without their payloads.
+    pub fn chunk_marks(&self, from: u64, to: u64, max: usize) -> Result<Vec<ChunkMark>, StorageError> {
+        let (_guard, floor) = self.local_reads();
+        let from = from.max(floor);
+        let mut out = Vec::new();
+        for item in chunks_covering(&self.tree(), from, to)?.take(max) {
+            let (bytes, chunk) = item?;
+            out.push(ChunkMark {
+                first_position: chunk.first_position.max(from),
+                end_position: chunk.end_position(),
+                bytes: bytes as u64,
+                created_unix_ms: chunk.created_unix_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The locally held chunks covering `[from, to)` exactly (the first and last cut to
+    /// fit), stopping early after `max_bytes` of encoded chunks; for the tier uploader.
+    pub(crate) fn chunks_in(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<EventChunk>, StorageError> {
+        let (_guard, floor) = self.local_reads();
+        if from < floor {
+            return Err(StorageError::Corrupt { what: "upload below the local floor", key: from.to_string() });
+        }
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        for item in chunks_covering(&self.tree(), from, to)? {
+            let (bytes, chunk) = item?;
+            if !out.is_empty() && total + bytes > max_bytes {
+                break;
+            }
+            total += bytes;
+            out.push(chunk.cut(from, to));
+        }
+        Ok(out)
+    }
+
+    /// Marks a Raft snapshot as being written from `floor`: history is not released until
+    /// [`EventState::snapshot_done`].
+    pub(crate) fn snapshot_started(&self) -> u64 {
+        let _guard = self.release_lock.read().expect("release lock is never poisoned");
+        self.snapshots_building.fetch_add(1, Ordering::AcqRel);
+        self.floor()
+    }
+
+    pub(crate) fn snapshot_done(&self) {
+        self.snapshots_building.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The id filter, encoded (for a Raft snapshot).
+    pub(crate) fn encoded_id_filter(&self) -> Vec<u8> {
+        self.ids.encode()
+    }
+
+    /// Every locally held event from `floor` below `cutoff`, in position order (for
+    /// snapshot export; the caller keeps releases off, see `snapshot_started`).
+    pub fn events_below(&self, floor: u64, cutoff: u64) -> impl Iterator<Item = Result<StoredEvent, StorageError>> {
         let tree = self.tree();
-        tree.range(keys::event(0)..keys::event(cutoff))
+        tree.range(keys::event(floor)..keys::event(cutoff))
             .map(|item| {
                 let (key, value) = item?;
                 record::open_value::<EventChunk>("event chunk", &key, &value)
@@ -477,6 +809,7 @@ const REPLACE_BATCH_EVENTS_MAX: usize = 10_000;
 struct BatchWriter<'t> {
     tree: &'t sled::Tree,
     ids: &'t IdFilter,
+    meta_streams: &'t MetaStreams,
     batch: sled::Batch,
     next_position: u64,
     events_in_batch: usize,
@@ -489,13 +822,18 @@ struct BatchWriter<'t> {
     control: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// The next group id, once read or changed in this batch.
     next_group_id: Option<u64>,
+    /// Tiered events of ids this batch asks about (see [`EventState::stage_entries`]).
+    cold: Option<&'t ColdEvents>,
+    /// Writing a snapshot's events whose stream heads came as records: heads stay as given.
+    heads_given: bool,
 }
 
 impl<'t> BatchWriter<'t> {
-    fn new(tree: &'t sled::Tree, next_position: u64, ids: &'t IdFilter) -> Self {
+    fn new(tree: &'t sled::Tree, next_position: u64, ids: &'t IdFilter, meta_streams: &'t MetaStreams) -> Self {
         Self {
             tree,
             ids,
+            meta_streams,
             batch: sled::Batch::default(),
             next_position,
             events_in_batch: 0,
@@ -505,6 +843,8 @@ impl<'t> BatchWriter<'t> {
             new_chunks: BTreeMap::new(),
             control: BTreeMap::new(),
             next_group_id: None,
+            cold: None,
+            heads_given: false,
         }
     }
 
@@ -521,6 +861,24 @@ impl<'t> BatchWriter<'t> {
         Ok(head)
     }
 
+    /// The stream's metadata as of this batch (staged changes included).
+    fn stream_meta(&self, stream: &str) -> Result<Option<StreamMeta>, StorageError> {
+        let key = retention::stream_meta_key(stream);
+        if !self.control.contains_key(&key) && !self.meta_streams.may_have(stream) {
+            return Ok(None);
+        }
+        control::stream_meta(self, stream)
+    }
+
+    /// Whether `event` is still visible to readers at `now_ms` (an entry's own time): an id
+    /// of an event no longer visible is free again, whether or not this node has already
+    /// scavenged the event (so every node decides alike).
+    fn still_visible(&mut self, event: &StoredEvent, now_ms: i64) -> Result<bool, StorageError> {
+        let Some(meta) = self.stream_meta(&event.stream)? else { return Ok(true) };
+        let last = self.head(&event.stream)?.map(|h| h.last_version);
+        Ok(meta.visible(event.version, event.created_unix_ms, last, now_ms))
+    }
+
     fn position_of_id(&self, id: &[u8; 16]) -> Result<Option<u64>, StorageError> {
         if let Some(position) = self.new_ids.get(id) {
             return Ok(Some(*position));
@@ -530,7 +888,7 @@ impl<'t> BatchWriter<'t> {
         }
         let key = keys::event_id(id);
         match self.tree.get(key)? {
-            None => Ok(None),
+            None => Ok(self.cold.and_then(|cold| cold.get(id)).map(|event| event.position)),
             Some(value) => Ok(Some(decode_position("event id index entry", &key, &value)?)),
         }
     }
@@ -540,6 +898,9 @@ impl<'t> BatchWriter<'t> {
             && chunk.contains_position(position)
         {
             return Ok(chunk.event_at(position));
+        }
+        if let Some(event) = self.cold.and_then(|cold| cold.values().find(|event| event.position == position)) {
+            return Ok(event.clone());
         }
         match read_chunk_containing(self.tree, position)? {
             Some(chunk) => Ok(chunk.event_at(position)),
@@ -569,7 +930,14 @@ impl<'t> BatchWriter<'t> {
             if !seen.insert(event.id) {
                 return conflict(event, "event id repeated within one append");
             }
-            known.push(self.position_of_id(&event.id)?);
+            let mut position = self.position_of_id(&event.id)?;
+            if let Some(at) = position {
+                let existing = self.event(at)?;
+                if !self.still_visible(&existing, append.created_unix_ms)? {
+                    position = None;
+                }
+            }
+            known.push(position);
         }
         let known_count = known.iter().filter(|p| p.is_some()).count();
         if known_count == 0 {
@@ -613,11 +981,18 @@ impl<'t> BatchWriter<'t> {
     fn write_append(&mut self, append: &AppendCommand) -> Result<AppendOutcome, StorageError> {
         let head = self.head(&append.stream)?;
         let head_version = head.as_ref().map(|h| h.last_version);
-        if !append.expected.admits(head_version) {
+        let meta = self.stream_meta(&append.stream)?;
+        if meta.as_ref().is_some_and(|m| m.tombstone) {
+            return Ok(Err(AppendFailure::StreamDeleted { stream: append.stream.clone() }));
+        }
+        // A soft-deleted stream with nothing appended since is no stream to a writer;
+        // its versions still continue after the deleted ones.
+        let visible_head = if meta.is_some_and(|m| m.deleted_and_empty(head_version)) { None } else { head_version };
+        if !append.expected.admits(visible_head) {
             return Ok(Err(AppendFailure::WrongExpectedVersion {
                 stream: append.stream.clone(),
                 expected: append.expected,
-                actual: head_version,
+                actual: visible_head,
             }));
         }
         let first_version = head_version.map_or(0, |v| v + 1);
@@ -646,28 +1021,32 @@ impl<'t> BatchWriter<'t> {
         let count = chunk.len();
         let last_version = chunk.first_version + count - 1;
         let last_position = chunk.end_position() - 1;
-        let new_head = match self.head(&chunk.stream)? {
-            None => {
-                assert_eq!(chunk.first_version, 0, "a new stream starts at version 0");
-                StreamHead {
-                    last_version,
-                    event_count: count,
-                    created_unix_ms: chunk.created_unix_ms,
-                    updated_unix_ms: chunk.created_unix_ms,
-                    first_position: chunk.first_position,
-                    last_position,
+        let new_head = if self.heads_given {
+            None
+        } else {
+            Some(match self.head(&chunk.stream)? {
+                None => {
+                    assert_eq!(chunk.first_version, 0, "a new stream starts at version 0");
+                    StreamHead {
+                        last_version,
+                        event_count: count,
+                        created_unix_ms: chunk.created_unix_ms,
+                        updated_unix_ms: chunk.created_unix_ms,
+                        first_position: chunk.first_position,
+                        last_position,
+                    }
                 }
-            }
-            Some(head) => {
-                assert_eq!(chunk.first_version, head.last_version + 1, "stream versions are contiguous");
-                StreamHead {
-                    last_version,
-                    event_count: head.event_count + count,
-                    updated_unix_ms: chunk.created_unix_ms,
-                    last_position,
-                    ..head
+                Some(head) => {
+                    assert_eq!(chunk.first_version, head.last_version + 1, "stream versions are contiguous");
+                    StreamHead {
+                        last_version,
+                        event_count: head.event_count + count,
+                        updated_unix_ms: chunk.created_unix_ms,
+                        last_position,
+                        ..head
+                    }
                 }
-            }
+            })
         };
         let chunk_key = keys::event(chunk.first_position);
         self.batch.insert(&chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?);
@@ -680,8 +1059,10 @@ impl<'t> BatchWriter<'t> {
             self.new_ids.insert(event.id, position);
             self.ids.insert(&event.id);
         }
-        self.heads.insert(chunk.stream.clone(), Some(new_head));
-        self.dirty_heads.insert(chunk.stream.clone());
+        if let Some(new_head) = new_head {
+            self.heads.insert(chunk.stream.clone(), Some(new_head));
+            self.dirty_heads.insert(chunk.stream.clone());
+        }
         self.next_position += count;
         self.events_in_batch += count as usize;
         self.new_chunks.insert(chunk.first_position, chunk);
@@ -736,6 +1117,9 @@ impl ControlStore for BatchWriter<'_> {
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        if let Some(stream) = retention::stream_of_meta_key(&key) {
+            self.meta_streams.insert(stream);
+        }
         self.batch.insert(key.clone(), value.clone());
         self.control.insert(key, Some(value));
     }
@@ -775,6 +1159,33 @@ fn read_head(tree: &sled::Tree, stream: &str) -> Result<Option<StreamHead>, Stor
         None => Ok(None),
         Some(value) => Ok(Some(record::open_value("stream head", &key, &value)?)),
     }
+}
+
+/// The first position of the chunk holding `position` (the greatest chunk key at or below
+/// it), or `position` itself when no chunk starts at or below it.
+fn chunk_start(tree: &sled::Tree, position: u64) -> Result<u64, StorageError> {
+    match tree.range(keys::event(0)..=keys::event(position)).next_back() {
+        Some(item) => decode_chunk_key(&item?.0),
+        None => Ok(position),
+    }
+}
+
+/// The stored chunks that hold positions in `[from, to)`, in position order, each with its
+/// encoded size.
+fn chunks_covering(
+    tree: &sled::Tree,
+    from: u64,
+    to: u64,
+) -> Result<impl Iterator<Item = Result<(usize, EventChunk), StorageError>>, StorageError> {
+    let start = chunk_start(tree, from)?;
+    Ok(tree
+        .range(keys::event(start)..keys::event(to))
+        .map(|item| {
+            let (key, value) = item?;
+            let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
+            Ok((value.len(), chunk))
+        })
+        .filter(move |item| !matches!(item, Ok((_, chunk)) if chunk.end_position() <= from)))
 }
 
 /// The chunk whose first position is `position`.
@@ -971,7 +1382,7 @@ mod tests {
         assert_eq!(positions(read(5, true, 3)), (vec![5, 4, 3], Some(2)));
         assert_eq!(state.event_at(6).unwrap().unwrap().version, 5);
         assert!(state.event_at(7).unwrap().is_none());
-        let below: Vec<u64> = state.events_below(5).map(|e| e.unwrap().position).collect();
+        let below: Vec<u64> = state.events_below(0, 5).map(|e| e.unwrap().position).collect();
         assert_eq!(below, vec![0, 1, 2, 3, 4]);
         // Replaying the second append of the first entry finds its ids inside a chunk.
         let replay = apply(&state, vec![append("a", ExpectedVersion::Exact(2), &[5, 6, 7])]);
@@ -984,7 +1395,7 @@ mod tests {
         let (_dir, state) = state();
         let one = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1])]);
         let two = Command::Appends(vec![append("a", ExpectedVersion::Exact(0), &[2]), append("a", ExpectedVersion::NoStream, &[3])]);
-        let out = state.apply_entries(&[Some(&one), None, Some(&two)], b"last").unwrap();
+        let out = state.apply_entries(&[Some(&one), None, Some(&two)], b"last", &Default::default()).unwrap();
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].appends[0].as_ref().unwrap().first_position, 0);
         assert!(out[1].appends.is_empty());
@@ -998,7 +1409,7 @@ mod tests {
     fn staged_entries_are_invisible_until_committed() {
         let (_dir, state) = state();
         let one = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
-        let (outcomes, staged) = state.stage_entries(&[Some(&one)], b"staged").unwrap();
+        let (outcomes, staged) = state.stage_entries(&[Some(&one)], b"staged", &Default::default()).unwrap();
         assert_eq!(outcomes[0].appends[0].as_ref().unwrap().last_position, 1, "decided before the write");
         assert_eq!(state.next_position(), 0);
         assert!(state.stream_head("a").unwrap().is_none());
@@ -1018,7 +1429,9 @@ mod tests {
             let db = crate::open_database(dir.path()).unwrap();
             let target = EventState::open(&db).unwrap();
             apply(&target, vec![append("stale", ExpectedVersion::Any, &[42])]);
-            target.replace_all(source.events_below(3).map(|e| e.map(SnapshotItem::Event)), b"snap").unwrap();
+            let heads = source.control_records().map(|r| r.map(|(key, value)| SnapshotItem::Control { key, value }));
+            let events = source.events_below(0, 3).map(|e| e.map(SnapshotItem::Event));
+            target.replace_all(0, heads.chain(events), b"snap").unwrap();
             assert!(target.stream_head("stale").unwrap().is_none());
         }
         let db = crate::open_database(dir.path()).unwrap();
@@ -1029,4 +1442,156 @@ mod tests {
         let replay = apply(&target, vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
         assert!(replay[0].as_ref().unwrap().idempotent_replay);
     }
+
+    /// Appends and a tier watermark at `watermark`, as the leader would commit them.
+    fn tiered_state(watermark: u64) -> (tempfile::TempDir, EventState) {
+        let (dir, state) = state();
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[1, 2]), append("b", ExpectedVersion::Any, &[3])]);
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[4]), append("c", ExpectedVersion::Any, &[5, 6])]);
+        let advance = control::ControlCommand::AdvanceTier { from: 0, to: watermark, segments: 1, bytes: 10, updated_unix_ms: 1 };
+        state.apply_control(advance, b"meta").unwrap().unwrap();
+        (dir, state)
+    }
+
+    #[test]
+    fn release_drops_whole_chunks_below_the_watermark_and_keeps_heads() {
+        let (dir, state) = tiered_state(3);
+        assert_eq!(state.tier_state().unwrap().watermark, 3);
+        assert_eq!(state.release_below(3, usize::MAX).unwrap(), 3, "chunks [0,2) and [2,3) are below 3");
+        assert_eq!(state.floor(), 3);
+        assert!(state.event_at(1).unwrap().is_none(), "released history is not local any more");
+        assert_eq!(state.event_at(3).unwrap().unwrap().stream, "a");
+        let (a, floor) = state.read_stream_local("a", 0, false, 10).unwrap();
+        assert_eq!((a.iter().map(|e| e.version).collect::<Vec<_>>(), floor), (vec![2], 3));
+        assert_eq!(state.stream_head("b").unwrap().unwrap().last_version, 0, "heads outlive their events");
+        let all = |from| {
+            let options = ReadAllOptions { from_position: from, backwards: false, limit: 10, scan_limit: 10, filter: &|_| true };
+            state.read_all_local(&options).unwrap()
+        };
+        let (events, _, floor) = all(0);
+        assert_eq!((events.first().unwrap().position, floor), (3, 3));
+        // A released id still needs a tier lookup; a fresh one does not.
+        let released = Command::Appends(vec![append("a", ExpectedVersion::Any, &[1])]);
+        let fresh = Command::Appends(vec![append("a", ExpectedVersion::Any, &[99])]);
+        assert_eq!(state.ids_to_resolve(&[Some(&released)]).unwrap(), vec![[1u8; 16]]);
+        assert!(state.ids_to_resolve(&[Some(&fresh)]).unwrap().is_empty());
+        assert!(state.id_filter_gap().is_none());
+        assert!(!state.store_id_filter_if_due(false).unwrap(), "not due after 3 released events");
+        drop(state);
+        // Restarted before the filter was stored: the released range is a gap, and until it
+        // is filled every id not held locally goes to the tier.
+        let db = crate::open_database(dir.path()).unwrap();
+        let reopened = EventState::open(&db).unwrap();
+        assert_eq!((reopened.floor(), reopened.id_filter_gap()), (3, Some(0..3)));
+        assert_eq!(reopened.ids_to_resolve(&[Some(&fresh)]).unwrap(), vec![[99u8; 16]]);
+        reopened.fill_id_filter([[1u8; 16], [2u8; 16], [3u8; 16]], 3);
+        assert!(reopened.id_filter_gap().is_none());
+        assert_eq!(reopened.ids_to_resolve(&[Some(&released)]).unwrap(), vec![[1u8; 16]]);
+        assert!(reopened.ids_to_resolve(&[Some(&fresh)]).unwrap().is_empty());
+        // Stored, the filter makes the next restart gap-free.
+        assert!(reopened.store_id_filter_if_due(true).unwrap());
+        drop(reopened);
+        drop(db);
+        let again = EventState::open(&crate::open_database(dir.path()).unwrap()).unwrap();
+        assert!(again.id_filter_gap().is_none());
+        assert_eq!(again.ids_to_resolve(&[Some(&released)]).unwrap(), vec![[1u8; 16]]);
+        assert!(again.ids_to_resolve(&[Some(&fresh)]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn idempotency_of_released_events_is_decided_from_the_tier() {
+        let (_dir, state) = tiered_state(3);
+        let original = state.event_at(0).unwrap().unwrap();
+        let second = state.event_at(1).unwrap().unwrap();
+        state.release_below(3, usize::MAX).unwrap();
+        let retry = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        let cold: ColdEvents = [(original.id, original.clone()), (second.id, second.clone())].into_iter().collect();
+        let out = state.apply_entries(&[Some(&retry)], b"m", &cold).unwrap();
+        let success = out[0].appends[0].as_ref().unwrap();
+        assert!(success.idempotent_replay);
+        assert_eq!((success.first_position, success.last_version), (0, 1));
+        let moved = Command::Appends(vec![append("z", ExpectedVersion::Any, &[1])]);
+        let out = state.apply_entries(&[Some(&moved)], b"m", &cold).unwrap();
+        assert!(matches!(out[0].appends[0], Err(AppendFailure::IdempotencyConflict { .. })));
+        assert_eq!(state.next_position(), 6, "nothing was written");
+    }
+
+    #[test]
+    fn the_watermark_moves_only_from_where_it_is_and_not_past_the_applied_end() {
+        let (_dir, state) = tiered_state(3);
+        let stale = control::ControlCommand::AdvanceTier { from: 0, to: 5, segments: 1, bytes: 1, updated_unix_ms: 2 };
+        assert!(matches!(state.apply_control(stale, b"m").unwrap(), Err(control::ControlFailure::TierWatermarkMoved { actual: 3, .. })));
+        let beyond = control::ControlCommand::AdvanceTier { from: 3, to: 7, segments: 1, bytes: 1, updated_unix_ms: 2 };
+        assert!(matches!(state.apply_control(beyond, b"m").unwrap(), Err(control::ControlFailure::TierBeyondApplied { .. })));
+        let next = control::ControlCommand::AdvanceTier { from: 3, to: 6, segments: 2, bytes: 5, updated_unix_ms: 2 };
+        let control::ControlSuccess::Tier(tier) = state.apply_control(next, b"m").unwrap().unwrap() else { panic!() };
+        assert_eq!((tier.watermark, tier.segments, tier.bytes), (6, 3, 15));
+    }
+
+    #[test]
+    fn a_snapshot_of_a_released_state_carries_only_the_hot_part() {
+        let (dir, state) = tiered_state(3);
+        state.release_below(3, usize::MAX).unwrap();
+        let file = dir.path().join("snap");
+        let summary = state.export_snapshot(&file, 6).unwrap();
+        assert_eq!((summary.floor_position, summary.events), (3, 3));
+        let (_target_dir, target) = self::state();
+        target.install_snapshot(&file, b"installed").unwrap();
+        assert_eq!((target.floor(), target.next_position()), (3, 6));
+        assert_eq!(target.tier_state().unwrap().watermark, 3);
+        assert_eq!(target.stream_head("b").unwrap().unwrap().last_version, 0);
+        assert_eq!(target.stream_head("a").unwrap().unwrap().event_count, 3);
+        let retry = Command::Appends(vec![append("b", ExpectedVersion::Any, &[3])]);
+        assert_eq!(target.ids_to_resolve(&[Some(&retry)]).unwrap(), vec![[3u8; 16]], "the filter came along");
+        let out = apply(&target, vec![append("c", ExpectedVersion::Exact(1), &[7])]);
+        assert_eq!(out[0].as_ref().unwrap().first_position, 6);
+    }
+
+
+    #[test]
+    fn deleting_a_stream_soft_then_hard() {
+        use control::{ControlCommand, ControlFailure, ControlSuccess};
+        let (_dir, state) = state();
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[1, 2])]);
+        let delete = |expected, hard| ControlCommand::DeleteStream { stream: "a".into(), expected, hard };
+        let wrong = state.apply_control(delete(ExpectedVersion::Exact(0), false), b"m").unwrap();
+        assert!(matches!(wrong, Err(ControlFailure::WrongExpectedVersion { actual: Some(1), .. })));
+        let Ok(ControlSuccess::Stream(meta)) = state.apply_control(delete(ExpectedVersion::Exact(1), false), b"m").unwrap() else { panic!() };
+        assert_eq!((meta.truncate_before, meta.tombstone), (2, false));
+        assert!(matches!(state.apply_control(delete(ExpectedVersion::Any, false), b"m").unwrap(), Err(ControlFailure::StreamNotFound { .. })));
+        // Soft-deleted: "no stream" to writers, and the versions continue.
+        let out = apply(&state, vec![append("a", ExpectedVersion::NoStream, &[3])]);
+        assert_eq!(out[0].as_ref().unwrap().first_version, 2);
+        // The ids of deleted events are free again: re-sending them writes anew.
+        let out = apply(&state, vec![append("a", ExpectedVersion::Any, &[1])]);
+        let again = out[0].as_ref().unwrap();
+        assert!(!again.idempotent_replay);
+        assert_eq!(again.first_version, 3);
+        // Hard: a tombstone; nothing more is written, metadata included.
+        state.apply_control(delete(ExpectedVersion::Any, true), b"m").unwrap().unwrap();
+        let out = apply(&state, vec![append("a", ExpectedVersion::Any, &[9])]);
+        assert!(matches!(&out[0], Err(AppendFailure::StreamDeleted { .. })));
+        let set = ControlCommand::SetStreamMetadata { stream: "a".into(), max_age_ms: None, max_count: Some(1) };
+        assert!(matches!(state.apply_control(set, b"m").unwrap(), Err(ControlFailure::StreamDeleted { .. })));
+        assert!(state.stream_meta("a").unwrap().unwrap().tombstone);
+        assert!(state.stream_meta("b").unwrap().is_none());
+    }
+
+    #[test]
+    fn ids_beyond_max_count_are_free_again_and_metadata_survives_reopen() {
+        use control::ControlCommand;
+        let (dir, state) = state();
+        let set = ControlCommand::SetStreamMetadata { stream: "a".into(), max_age_ms: None, max_count: Some(2) };
+        state.apply_control(set, b"m").unwrap().unwrap();
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[1]), append("a", ExpectedVersion::Any, &[2]), append("a", ExpectedVersion::Any, &[3])]);
+        // Version 0 (id 1) is beyond the newest two: its id is free; id 3 is a replay.
+        let out = apply(&state, vec![append("a", ExpectedVersion::Any, &[3])]);
+        assert!(out[0].as_ref().unwrap().idempotent_replay);
+        let out = apply(&state, vec![append("a", ExpectedVersion::Any, &[1])]);
+        assert!(!out[0].as_ref().unwrap().idempotent_replay);
+        drop(state);
+        let reopened = EventState::open(&crate::open_database(dir.path()).unwrap()).unwrap();
+        assert_eq!(reopened.stream_meta("a").unwrap().unwrap().max_count, Some(2));
+    }
+
 }

@@ -10,7 +10,7 @@ use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::cluster_server::Cluster;
 use strata_proto::v1::{
     AddLearnerRequest, MemberStatus, MembersRequest, MembershipResponse, NodeRequest, StatusRequest, StatusResponse,
-    TriggerSnapshotRequest, TriggerSnapshotResponse,
+    TierRequest, TierResponse, TriggerSnapshotRequest, TriggerSnapshotResponse,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -21,6 +21,8 @@ use crate::limits::MEMBER_PROBE_TIMEOUT_MS;
 use crate::membership;
 use crate::routing::{is_forwarded, mark_forwarded};
 
+/// How long Tier waits for the watermark by default.
+const TIER_WAIT_TIMEOUT_MS: u64 = 60_000;
 /// How long TriggerSnapshot waits for the snapshot to be built.
 const SNAPSHOT_WAIT_TIMEOUT_MS: u64 = 60_000;
 
@@ -69,6 +71,7 @@ impl ClusterService {
             grpc_addr: self.ctx.grpc_addr.clone(),
             http_addr: self.ctx.http_addr.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            tier: Some(crate::tier::tier_status(&self.ctx.events, self.ctx.tier.as_deref())),
         }
     }
 }
@@ -189,6 +192,44 @@ impl Cluster for ClusterService {
         raft.trigger().purge_log(snapshot_index).await.map_err(|e| unavailable(e.to_string()))?;
         tracing::info!(snapshot_index, "snapshot triggered by operator; log purged below it");
         Ok(Response::new(TriggerSnapshotResponse { snapshot_index }))
+    }
+
+    async fn tier(&self, request: Request<TierRequest>) -> Result<Response<TierResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        let ctx = self.ctx.clone();
+        self.on_leader(
+            forwarded,
+            |_| async move {
+                let Some(tier) = ctx.tier.clone() else {
+                    return Err(ApiError::NotConfigured { what: "no object store (--object-store) on the leader".into() });
+                };
+                let target = body.up_to_position.min(ctx.events.next_position());
+                tier.force_to(target);
+                let timeout = Duration::from_millis(if body.timeout_ms == 0 { TIER_WAIT_TIMEOUT_MS } else { body.timeout_ms });
+                let started = std::time::Instant::now();
+                loop {
+                    let status = crate::tier::tier_status(&ctx.events, Some(&tier));
+                    if status.watermark >= target {
+                        return Ok(TierResponse { tier: Some(status) });
+                    }
+                    if started.elapsed() >= timeout {
+                        return Err(ApiError::Unavailable {
+                            reason: format!(
+                                "tier watermark {} did not reach {target} in {timeout:?}{}",
+                                status.watermark,
+                                if status.last_error.is_empty() { String::new() } else { format!(" (last upload error: {})", status.last_error) }
+                            ),
+                            leader_id: None,
+                            leader_addr: None,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            |mut client| async move { client.tier(mark_forwarded(body)).await },
+        )
+        .await
     }
 
     async fn add_learner(&self, request: Request<AddLearnerRequest>) -> Result<Response<MembershipResponse>, Status> {

@@ -20,6 +20,10 @@ use crate::routing::Router;
 pub struct NodeContext {
     pub router: Router,
     pub events: Arc<EventState>,
+    /// Reads of all history, hot and tiered.
+    pub reader: strata_storage::EventReader,
+    /// The object-store tier, when configured.
+    pub tier: Option<Arc<crate::tier::TierRuntime>>,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
     pub max_event_bytes: usize,

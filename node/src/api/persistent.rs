@@ -243,7 +243,7 @@ impl PersistentSubscriptions for PersistentService {
                     let head = self.ctx.events.stream_head(&parked)?.map_or(0, |h| h.last_version + 1);
                     let target = match request.stop_at {
                         None => head,
-                        Some(stop_at) => self.parked_versions_up_to(&parked, record.parked_replay_target, head, stop_at)?,
+                        Some(stop_at) => self.parked_versions_up_to(&parked, record.parked_replay_target, head, stop_at).await?,
                     };
                     if target <= record.parked_replay_target {
                         return Ok(ReplayParkedResponse { replaying: 0 });
@@ -261,10 +261,10 @@ impl PersistentSubscriptions for PersistentService {
 impl PersistentService {
     /// The end (exclusive) of the parked versions from `from` whose `$all` position is at
     /// most `stop_at`.
-    fn parked_versions_up_to(&self, parked: &str, from: u64, head: u64, stop_at: u64) -> Result<u64, ApiError> {
+    async fn parked_versions_up_to(&self, parked: &str, from: u64, head: u64, stop_at: u64) -> Result<u64, ApiError> {
         let mut end = from;
         while end < head {
-            let page = self.ctx.events.read_stream(parked, end, false, READ_PAGE_EVENTS_MAX)?;
+            let page = self.ctx.reader.read_stream(parked, end, false, READ_PAGE_EVENTS_MAX).await?;
             let Some(last) = page.last().map(|e| e.version) else { break };
             for event in &page {
                 if event.position > stop_at {

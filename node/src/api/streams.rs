@@ -9,10 +9,11 @@ use prost::Message;
 use strata_proto::v1::streams_client::StreamsClient;
 use strata_proto::v1::streams_server::Streams;
 use strata_proto::v1::{
-    AppendRequest, AppendResponse, Direction, ListStreamsRequest, ListStreamsResponse, ReadAllRequest, ReadResponse,
-    ReadStreamRequest, RecordedEvent, StreamInfoRequest, StreamInfoResponse, StreamSummary,
+    AppendRequest, AppendResponse, DeleteStreamRequest, DeleteStreamResponse, Direction, ListStreamsRequest, ListStreamsResponse,
+    ReadAllRequest, ReadResponse, ReadStreamRequest, RecordedEvent, SetStreamMetadataRequest, SetStreamMetadataResponse,
+    StreamInfoRequest, StreamInfoResponse, StreamSummary,
 };
-use strata_storage::{ReadAllOptions, StoredEvent};
+use strata_storage::{ControlCommand, ControlSuccess, StoredEvent, StreamHead, StreamMeta};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -29,6 +30,20 @@ pub struct StreamsService {
     ctx: Arc<NodeContext>,
 }
 
+/// A stream as readers see it: its head and retention metadata, or the error a read of it
+/// answers (not found, also when soft-deleted with nothing since; deleted when tombstoned).
+fn readable_stream(ctx: &NodeContext, stream: &str) -> Result<(StreamHead, Option<StreamMeta>), ApiError> {
+    let meta = ctx.events.stream_meta(stream)?;
+    if meta.as_ref().is_some_and(|m| m.tombstone) {
+        return Err(ApiError::StreamDeleted { stream: stream.to_string() });
+    }
+    let head = ctx.events.stream_head(stream)?.ok_or_else(|| ApiError::StreamNotFound { stream: stream.to_string() })?;
+    if meta.as_ref().is_some_and(|m| m.deleted_and_empty(Some(head.last_version))) {
+        return Err(ApiError::StreamNotFound { stream: stream.to_string() });
+    }
+    Ok((head, meta))
+}
+
 impl StreamsService {
     pub fn new(ctx: Arc<NodeContext>) -> Self {
         Self { ctx }
@@ -37,6 +52,9 @@ impl StreamsService {
     async fn append_local(&self, request: AppendRequest, request_bytes: usize) -> Result<AppendResponse, ApiError> {
         let stream = request.stream.clone();
         let command = validate::append_command(request, request_bytes, self.ctx.max_event_bytes, now_unix_ms())?;
+        if let Some(tier) = &self.ctx.tier {
+            tier.check_backlog(self.ctx.events.next_position())?;
+        }
         let payload_bytes: usize = command.events.iter().map(|e| e.data.len() + e.metadata.len()).sum();
         let event_count = command.events.len() as u64;
         let applied = self.ctx.batcher.append(command).await?;
@@ -109,10 +127,6 @@ async fn send_events(
 
 fn limit_of(max_count: u64) -> u64 {
     if max_count == 0 { u64::MAX } else { max_count }
-}
-
-fn blocking_failure(e: tokio::task::JoinError) -> ApiError {
-    ApiError::Internal { reason: format!("read task failed: {e}") }
 }
 
 #[tonic::async_trait]
@@ -195,11 +209,8 @@ impl Streams for StreamsService {
         validate::stream_name_shape("stream", &request.stream)?;
         self.ctx.metrics.reads_total.with_label_values(&["stream"]).inc();
         let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
-        let events = self.ctx.events.clone();
-        let head = events
-            .stream_head(&request.stream)
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::StreamNotFound { stream: request.stream.clone() })?;
+        let events = self.ctx.reader.clone();
+        let (head, _) = readable_stream(&self.ctx, &request.stream)?;
         let backwards = request.direction == Direction::Backward as i32;
         let mut from = if request.from_end { head.last_version } else { request.from_version };
         let mut remaining = limit_of(request.max_count);
@@ -208,9 +219,8 @@ impl Streams for StreamsService {
         tokio::spawn(async move {
             while remaining > 0 {
                 let page_limit = remaining.min(READ_PAGE_EVENTS_MAX as u64) as usize;
-                let (reader, stream) = (events.clone(), request.stream.clone());
-                let page = tokio::task::spawn_blocking(move || reader.read_stream(&stream, from, backwards, page_limit)).await;
-                let page = match page.map_err(blocking_failure).and_then(|r| r.map_err(ApiError::from)) {
+                let page = events.read_stream(&request.stream, from, backwards, page_limit).await;
+                let page = match page.map_err(ApiError::from) {
                     Ok(page) => page,
                     Err(e) => {
                         let _ = sender.send(Err(e.into())).await;
@@ -241,32 +251,23 @@ impl Streams for StreamsService {
         let filter = Arc::new(EventFilter::from_read(request.filter)?);
         self.ctx.metrics.reads_total.with_label_values(&["all"]).inc();
         let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
-        let events = self.ctx.events.clone();
+        let events = self.ctx.reader.clone();
         let backwards = request.direction == Direction::Backward as i32;
+        let head_position = self.ctx.events.next_position();
         let mut from = match (request.from_end, backwards) {
             (false, _) => request.from_position,
-            (true, true) => events.next_position().saturating_sub(1),
-            (true, false) => events.next_position(),
+            (true, true) => head_position.saturating_sub(1),
+            (true, false) => head_position,
         };
+        let matches: strata_storage::SharedFilter = Arc::new(move |event: &StoredEvent| filter.matches(event));
         let mut remaining = limit_of(request.max_count);
         let (sender, receiver) = mpsc::channel(READ_STREAM_BUFFER_MESSAGES);
         let metrics = self.ctx.metrics.clone();
         tokio::spawn(async move {
             while remaining > 0 {
                 let page_limit = remaining.min(READ_PAGE_EVENTS_MAX as u64) as usize;
-                let (reader, filter) = (events.clone(), filter.clone());
-                let page = tokio::task::spawn_blocking(move || {
-                    let matches = |event: &StoredEvent| filter.matches(event);
-                    reader.read_all(&ReadAllOptions {
-                        from_position: from,
-                        backwards,
-                        limit: page_limit,
-                        scan_limit: READ_SCAN_EVENTS_MAX,
-                        filter: &matches,
-                    })
-                })
-                .await;
-                let (page, next) = match page.map_err(blocking_failure).and_then(|r| r.map_err(ApiError::from)) {
+                let page = events.read_all(from, backwards, page_limit, READ_SCAN_EVENTS_MAX, matches.clone()).await;
+                let (page, next) = match page.map_err(ApiError::from) {
                     Ok(result) => result,
                     Err(e) => {
                         let _ = sender.send(Err(e.into())).await;
@@ -287,10 +288,67 @@ impl Streams for StreamsService {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
+    async fn delete_stream(&self, request: Request<DeleteStreamRequest>) -> Result<Response<DeleteStreamResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let request = request.into_inner();
+        validate::stream_name_shape("stream", &request.stream)?;
+        let expected = match request.expected_kind {
+            0 => strata_storage::ExpectedVersion::Any,
+            kind => validate::expected_of(kind, request.expected_version)?,
+        };
+        let router = &self.ctx.router;
+        let (stream, hard) = (request.stream.clone(), request.hard);
+        router
+            .on_leader(
+                forwarded,
+                || async {
+                    let command = ControlCommand::DeleteStream { stream: stream.clone(), expected, hard };
+                    let applied = crate::control::propose(router, command).await?;
+                    let ControlSuccess::Stream(meta) = applied.success else {
+                        return Err(ApiError::Internal { reason: "delete_stream applied with an unexpected outcome".into() });
+                    };
+                    Ok(DeleteStreamResponse {
+                        stream: stream.clone(),
+                        truncate_before: meta.truncate_before,
+                        hard: meta.tombstone,
+                        commit_token: commit_token(applied.log_index),
+                    })
+                },
+                |channel| async move { StreamsClient::new(channel).delete_stream(mark_forwarded(request)).await.map_err(forwarded_failure) },
+            )
+            .await
+    }
+
+    async fn set_stream_metadata(&self, request: Request<SetStreamMetadataRequest>) -> Result<Response<SetStreamMetadataResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let request = request.into_inner();
+        validate::stream_name_shape("stream", &request.stream)?;
+        if request.max_count == Some(0) {
+            return Err(ApiError::InvalidArgument { field: "max_count".into(), reason: "must be at least 1 (unset for no limit)".into() }.into());
+        }
+        let router = &self.ctx.router;
+        let (stream, max_age_ms, max_count) = (request.stream.clone(), request.max_age_ms, request.max_count);
+        router
+            .on_leader(
+                forwarded,
+                || async {
+                    let command = ControlCommand::SetStreamMetadata { stream: stream.clone(), max_age_ms, max_count };
+                    let applied = crate::control::propose(router, command).await?;
+                    Ok(SetStreamMetadataResponse { stream: stream.clone(), commit_token: commit_token(applied.log_index) })
+                },
+                |channel| async move { StreamsClient::new(channel).set_stream_metadata(mark_forwarded(request)).await.map_err(forwarded_failure) },
+            )
+            .await
+    }
+
     async fn stream_info(&self, request: Request<StreamInfoRequest>) -> Result<Response<StreamInfoResponse>, Status> {
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;
         let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
+        let meta = self.ctx.events.stream_meta(&request.stream).map_err(ApiError::from)?.unwrap_or_default();
+        if meta.tombstone {
+            return Err(ApiError::StreamDeleted { stream: request.stream }.into());
+        }
         let head = self
             .ctx
             .events
@@ -305,8 +363,12 @@ impl Streams for StreamsService {
             updated_unix_ms: head.updated_unix_ms,
             first_position: head.first_position,
             last_position: head.last_position,
-            tiered: false,
+            tiered: head.first_position < self.ctx.events.tier_state().map_err(ApiError::from)?.watermark,
             commit_token: token,
+            max_age_ms: meta.max_age_ms,
+            max_count: meta.max_count,
+            first_visible_version: meta.first_visible_version(Some(head.last_version)),
+            deleted: meta.deleted_and_empty(Some(head.last_version)),
         }))
     }
 
@@ -322,7 +384,21 @@ impl Streams for StreamsService {
         self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
         let page = self.ctx.events.list_streams(&request.prefix, &request.page_token, limit).map_err(ApiError::from)?;
         let next_page_token = if page.len() == limit { page.last().map(|(name, _)| name.clone()).unwrap_or_default() } else { String::new() };
-        let streams = page
+        // Deleted streams (a tombstone, or soft-deleted with nothing since) are not listed;
+        // the page token still follows the names scanned.
+        let mut listed = Vec::with_capacity(page.len());
+        for (stream, head) in page {
+            let hidden = self
+                .ctx
+                .events
+                .stream_meta(&stream)
+                .map_err(ApiError::from)?
+                .is_some_and(|meta| meta.tombstone || meta.deleted_and_empty(Some(head.last_version)));
+            if !hidden {
+                listed.push((stream, head));
+            }
+        }
+        let streams = listed
             .into_iter()
             .map(|(stream, head)| StreamSummary {
                 stream,

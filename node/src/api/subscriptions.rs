@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use strata_proto::v1::subscribe_response::Kind;
 use strata_proto::v1::subscriptions_server::Subscriptions;
 use strata_proto::v1::{CaughtUp, Checkpoint, FellBehind, SubscribeFrom, SubscribeRequest, SubscribeResponse, SubscribedEvents};
-use strata_storage::{EventState, ReadAllOptions, StoredEvent};
+use strata_storage::{EventState, StoredEvent};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -88,6 +88,7 @@ impl Subscriptions for SubscriptionsService {
         let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER_MESSAGES);
         let subscription = Subscription {
             events,
+            reader: self.ctx.reader.clone(),
             applied: self.ctx.router.applied.clone(),
             filter: Arc::new(filter),
             target,
@@ -111,6 +112,8 @@ enum Target {
 
 struct Subscription {
     events: Arc<EventState>,
+    /// Reads of all history, hot and tiered.
+    reader: strata_storage::EventReader,
     applied: strata_raft::AppliedWatch,
     filter: Arc<EventFilter>,
     target: Target,
@@ -191,39 +194,31 @@ impl Subscription {
 
     /// Reads and sends one page from `next`; returns the last `$all` position it covered.
     async fn deliver_page(&mut self, head: u64) -> Result<Option<u64>, Ended> {
-        let events = self.events.clone();
         let next = self.next;
-        let target = match &self.target {
-            Target::All => None,
-            Target::Stream(stream) => Some(stream.clone()),
-        };
         let filter = self.filter.clone();
-        let (page, continue_at) = tokio::task::spawn_blocking(move || {
-            let result = match &target {
-                None => events
-                    .read_all(&ReadAllOptions {
-                        from_position: next,
-                        backwards: false,
-                        limit: READ_PAGE_EVENTS_MAX,
-                        scan_limit: READ_SCAN_EVENTS_MAX,
-                        filter: &|event: &StoredEvent| filter.matches(event),
-                    })
-                    .map(|(page, continue_at)| {
-                        // The read scanned at least up to `head` (it may see more).
-                        let last = page.last().map(|e| e.position + 1).unwrap_or(0);
-                        (page, continue_at.unwrap_or(head.max(last)))
-                    }),
-                Some(stream) => events.read_stream(stream, next, false, READ_PAGE_EVENTS_MAX).map(|page| {
-                    let continue_at = page.last().map_or(head, |e| e.version + 1);
-                    let page: Vec<StoredEvent> = page.into_iter().filter(|e| filter.matches(e)).collect();
-                    (page, continue_at)
-                }),
-            };
-            result
-        })
-        .await
-        .map_err(|e| Ended::Failed(ApiError::Internal { reason: format!("subscription read failed: {e}") }))?
-        .map_err(|e| Ended::Failed(e.into()))?;
+        let (page, continue_at) = match &self.target {
+            Target::All => {
+                let matches: strata_storage::SharedFilter = Arc::new(move |event: &StoredEvent| filter.matches(event));
+                let (page, continue_at) = self
+                    .reader
+                    .read_all(next, false, READ_PAGE_EVENTS_MAX, READ_SCAN_EVENTS_MAX, matches)
+                    .await
+                    .map_err(|e| Ended::Failed(e.into()))?;
+                // The read scanned at least up to `head` (it may see more).
+                let last = page.last().map(|e| e.position + 1).unwrap_or(0);
+                (page, continue_at.unwrap_or(head.max(last)))
+            }
+            Target::Stream(stream) => {
+                let page = self
+                    .reader
+                    .read_stream(stream, next, false, READ_PAGE_EVENTS_MAX)
+                    .await
+                    .map_err(|e| Ended::Failed(e.into()))?;
+                let continue_at = page.last().map_or(head, |e| e.version + 1);
+                let page: Vec<StoredEvent> = page.into_iter().filter(|e| filter.matches(e)).collect();
+                (page, continue_at)
+            }
+        };
         let mut covered = None;
         let mut batch = Vec::new();
         let mut bytes = 0usize;

@@ -44,16 +44,21 @@ pub fn stream_name_shape(field: &str, name: &str) -> Result<(), ApiError> {
 
 /// The expected version of an append request.
 pub fn expected_version(request: &AppendRequest) -> Result<ExpectedVersion, ApiError> {
-    match ExpectedVersionKind::try_from(request.expected_kind) {
+    expected_of(request.expected_kind, request.expected_version)
+}
+
+/// An expected version from its wire kind and version.
+pub fn expected_of(kind: i32, version: u64) -> Result<ExpectedVersion, ApiError> {
+    match ExpectedVersionKind::try_from(kind) {
         Ok(ExpectedVersionKind::Any) => Ok(ExpectedVersion::Any),
         Ok(ExpectedVersionKind::NoStream) => Ok(ExpectedVersion::NoStream),
         Ok(ExpectedVersionKind::StreamExists) => Ok(ExpectedVersion::StreamExists),
-        Ok(ExpectedVersionKind::Exact) => Ok(ExpectedVersion::Exact(request.expected_version)),
+        Ok(ExpectedVersionKind::Exact) => Ok(ExpectedVersion::Exact(version)),
         Ok(ExpectedVersionKind::Unspecified) => Err(invalid(
             "expected_kind",
             "expected version must be set: any, no_stream, stream_exists or exact",
         )),
-        Err(_) => Err(invalid("expected_kind", format!("unknown expected version kind {}", request.expected_kind))),
+        Err(_) => Err(invalid("expected_kind", format!("unknown expected version kind {kind}"))),
     }
 }
 

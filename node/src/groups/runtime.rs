@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use strata_proto::v1::connect_response::Kind as OutKind;
 use strata_proto::v1::{ConnectResponse, Connected, ConsumerInfo, ConsumerStrategy, Delivery, NackAction};
-use strata_storage::{AppendCommand, ControlCommand, ExpectedVersion, GroupRecord, ReadAllOptions, StoredEvent};
+use strata_storage::{AppendCommand, ControlCommand, ExpectedVersion, GroupRecord, StoredEvent};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -253,11 +253,9 @@ impl Runtime {
             return Ok(());
         }
         while self.parked_cursor < self.record.parked_replay_target && self.room() > 0 {
-            let (events, stream, from) = (self.ctx.events.clone(), parked_stream(&self.record.name), self.parked_cursor);
+            let (stream, from) = (parked_stream(&self.record.name), self.parked_cursor);
             let limit = self.room().min((self.record.parked_replay_target - from) as usize);
-            let page = tokio::task::spawn_blocking(move || events.read_stream(&stream, from, false, limit))
-                .await
-                .map_err(|e| ApiError::Internal { reason: format!("group read failed: {e}") })??;
+            let page = self.ctx.reader.read_stream(&stream, from, false, limit).await?;
             let Some(last) = page.last().map(|e| e.version) else {
                 // Fewer parked events than asked for: nothing more to replay.
                 self.parked_cursor = self.record.parked_replay_target;
@@ -275,35 +273,26 @@ impl Runtime {
         if room == 0 {
             return Ok(());
         }
-        let events = self.ctx.events.clone();
+        let reader = &self.ctx.reader;
         let from = self.read_cursor;
         let settings = self.settings.clone();
-        let source = self.record.source_stream.clone();
-        let (page, next) = tokio::task::spawn_blocking(move || -> Result<(Vec<StoredEvent>, u64), ApiError> {
-            match source {
-                None => {
-                    let visible = events.next_position();
-                    let (page, next) = events.read_all(&ReadAllOptions {
-                        from_position: from,
-                        backwards: false,
-                        limit: room,
-                        scan_limit: READ_SCAN_EVENTS_MAX,
-                        // System streams (`$parked-…` among them) are not part of a group's
-                        // `$all`: a group must not receive its own parked copies.
-                        filter: &|event: &StoredEvent| !event.stream.starts_with('$') && settings.filter.matches(event),
-                    })?;
-                    let last = page.last().map_or(from, |e| e.position + 1);
-                    Ok((page, next.unwrap_or(visible.max(last)).max(from)))
-                }
-                Some(stream) => {
-                    let page = events.read_stream(&stream, from, false, room)?;
-                    let next = page.last().map_or(from, |e| e.version + 1);
-                    Ok((page.into_iter().filter(|e| settings.filter.matches(e)).collect(), next))
-                }
+        let (page, next): (Vec<StoredEvent>, u64) = match &self.record.source_stream {
+            None => {
+                let visible = self.ctx.events.next_position();
+                // System streams (`$parked-…` among them) are not part of a group's `$all`:
+                // a group must not receive its own parked copies.
+                let matches: strata_storage::SharedFilter =
+                    Arc::new(move |event: &StoredEvent| !event.stream.starts_with('$') && settings.filter.matches(event));
+                let (page, next) = reader.read_all(from, false, room, READ_SCAN_EVENTS_MAX, matches).await?;
+                let last = page.last().map_or(from, |e| e.position + 1);
+                (page, next.unwrap_or(visible.max(last)).max(from))
             }
-        })
-        .await
-        .map_err(|e| ApiError::Internal { reason: format!("group read failed: {e}") })??;
+            Some(stream) => {
+                let page = reader.read_stream(stream, from, false, room).await?;
+                let next = page.last().map_or(from, |e| e.version + 1);
+                (page.into_iter().filter(|e| settings.filter.matches(e)).collect(), next)
+            }
+        };
         let by_version = self.record.source_stream.is_some();
         for event in page {
             let cursor = if by_version { event.version } else { event.position };

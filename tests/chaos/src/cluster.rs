@@ -84,6 +84,18 @@ impl TestCluster {
         cluster
     }
 
+    /// Starts `size` nodes with static `--peers`, each with `extra` serve arguments, and
+    /// waits for a leader.
+    pub async fn start_with(subnet: u8, size: u64, extra: &[&str]) -> Self {
+        let mut cluster = Self::new(subnet, Formation::Static);
+        cluster.size = size;
+        for id in 1..=size {
+            cluster.spawn_with(id, extra);
+        }
+        cluster.wait_leader(Duration::from_secs(30)).await;
+        cluster
+    }
+
     /// Starts nodes 1..=3 forming through gossip (each with `extra` serve arguments) and
     /// waits until they are one cluster of three voters; returns it and its leader.
     pub async fn start_gossip(subnet: u8, extra: &[&str]) -> (Self, u64) {

@@ -20,4 +20,5 @@ pub mod figures;
 pub mod history;
 pub mod nemesis;
 pub mod scenario;
+pub mod store_link;
 pub mod workload;

@@ -53,6 +53,8 @@ pub enum FaultKind {
     CrashAll,
     /// A follower stopped, one byte of a Raft log record in its data dir flipped, restarted.
     CorruptFollower,
+    /// The object store unreachable from every node (the S3 link cut), then back.
+    StoreOutage,
 }
 
 impl FaultKind {
@@ -70,6 +72,7 @@ impl FaultKind {
             FaultKind::RollingRestart => "rolling_restart",
             FaultKind::CrashAll => "crash_all",
             FaultKind::CorruptFollower => "corrupt_follower_record",
+            FaultKind::StoreOutage => "store_outage",
         }
     }
 
@@ -85,6 +88,8 @@ pub struct Nemesis {
     faketime: bool,
     pub log: Vec<FaultRecord>,
     pub skipped: Vec<String>,
+    /// The cuttable link to the S3 server, when the run tiers to one.
+    pub store_link: Option<std::sync::Arc<crate::store_link::StoreLink>>,
 }
 
 impl Nemesis {
@@ -97,6 +102,7 @@ impl Nemesis {
             faketime: Path::new(LIBFAKETIME).exists(),
             log: Vec::new(),
             skipped: Vec::new(),
+            store_link: None,
         }
     }
 
@@ -110,6 +116,8 @@ impl Nemesis {
             Some("nftables is not usable here (needs root and `nft`)")
         } else if kind == FaultKind::ClockSkew && !self.faketime {
             Some("libfaketime is not installed (apt-get install faketime)")
+        } else if kind == FaultKind::StoreOutage && self.store_link.is_none() {
+            Some("the run tiers to a file store (set STRATA_TEST_S3_ENDPOINT for an S3 server to cut)")
         } else {
             None
         };
@@ -262,6 +270,13 @@ impl Nemesis {
                     cluster.spawn(node);
                 }
                 (format!("kill -9 of every node at once, restarted after {} ms", hold.as_millis()), true)
+            }
+            FaultKind::StoreOutage => {
+                let link = self.store_link.clone().expect("checked by available()");
+                link.cut();
+                tokio::time::sleep(hold).await;
+                link.heal();
+                (format!("object store unreachable for {} ms", hold.as_millis()), false)
             }
             FaultKind::CorruptFollower => {
                 cluster.kill(follower);

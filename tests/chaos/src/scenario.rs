@@ -33,33 +33,46 @@ pub struct Scenario {
     pub faults: &'static [FaultKind],
     /// Extra environment for every node.
     pub node_env: &'static [(&'static str, &'static str)],
+    /// Nodes tier settled history (a small hot window) to an object store: an S3 server
+    /// behind a cuttable link when `STRATA_TEST_S3_ENDPOINT` names one, else a file store.
+    pub tiered: bool,
 }
 
 use FaultKind::*;
 
 pub const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "kill", about: "kill -9 of the leader or a follower, restarted with its data", faults: &[KillLeader, KillFollower], node_env: &[] },
-    Scenario { name: "pause", about: "SIGSTOP of the leader or a follower beyond the election timeout", faults: &[PauseLeader, PauseFollower], node_env: &[] },
+    Scenario { name: "kill", about: "kill -9 of the leader or a follower, restarted with its data", faults: &[KillLeader, KillFollower], node_env: &[], tiered: false },
+    Scenario { name: "pause", about: "SIGSTOP of the leader or a follower beyond the election timeout", faults: &[PauseLeader, PauseFollower], node_env: &[], tiered: false },
     Scenario {
         name: "partition",
         about: "isolated leader, isolated follower (minority), one-way cuts from and to the leader",
         faults: &[IsolateLeader, IsolateFollower, OneWayFromLeader, OneWayToLeader],
         node_env: &[],
+        tiered: false,
     },
-    Scenario { name: "clock-skew", about: "nodes restarted under libfaketime (fast, slow, +/-90 s) while leaders fail", faults: &[ClockSkew, KillLeader, PauseLeader], node_env: &[] },
-    Scenario { name: "rolling-restart", about: "every node restarted in turn with SIGTERM", faults: &[RollingRestart], node_env: &[] },
+    Scenario { name: "clock-skew", about: "nodes restarted under libfaketime (fast, slow, +/-90 s) while leaders fail", faults: &[ClockSkew, KillLeader, PauseLeader], node_env: &[], tiered: false },
+    Scenario { name: "rolling-restart", about: "every node restarted in turn with SIGTERM", faults: &[RollingRestart], node_env: &[], tiered: false },
     Scenario {
         name: "crash-all",
         about: "kill -9 of every node at once, losing every Raft log write that was not fsynced (a power cut)",
         faults: &[CrashAll, KillLeader],
         node_env: &[(LOSE_UNSYNCED_TAIL_FAILPOINT, "1")],
+        tiered: false,
     },
-    Scenario { name: "corrupt-record", about: "a byte flipped in a stopped follower's Raft log, then leaders fail", faults: &[CorruptFollower, KillLeader], node_env: &[] },
+    Scenario { name: "corrupt-record", about: "a byte flipped in a stopped follower's Raft log, then leaders fail", faults: &[CorruptFollower, KillLeader], node_env: &[], tiered: false },
+    Scenario {
+        name: "tier",
+        about: "history tiered to an object store (hot window of 30 events) while leaders die, are paused or isolated (zombie writers) and the store goes away",
+        faults: &[KillLeader, PauseLeader, IsolateLeader, KillFollower, StoreOutage],
+        node_env: &[],
+        tiered: true,
+    },
     Scenario {
         name: "mixed",
         about: "all of the above but crash-all, drawn at random (the soak)",
         faults: &[KillLeader, KillFollower, PauseLeader, PauseFollower, IsolateLeader, IsolateFollower, OneWayFromLeader, OneWayToLeader, ClockSkew, RollingRestart, CorruptFollower],
         node_env: &[],
+        tiered: false,
     },
 ];
 
@@ -81,6 +94,9 @@ pub struct RunConfig {
 }
 
 pub struct Outcome {
+    /// Tiered runs: the lowest local floor of the nodes at the end (all below it was read
+    /// back from the tier by the checker).
+    pub tier_floor: Option<u64>,
     pub report: Report,
     pub figures: Figures,
     pub faults_injected: usize,
@@ -114,7 +130,34 @@ fn hold(kind: FaultKind, rng: &mut Rng) -> Duration {
         ClockSkew => rng.millis(2_000, 4_000),
         CrashAll => rng.millis(500, 2_000),
         CorruptFollower => rng.millis(500, 1_000),
+        StoreOutage => rng.millis(2_000, 6_000),
         RollingRestart => Duration::ZERO,
+    }
+}
+
+/// Hot window of a tiered run: small, so that most of the run's history is tiered and
+/// released while the faults happen.
+const TIERED_HOT_WINDOW_EVENTS: &str = "30";
+
+/// The `strata serve` arguments of a tiered run, and the link to cut for store outages:
+/// an S3 server behind a [`StoreLink`] when `STRATA_TEST_S3_ENDPOINT` names one (scripts/test
+/// starts one), else a file store in the run's dir (no outage fault then).
+async fn tier_setup(cluster: &TestCluster) -> (Vec<String>, Option<Arc<crate::store_link::StoreLink>>) {
+    let window = ["--hot-window-events".to_string(), TIERED_HOT_WINDOW_EVENTS.to_string()];
+    match crate::store_link::TestS3::from_env() {
+        Some(s3) => {
+            let link = Arc::new(crate::store_link::StoreLink::start(&s3.endpoint).await);
+            let mut args = s3.serve_args(&format!("chaos-{}", cluster.subnet), &link.endpoint(), cluster.dir.path());
+            args.extend(window);
+            eprintln!("chaos: tiering to an S3 server at {} through a cuttable link at {}", s3.endpoint, link.endpoint());
+            (args, Some(link))
+        }
+        None => {
+            let mut args = vec!["--object-store".to_string(), format!("file://{}", cluster.dir.path().join("tier").display())];
+            args.extend(window);
+            eprintln!("chaos: tiering to a file store (no STRATA_TEST_S3_ENDPOINT)");
+            (args, None)
+        }
     }
 }
 
@@ -124,8 +167,9 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
         scenario.name, scenario.about, config.seed, config.duration.as_secs(), scenario.name, config.seed, config.duration.as_secs());
     let mut cluster = TestCluster::new(config.subnet, crate::cluster::Formation::Gossip { initial_size: 3 });
     let env: Vec<(String, String)> = scenario.node_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let (tier_args, store_link) = if scenario.tiered { tier_setup(&cluster).await } else { (Vec::new(), None) };
     for id in 1..=3 {
-        cluster.spawn_launch(id, NodeLaunch { args: Vec::new(), env: env.clone() });
+        cluster.spawn_launch(id, NodeLaunch { args: tier_args.clone(), env: env.clone() });
     }
     cluster.wait_leader(Duration::from_secs(30)).await;
     crate::cluster::wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
@@ -135,6 +179,7 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     let (recorder, started, until, tasks) = start_workload(addrs.clone(), config).await;
 
     let mut nemesis = Nemesis::new(&cluster, started);
+    nemesis.store_link = store_link;
     let mut rng = Rng::new(config.seed, 7_777);
     let kinds: Vec<FaultKind> = scenario.faults.iter().copied().filter(|k| nemesis.available(*k)).collect();
     tokio::time::sleep(EDGE_QUIET).await;
@@ -162,8 +207,19 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     for id in 1..=3 {
         finals.insert(id, cluster.read_all_local(id).await.into_iter().map(FinalEvent::from).collect::<Vec<_>>());
     }
+    // A tiered run: how much history every node had released to the tier by the end.
+    let mut tier_floor = None;
+    if scenario.tiered {
+        let mut floors = Vec::new();
+        for id in 1..=3 {
+            floors.push(cluster.status(id).await.and_then(|s| s.tier).map_or(0, |t| t.local_floor));
+        }
+        eprintln!("chaos: local floors at the end (history below them read from the tier): {floors:?}");
+        tier_floor = floors.into_iter().min();
+    }
     nemesis.teardown();
-    let outcome = finish(scenario.name, config.seed, &ops, &finals, &nemesis.log, nemesis.skipped.clone(), dir);
+    let mut outcome = finish(scenario.name, config.seed, &ops, &finals, &nemesis.log, nemesis.skipped.clone(), dir);
+    outcome.tier_floor = tier_floor;
     if outcome.report.anomalies() > 0 || config.keep {
         cluster.keep = true;
     }
@@ -209,7 +265,7 @@ pub async fn drain_group(addrs: Addrs, recorder: &Arc<Mutex<Recorder>>, config: 
 pub fn finish(name: &str, seed: u64, ops: &[Op], finals: &BTreeMap<u64, Vec<FinalEvent>>, faults: &[FaultRecord], skipped: Vec<String>, dir: PathBuf) -> Outcome {
     let report = check(ops, finals);
     let figures = Figures::of(ops, faults);
-    let outcome = Outcome { report, figures, faults_injected: faults.len(), skipped, dir };
+    let outcome = Outcome { report, figures, faults_injected: faults.len(), skipped, dir, tier_floor: None };
     let text = format!("{}\n{}{}", outcome.summary(name, seed), outcome.report, outcome.figures);
     std::fs::write(outcome.dir.join("report.txt"), &text).expect("write the report");
     eprintln!("{text}");

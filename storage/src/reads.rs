@@ -1,0 +1,364 @@
+//! Reads of the whole history, hot and tiered, without the caller knowing which is which.
+//!
+//! The node holds positions from its floor up ([`EventState`]); below the floor, events
+//! are in the object-store tier ([`TierReader`]), which holds everything below the tier
+//! watermark (≥ floor). A read takes the floor from the local part it reads (under the
+//! release lock), fetches what lies below it from the tier, and joins the two: tiered
+//! history is immutable, so the joint answer is the one a node holding everything would
+//! give. Hot reads never wait for the tier: they take no cold-read permit.
+//!
+//! Retention and deletion apply here too, for every reader alike: events a stream's
+//! metadata hides (deleted, beyond `max_count`, older than `max_age`; see `retention`)
+//! are not returned, whether or not the scavenge has removed them yet.
+
+use std::sync::Arc;
+
+use crate::command::StoredEvent;
+use crate::state::{EventState, ReadAllOptions};
+use crate::tier::{TierError, TierReader};
+use crate::StorageError;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Whether `event` is visible by its stream's metadata at `now` (a metadata read that
+/// fails shows the event: a read error must not make history vanish).
+fn visible_now(state: &EventState, event: &StoredEvent, now: i64) -> bool {
+    match state.stream_meta(&event.stream) {
+        Ok(None) | Err(_) => true,
+        Ok(Some(meta)) => {
+            let last = state.stream_head(&event.stream).ok().flatten().map(|h| h.last_version);
+            meta.visible(event.version, event.created_unix_ms, last, now)
+        }
+    }
+}
+
+/// Fewest events fetched from the tier per batch of a `$all` page.
+const COLD_BATCH_EVENTS_MIN: usize = 1024;
+
+/// A read failed in the local store or in the tier.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Tier(#[from] TierError),
+}
+
+/// An event predicate that can travel to a blocking read.
+pub type SharedFilter = Arc<dyn Fn(&StoredEvent) -> bool + Send + Sync>;
+
+/// Reads across the hot and the tiered part of history; cheap to clone.
+#[derive(Clone)]
+pub struct EventReader {
+    state: Arc<EventState>,
+    tier: Option<Arc<TierReader>>,
+}
+
+impl EventReader {
+    pub fn new(state: Arc<EventState>, tier: Option<Arc<TierReader>>) -> Self {
+        Self { state, tier }
+    }
+
+    pub fn state(&self) -> &Arc<EventState> {
+        &self.state
+    }
+
+    fn tier_or_error(&self) -> Result<&Arc<TierReader>, ReadError> {
+        self.tier.as_ref().ok_or_else(|| {
+            ReadError::Tier(TierError::Unusable(
+                "history below this node's floor is tiered, but no object store is configured".into(),
+            ))
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&EventState) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || read(&state))
+            .await
+            .map_err(|e| ReadError::Storage(StorageError::Io(std::io::Error::other(e))))?
+            .map_err(ReadError::from)
+    }
+
+    /// Up to `limit` visible events of `stream` from `from_version` (inclusive), forwards
+    /// or backwards, wherever they are stored.
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        backwards: bool,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, ReadError> {
+        let name = stream.to_string();
+        let (meta, head) = self.blocking(move |state| Ok((state.stream_meta(&name)?, state.stream_head(&name)?))).await?;
+        let Some(meta) = meta else { return self.read_stream_stored(stream, from_version, backwards, limit).await };
+        let last = head.map(|h| h.last_version);
+        let first_visible = meta.first_visible_version(last);
+        if meta.tombstone || last.is_none_or(|last| last < first_visible) {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut from = if backwards { from_version } else { from_version.max(first_visible) };
+        let mut out = Vec::new();
+        // Aged-out events are filtered per event: read on until the page has some, or the
+        // stream's end (or its first visible version, backwards) is reached.
+        loop {
+            if backwards && from < first_visible {
+                return Ok(out);
+            }
+            let page = self.read_stream_stored(stream, from, backwards, limit - out.len()).await?;
+            let Some(edge) = page.last().map(|e| e.version) else { return Ok(out) };
+            let full = page.len() == limit - out.len();
+            out.extend(page.into_iter().filter(|e| meta.visible(e.version, e.created_unix_ms, last, now)));
+            if out.len() >= limit || !full {
+                return Ok(out);
+            }
+            from = match (backwards, edge) {
+                (true, 0) => return Ok(out),
+                (true, v) => v - 1,
+                (false, v) => v + 1,
+            };
+        }
+    }
+
+    async fn read_stream_stored(
+        &self,
+        stream: &str,
+        from_version: u64,
+        backwards: bool,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, ReadError> {
+        let name = stream.to_string();
+        let (local, floor, head) = self
+            .blocking(move |state| {
+                let (local, floor) = state.read_stream_local(&name, from_version, backwards, limit)?;
+                Ok((local, floor, state.stream_head(&name)?))
+            })
+            .await?;
+        let Some(head) = head else { return Ok(local) };
+        // The stream has events below the floor only if it started below it.
+        if head.first_position >= floor || from_version > head.last_version && !backwards {
+            return Ok(local);
+        }
+        if backwards {
+            if local.len() >= limit {
+                return Ok(local);
+            }
+            let below = match local.last() {
+                Some(last) if last.version == 0 => return Ok(local),
+                Some(last) => last.version - 1,
+                None => from_version.min(head.last_version),
+            };
+            let mut out = local;
+            let cold = self.tier_or_error()?.read_stream(stream, below, true, limit - out.len(), floor).await?;
+            out.extend(cold);
+            return Ok(out);
+        }
+        if local.first().is_some_and(|first| first.version <= from_version) {
+            return Ok(local);
+        }
+        let mut out = self.tier_or_error()?.read_stream(stream, from_version, false, limit, floor).await?;
+        let room = limit.saturating_sub(out.len());
+        out.extend(local.into_iter().take(room));
+        Ok(out)
+    }
+
+    /// A page of `$all` (see [`ReadAllOptions`]; the filter as a [`SharedFilter`]): the
+    /// matching events and where to continue (None at the visible end, or below 0).
+    pub async fn read_all(
+        &self,
+        from_position: u64,
+        backwards: bool,
+        limit: usize,
+        scan_limit: usize,
+        filter: SharedFilter,
+    ) -> Result<(Vec<StoredEvent>, Option<u64>), ReadError> {
+        // Events hidden by their stream's retention or deletion are not part of any page.
+        let state = self.state.clone();
+        let now = now_ms();
+        let user = filter;
+        let filter: SharedFilter = Arc::new(move |event: &StoredEvent| visible_now(&state, event, now) && user(event));
+        let visible = self.state.next_position();
+        let mut out = Vec::new();
+        let mut from = if backwards {
+            if visible == 0 {
+                return Ok((out, None));
+            }
+            from_position.min(visible - 1)
+        } else {
+            if from_position >= visible {
+                return Ok((out, None));
+            }
+            from_position
+        };
+        let mut scanned = 0usize;
+        loop {
+            let floor = self.state.floor();
+            if from >= floor {
+                let (remaining, scan_left, shared) = (limit - out.len(), scan_limit.saturating_sub(scanned).max(1), filter.clone());
+                let (page, next, floor_at_read) = self
+                    .blocking(move |state| {
+                        let matches = |event: &StoredEvent| shared(event);
+                        state.read_all_local(&ReadAllOptions {
+                            from_position: from,
+                            backwards,
+                            limit: remaining,
+                            scan_limit: scan_left,
+                            filter: &matches,
+                        })
+                    })
+                    .await?;
+                if floor_at_read > from {
+                    continue; // released meanwhile: the gap is in the tier now
+                }
+                out.extend(page);
+                // Backwards, a local read that reached the floor continues below it.
+                match next {
+                    Some(next) if backwards && next < floor_at_read && out.len() < limit => {
+                        scanned += (from - next) as usize; // positions the local part covered
+                        if scanned >= scan_limit {
+                            return Ok((out, Some(next)));
+                        }
+                        from = next;
+                        continue;
+                    }
+                    _ => return Ok((out, next)),
+                }
+            }
+            // Below the floor: from the tier, in bounded batches of about what the page still
+            // needs (a filter that matches rarely takes more batches, up to the scan budget).
+            let budget = (scan_limit.saturating_sub(scanned)).max(1).min((limit - out.len()).max(COLD_BATCH_EVENTS_MIN));
+            let tier = self.tier_or_error()?;
+            let cold = tier.read_all(from, backwards, budget, floor).await?;
+            let Some(last) = cold.last().map(|e| e.position) else {
+                return Err(ReadError::Tier(TierError::Store(format!(
+                    "the tier returned nothing below its watermark position={from}"
+                ))));
+            };
+            for event in cold {
+                scanned += 1;
+                let position = event.position;
+                if filter(&event) {
+                    out.push(event);
+                }
+                if out.len() >= limit {
+                    let next = if backwards { position.checked_sub(1) } else { Some(position + 1).filter(|n| *n < visible) };
+                    return Ok((out, next));
+                }
+            }
+            let next = if backwards { last.checked_sub(1) } else { Some(last + 1).filter(|n| *n < visible) };
+            match next {
+                None => return Ok((out, None)),
+                Some(next) if scanned >= scan_limit => return Ok((out, Some(next))),
+                Some(next) => from = next,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{AppendCommand, Command, ExpectedVersion, NewEvent};
+    use crate::control::ControlCommand;
+    use crate::tier::{TierStore, TierStoreConfig, TierWriter};
+
+    fn append(stream: &str, first_id: u64, count: u64) -> AppendCommand {
+        AppendCommand {
+            stream: stream.into(),
+            expected: ExpectedVersion::Any,
+            events: (first_id..first_id + count)
+                .map(|n| {
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&(n + 1).to_be_bytes());
+                    NewEvent { id, event_type: format!("t{}", n % 3), content_type: String::new(), data: vec![n as u8], metadata: vec![] }
+                })
+                .collect(),
+            created_unix_ms: 7,
+        }
+    }
+
+    /// 60 events in chunks of 1-3 over streams s0..s2; [0, watermark) uploaded and released.
+    async fn tiered(dir: &std::path::Path, watermark: u64) -> (EventReader, Vec<StoredEvent>) {
+        let db = crate::open_database(&dir.join("node")).unwrap();
+        let state = Arc::new(EventState::open(&db).unwrap());
+        let mut n = 0;
+        let mut i = 0;
+        while n < 60 {
+            let count = (i % 3 + 1).min(60 - n);
+            state.apply(Some(&Command::Appends(vec![append(&format!("s{}", i % 3), n, count)])), b"m").unwrap();
+            n += count;
+            i += 1;
+        }
+        let everything = state.read_stream("s0", 0, false, 1000).unwrap().len();
+        assert!(everything > 0);
+        let (all, _) = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, filter: &|_| true }).unwrap();
+        let store = TierStore::open(&TierStoreConfig { url: format!("file://{}", dir.join("tier").display()), ..Default::default() }).unwrap();
+        let mut writer = TierWriter::open(&store, 1, 1).await.unwrap();
+        let mut at = 0;
+        while at < watermark {
+            let (_, end) = writer.upload(&state, at, watermark, 200).await.unwrap();
+            at = end;
+        }
+        assert_eq!(at, watermark, "segments end exactly at the watermark");
+        let advance = ControlCommand::AdvanceTier { from: 0, to: watermark, segments: 1, bytes: 1, updated_unix_ms: 1 };
+        state.apply_control(advance, b"m").unwrap().unwrap();
+        let tier = Arc::new(TierReader::new(store));
+        while tier.uploaded_through().await.unwrap() < watermark {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        state.release_below(watermark, usize::MAX).unwrap();
+        assert!(state.floor() > 0 && state.floor() <= watermark);
+        (EventReader::new(state, Some(tier)), all)
+    }
+
+    #[tokio::test]
+    async fn reads_across_the_floor_equal_reads_of_a_node_holding_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, all) = tiered(dir.path(), 31).await;
+        let everything: SharedFilter = Arc::new(|_| true);
+        for from in [0, 5, 29, 31, 40] {
+            let (page, _) = reader.read_all(from, false, 1000, 1000, everything.clone()).await.unwrap();
+            assert_eq!(page, all[from as usize..].to_vec(), "forward from {from}");
+            let (page, next) = reader.read_all(from, true, 1000, 1000, everything.clone()).await.unwrap();
+            let mut expected = all[..=from as usize].to_vec();
+            expected.reverse();
+            assert_eq!((page, next), (expected, None), "backward from {from}");
+        }
+        // Pages join without gaps or repeats, filtered.
+        let odd: SharedFilter = Arc::new(|e: &StoredEvent| e.event_type == "t1");
+        let (mut got, mut next) = (Vec::new(), Some(0));
+        while let Some(from) = next {
+            let (page, n) = reader.read_all(from, false, 4, 7, odd.clone()).await.unwrap();
+            got.extend(page);
+            next = n;
+        }
+        assert_eq!(got, all.iter().filter(|e| e.event_type == "t1").cloned().collect::<Vec<_>>());
+        for stream in ["s0", "s1", "s2"] {
+            let expected: Vec<StoredEvent> = all.iter().filter(|e| e.stream == stream).cloned().collect();
+            for from in [0, 3, expected.len() as u64 - 1] {
+                let page = reader.read_stream(stream, from, false, 1000).await.unwrap();
+                assert_eq!(page, expected[from as usize..].to_vec(), "{stream} forward from {from}");
+                let page = reader.read_stream(stream, from, true, 1000).await.unwrap();
+                let mut back = expected[..=from as usize].to_vec();
+                back.reverse();
+                assert_eq!(page, back, "{stream} backward from {from}");
+            }
+            let limited = reader.read_stream(stream, 1, false, 3).await.unwrap();
+            assert_eq!(limited, expected[1..4].to_vec());
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_tier_cold_reads_fail_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, _) = tiered(dir.path(), 20).await;
+        let blind = EventReader::new(reader.state().clone(), None);
+        let err = blind.read_all(0, false, 10, 10, Arc::new(|_| true)).await.unwrap_err();
+        assert!(err.to_string().contains("no object store is configured"), "{err}");
+    }
+}

@@ -1,0 +1,187 @@
+//! The leader's writer of settled segments.
+
+use std::time::Duration;
+
+use slatedb::config::Settings;
+use slatedb::{Db, WriteBatch};
+
+use super::layout;
+use super::store::TierStore;
+use super::TierError;
+use crate::chunk::EventChunk;
+use crate::record;
+
+/// Longest a segment write may take to become durable before the upload counts as failed
+/// (the store is down or slow): the leader then reopens and retries, and the hot tier
+/// keeps the events meanwhile.
+pub const TIER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Object-store retries inside SlateDB before an operation fails; without a bound SlateDB
+/// retries forever, and an unreachable store would hang the upload instead of failing it.
+const STORE_RETRIES_MAX: u32 = 5;
+
+/// The writer's claim on the database, stored under `w`: the Raft term it leads in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct WriterClaim {
+    term: u64,
+    node_id: u64,
+}
+
+/// What one segment write put into the tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentStats {
+    pub chunks: u64,
+    pub events: u64,
+    pub bytes: u64,
+}
+
+/// The only writer of the tier database: the leader of one Raft term.
+///
+/// Opening claims SlateDB's writer epoch, which fences every earlier writer (their
+/// writes fail when they wait for durability). The claim is also recorded with the Raft
+/// term: a writer whose term is older than the recorded one refuses to go on, so a
+/// deposed leader that reopens late cannot take the database back from a newer one.
+pub struct TierWriter {
+    db: Db,
+    uploaded_through: u64,
+}
+
+impl TierWriter {
+    /// Opens (creating if needed) the tier database for the leader of `term`.
+    pub async fn open(store: &TierStore, term: u64, node_id: u64) -> Result<Self, TierError> {
+        let settings = Settings {
+            flush_interval: Some(Duration::from_millis(50)),
+            object_store_max_retries: Some(STORE_RETRIES_MAX),
+            ..Settings::default()
+        };
+        let db = tokio::time::timeout(
+            TIER_WRITE_TIMEOUT,
+            Db::builder(store.db_path.clone(), store.object_store.clone()).with_settings(settings).build(),
+        )
+        .await
+        .map_err(|_| TierError::Store("opening the tier database timed out".into()))??;
+        let writer = Self { db, uploaded_through: 0 };
+        let claimed = tokio::time::timeout(TIER_WRITE_TIMEOUT, writer.claim(term, node_id))
+            .await
+            .unwrap_or_else(|_| Err(TierError::Store("claiming the tier database timed out".into())));
+        match writer.result(claimed).await {
+            Ok(uploaded) => Ok(Self { uploaded_through: uploaded, ..writer }),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn claim(&self, term: u64, node_id: u64) -> Result<u64, TierError> {
+        if let Some(value) = self.db.get(layout::WRITER).await? {
+            let claim: WriterClaim = record::open_value("tier writer claim", layout::WRITER, &value)?;
+            if claim.term > term {
+                return Err(TierError::Fenced(format!(
+                    "the tier was claimed by a newer leader claimed_term={} own_term={term}",
+                    claim.term
+                )));
+            }
+        }
+        let claim = record::seal_value("tier writer claim", layout::WRITER, &WriterClaim { term, node_id })?;
+        let handle = self.db.put(layout::WRITER, claim).await?;
+        self.durable(handle).await?;
+        let uploaded = match self.db.get(layout::UPLOADED).await? {
+            None => 0,
+            Some(value) => {
+                let payload = record::open("tier uploaded mark", layout::UPLOADED, &value)?;
+                layout::decode_u64(payload).ok_or_else(|| {
+                    TierError::Corrupt(crate::StorageError::Corrupt { what: "tier uploaded mark", key: "u".into() })
+                })?
+            }
+        };
+        Ok(uploaded)
+    }
+
+    /// Closes the database on failure, so a failed writer never lingers.
+    async fn result<T>(&self, result: Result<T, TierError>) -> Result<T, TierError> {
+        if result.is_err() {
+            let _ = tokio::time::timeout(TIER_WRITE_TIMEOUT, self.db.close()).await;
+        }
+        result
+    }
+
+    async fn durable(&self, handle: slatedb::WriteHandle) -> Result<(), TierError> {
+        // `put` returns before the write is in the object store, and a fenced writer's put
+        // still returns Ok: only waiting for durability tells.
+        tokio::time::timeout(TIER_WRITE_TIMEOUT, handle.await_durable())
+            .await
+            .map_err(|_| TierError::Store("a tier write did not become durable in time".into()))??;
+        Ok(())
+    }
+
+    /// Everything below this position is durable in the tier (as far as this writer knows).
+    pub fn uploaded_through(&self) -> u64 {
+        self.uploaded_through
+    }
+
+    /// Writes `chunks` (consecutive, the first starting at `uploaded_through` or below it)
+    /// with their index entries and the new uploaded-through mark, and returns once they
+    /// are durable in the object store.
+    pub async fn write_segment(&mut self, chunks: &[EventChunk]) -> Result<SegmentStats, TierError> {
+        let mut batch = WriteBatch::new();
+        let mut stats = SegmentStats::default();
+        let mut end = self.uploaded_through;
+        for chunk in chunks {
+            assert!(!chunk.events.is_empty(), "a chunk holds events");
+            let last_position = chunk.end_position() - 1;
+            let last_version = chunk.first_version + chunk.len() - 1;
+            let key = layout::chunk(last_position);
+            let value = record::seal_value("tier event chunk", &key, chunk)?;
+            stats.bytes += value.len() as u64;
+            batch.put(key, value);
+            let key = layout::stream(&chunk.stream, last_version);
+            let value = record::seal(&key, &layout::encode_span(chunk.first_position, last_position));
+            batch.put(key, value);
+            for (offset, event) in chunk.events.iter().enumerate() {
+                let key = layout::event_id(&event.id);
+                let position = chunk.first_position + offset as u64;
+                batch.put(key, record::seal(&key, &position.to_be_bytes()));
+            }
+            stats.chunks += 1;
+            stats.events += chunk.len();
+            end = end.max(chunk.end_position());
+        }
+        batch.put(layout::UPLOADED, record::seal(layout::UPLOADED, &end.to_be_bytes()));
+        let handle = self.db.write(batch).await?;
+        self.durable(handle).await?;
+        self.uploaded_through = end;
+        Ok(stats)
+    }
+
+    /// Uploads the locally held events `[from, to)` of `state` (`from` is where the tier
+    /// watermark is), at most about `max_bytes` of them: returns what was written and the
+    /// end of it, durable in the tier once this returns.
+    pub async fn upload(
+        &mut self,
+        state: &std::sync::Arc<crate::EventState>,
+        from: u64,
+        to: u64,
+        max_bytes: usize,
+    ) -> Result<(SegmentStats, u64), TierError> {
+        let source = state.clone();
+        let chunks = tokio::task::spawn_blocking(move || source.chunks_in(from, to, max_bytes))
+            .await
+            .map_err(|e| TierError::Store(format!("reading a segment failed: {e}")))??;
+        let Some(end) = chunks.last().map(|c| c.end_position()) else { return Ok((SegmentStats::default(), from)) };
+        let stats = self.write_segment(&chunks).await?;
+        Ok((stats, end))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn db_for_tests(&self) -> &Db {
+        &self.db
+    }
+
+    /// Closes the database (flushing what is buffered), giving up after the write timeout
+    /// when the store is unreachable: nothing unflushed here is needed (the watermark only
+    /// covers what was durable).
+    pub async fn close(self) {
+        match tokio::time::timeout(TIER_WRITE_TIMEOUT, self.db.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "closing the tier writer failed"),
+            Err(_) => tracing::warn!("closing the tier writer timed out; dropped"),
+        }
+    }
+}
