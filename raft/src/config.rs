@@ -49,6 +49,13 @@ pub fn raft_config(cluster_name: &str) -> Arc<openraft::Config> {
         // before it bumps its term: without this, a follower resumed from SIGSTOP was seen
         // to depose a healthy leader (two term bumps) for nothing.
         enable_pre_vote: Some(true),
+        // A restarted leader must win a new election, never resume its old term. It may
+        // have sent followers entries it had not fsynced itself (see above); after a
+        // power cut it has lost them, and resuming the same term would hand out those
+        // same (term, index) log ids again for different entries, which a follower that
+        // kept the old ones takes as matching: the chaos `crash-all` scenario saw nodes
+        // apply different events at one position that way.
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     Arc::new(config.validate().expect("the raft settings above are valid"))
