@@ -108,6 +108,11 @@ pub struct NodeConfig {
     /// (`TIER_BACKLOG_EVENTS_MAX`) until the uploads catch up. Nothing is ever dropped.
     #[arg(long, env = "STRATA_TIER_BACKLOG_EVENTS", default_value_t = TIER_BACKLOG_EVENTS_DEFAULT)]
     pub tier_backlog_events: u64,
+    /// How often the background scavenge runs: the leader replicates which events
+    /// retention and deletes hide for good, then every node drops their payloads from
+    /// its own copy and the leader from the tier (`90s`, `15m`, `1h`, or seconds).
+    #[arg(long, env = "STRATA_SCAVENGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub scavenge_interval: std::time::Duration,
 }
 
 /// Default bound of the tiering backlog: about 1 GiB of 256-byte events beyond the window.

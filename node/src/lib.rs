@@ -32,5 +32,6 @@ pub mod manager;
 pub mod membership;
 pub mod metrics;
 pub mod routing;
+pub mod scavenge;
 pub mod server;
 pub mod tier;

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub tier_local_floor: IntGauge,
     pub tier_upload_lag_events: IntGauge,
     pub tier_upload_seconds: Histogram,
+    pub scavenged_events_total: IntCounterVec,
+    pub scavenges_total: IntCounter,
     gossip: std::sync::OnceLock<std::sync::Arc<strata_gossip::GossipCounters>>,
 }
 
@@ -103,6 +105,12 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets")),
         )
         .expect("valid metric");
+        let scavenged_events_total = IntCounterVec::new(
+            Opts::new("scavenged_events_total", "events whose payload a scavenge dropped, from this node's own copy (local) or from the tier (tier, leader)"),
+            &["store"],
+        )
+        .expect("valid metric");
+        let scavenges_total = IntCounter::new("scavenges_total", "scavenge points the leader replicated (one per stream and pass)").expect("valid metric");
         let metrics = Self {
             registry,
             appends_total,
@@ -137,6 +145,8 @@ impl Metrics {
             tier_local_floor,
             tier_upload_lag_events,
             tier_upload_seconds,
+            scavenged_events_total,
+            scavenges_total,
             gossip: std::sync::OnceLock::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -172,6 +182,8 @@ impl Metrics {
             Box::new(metrics.tier_local_floor.clone()),
             Box::new(metrics.tier_upload_lag_events.clone()),
             Box::new(metrics.tier_upload_seconds.clone()),
+            Box::new(metrics.scavenged_events_total.clone()),
+            Box::new(metrics.scavenges_total.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).expect("metric names are unique");

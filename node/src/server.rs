@@ -51,7 +51,7 @@ async fn open_tier(config: &NodeConfig, events: &EventState) -> anyhow::Result<O
         s3_credentials_file: config.s3_credentials_file.clone(),
     };
     let window = crate::tier::HotWindow { events: config.hot_window_events, bytes: config.hot_window_bytes, age: config.hot_window_age };
-    let tier = crate::tier::TierRuntime::open(&store_config, window, config.tier_backlog_events).await?;
+    let tier = crate::tier::TierRuntime::open(&store_config, window, config.tier_backlog_events, config.scavenge_interval).await?;
     let state = events.tier_state()?;
     tracing::info!(
         store = %tier.store.description,
@@ -197,6 +197,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         tokio::spawn(crate::tier::run_releaser(state_machine.clone(), events.clone(), tier.clone(), metrics.clone(), shutdown.clone()));
         tokio::spawn(crate::tier::run_snapshot_trigger(raft.clone(), events.clone(), shutdown.clone()));
     }
+    tokio::spawn(crate::scavenge::run_scavenger(ctx.router.clone(), ctx.reader.clone(), metrics.clone(), config.scavenge_interval, shutdown.clone()));
     tokio::spawn(watch_raft(raft.clone(), metrics));
     if resync.is_resyncing() {
         let ctx = ctx.clone();

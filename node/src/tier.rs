@@ -60,6 +60,8 @@ pub struct TierRuntime {
     pub store: TierStore,
     pub reader: Arc<TierReader>,
     pub window: HotWindow,
+    /// How often the leader scavenges the tier (`--scavenge-interval`).
+    pub scavenge_interval: Duration,
     /// Tier at least up to here now (Cluster.Tier), whatever the window.
     forced_to: AtomicU64,
     /// Settled events above the watermark (the leader's last look), and its bound.
@@ -76,6 +78,7 @@ impl TierRuntime {
         config: &strata_storage::tier::TierStoreConfig,
         window: HotWindow,
         backlog_limit: u64,
+        scavenge_interval: Duration,
     ) -> anyhow::Result<Arc<Self>> {
         let store = TierStore::open(config)?;
         store.check_conditional_writes().await?;
@@ -83,6 +86,7 @@ impl TierRuntime {
             reader: Arc::new(TierReader::new(store.clone())),
             store,
             window,
+            scavenge_interval,
             forced_to: AtomicU64::new(0),
             backlog_events: AtomicU64::new(0),
             backlog_limit,
@@ -207,6 +211,7 @@ pub async fn run_uploader(
 ) {
     let mut writer: Option<(TierWriter, u64)> = None;
     let mut marks = Marks::new();
+    let mut last_scavenge = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TIER_TICK) => {}
@@ -222,7 +227,12 @@ pub async fn run_uploader(
             continue;
         }
         let term = raft_metrics.current_term;
-        if let Err(e) = upload_settled(&router, &events, &runtime, &metrics, &mut writer, &mut marks, term).await {
+        let mut outcome = upload_settled(&router, &events, &runtime, &metrics, &mut writer, &mut marks, term).await;
+        if outcome.is_ok() && last_scavenge.elapsed() >= runtime.scavenge_interval {
+            last_scavenge = std::time::Instant::now();
+            outcome = scavenge_tier(&router, &events, &runtime, &metrics, &mut writer, term).await;
+        }
+        if let Err(e) = outcome {
             metrics.tier_upload_failures_total.inc();
             tracing::warn!(error = %e, "tier upload failed; the events stay hot and are retried");
             runtime.set_error(e.to_string());
@@ -263,17 +273,7 @@ async fn upload_settled(
     if target <= watermark {
         return Ok(());
     }
-    if writer.as_ref().is_none_or(|(_, claimed)| *claimed != term) {
-        if let Some((old, _)) = writer.take() {
-            old.close().await;
-        }
-        // Only a leader confirmed by a quorum claims the tier: a deposed leader that has
-        // not noticed yet cannot take the database from the new one.
-        router.linearize().await?;
-        *writer = Some((TierWriter::open(&runtime.store, term, router.node_id).await?, term));
-        tracing::info!(term, store = %runtime.store.description, "tier writer opened");
-    }
-    let (tier_writer, _) = writer.as_mut().expect("opened above");
+    let tier_writer = ensure_writer(router, runtime, writer, term).await?;
     while watermark < target {
         let started = std::time::Instant::now();
         let segment_end = target.min(watermark + SEGMENT_EVENTS_MAX);
@@ -305,6 +305,59 @@ async fn upload_settled(
         marks.advance_to(watermark);
         metrics.tier_watermark.set(watermark as i64);
         runtime.backlog_events.store(settled.saturating_sub(watermark), Ordering::Release);
+    }
+    Ok(())
+}
+
+/// The tier writer of this leader's `term`, opened (and the tier claimed) if needed.
+async fn ensure_writer<'w>(
+    router: &Router,
+    runtime: &TierRuntime,
+    writer: &'w mut Option<(TierWriter, u64)>,
+    term: u64,
+) -> anyhow::Result<&'w mut TierWriter> {
+    if writer.as_ref().is_none_or(|(_, claimed)| *claimed != term) {
+        if let Some((old, _)) = writer.take() {
+            old.close().await;
+        }
+        // Only a leader confirmed by a quorum claims the tier: a deposed leader that has
+        // not noticed yet cannot take the database from the new one.
+        router.linearize().await?;
+        *writer = Some((TierWriter::open(&runtime.store, term, router.node_id).await?, term));
+        tracing::info!(term, store = %runtime.store.description, "tier writer opened");
+    }
+    Ok(&mut writer.as_mut().expect("opened above").0)
+}
+
+/// Step 3 of the scavenge (`crate::scavenge`), on the leader: rewrites the tiered
+/// events below each stream's replicated scavenge point as placeholders. (Uploads put
+/// what was already scavenged up as placeholders, so the tier's own mark only moves up.)
+async fn scavenge_tier(
+    router: &Router,
+    events: &EventState,
+    runtime: &TierRuntime,
+    metrics: &Metrics,
+    writer: &mut Option<(TierWriter, u64)>,
+    term: u64,
+) -> anyhow::Result<()> {
+    for stream in events.streams_with_meta().into_iter().take(crate::scavenge::SCAVENGE_STREAMS_PER_PASS_MAX) {
+        let Some(meta) = events.stream_meta(&stream)? else { continue };
+        if meta.scavenged_before == 0 {
+            continue;
+        }
+        let tier_writer = ensure_writer(router, runtime, writer, term).await?;
+        let mut from = tier_writer.scavenged_through(&stream).await?;
+        while from < meta.scavenged_before {
+            let (rewritten, reached) = tier_writer.scavenge_stream(&stream, from, meta.scavenged_before, crate::scavenge::SCAVENGE_EVENTS_PER_STEP).await?;
+            metrics.scavenged_events_total.with_label_values(&["tier"]).inc_by(rewritten);
+            if rewritten > 0 {
+                tracing::info!(stream, events = rewritten, through = reached, "scavenge: dropped payloads from the tier");
+            }
+            if reached <= from {
+                break;
+            }
+            from = reached;
+        }
     }
     Ok(())
 }

@@ -1,13 +1,14 @@
 //! Retention and deletion (issue 7 item 6) on a real three-node cluster that tiers its
 //! history: max_count and max_age hide events from every read at once (stream reads both
 //! ways, `$all`, subscriptions; on every node), soft deletes truncate a stream that later
-//! appends continue, hard deletes leave a tombstone that refuses writes and reads.
+//! appends continue, hard deletes leave a tombstone that refuses writes and reads; the
+//! background scavenge then drops what they hide from every node's disk and from the tier.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{append_request, append_retrying, event, TestCluster};
+use common::{append_request, append_retrying, event, metric_value, TestCluster};
 use strata_proto::v1::subscribe_response::Kind;
 use strata_proto::v1::subscriptions_client::SubscriptionsClient;
 use strata_proto::v1::{
@@ -139,5 +140,92 @@ async fn retention_and_deletes_hide_events_from_every_read_on_every_node() {
     for node in cluster.running() {
         assert_eq!(read_stream(&cluster, node, "aged", false).await.unwrap(), vec![3], "node {node}");
         assert_eq!(read_stream(&cluster, node, "aged", true).await.unwrap(), vec![3], "node {node}");
+    }
+}
+
+async fn metrics_of(cluster: &TestCluster, node: u64) -> String {
+    let addr = cluster.http_addr(node);
+    let output = tokio::process::Command::new("curl").args(["-s", &format!("http://{addr}/metrics")]).output().await.expect("curl");
+    String::from_utf8(output.stdout).expect("utf-8 metrics")
+}
+
+/// The events of `stream` a node holds on its own disk (run after it stopped).
+fn local_copy(data_dir: &std::path::Path, stream: &str) -> Vec<strata_storage::StoredEvent> {
+    let db = strata_storage::open_database(data_dir).unwrap();
+    let state = strata_storage::EventState::open(&db).unwrap();
+    state.read_stream(stream, 0, false, 10_000).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_scavenge_drops_hidden_payloads_from_every_node_and_the_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier_url = format!("file://{}", dir.path().join("tier").display());
+    let mut cluster =
+        TestCluster::start_with(54, 3, &["--object-store", &tier_url, "--hot-window-events", "80", "--scavenge-interval", "1s"]).await;
+    // 60 events of `account`, with a payload worth dropping, and 40 of `other` after them:
+    // about the first 20 are tiered, the rest stay hot.
+    let payload = |n: usize| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(2_000));
+    for batch in 0..12 {
+        let events = (batch * 5..batch * 5 + 5).map(|n| event(&id(n), "Happened", &payload(n))).collect();
+        append_retrying(&cluster, append_request("account", ExpectedVersionKind::Any, 0, events), Duration::from_secs(20)).await.unwrap();
+    }
+    append_n(&cluster, "other", 1000, 40).await.unwrap();
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut streams = cluster.streams(leader).await;
+    let set = SetStreamMetadataRequest { stream: "account".into(), max_age_ms: None, max_count: Some(10) };
+    streams.set_stream_metadata(set).await.unwrap();
+
+    // The scavenge point is replicated, every node's copy and the tier are rewritten.
+    let store = strata_storage::tier::TierStore::open(&strata_storage::tier::TierStoreConfig { url: tier_url.clone(), ..Default::default() }).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut done = true;
+        for node in cluster.running() {
+            done &= metric_value(&metrics_of(&cluster, node).await, "strata_scavenged_events_total", "store=\"local\"") > 0;
+        }
+        // A fresh reader each time: a reader's cache keeps the chunks it has read.
+        let tiered = strata_storage::tier::TierReader::new(store.clone()).read_stream("account", 0, false, 1_000, u64::MAX).await.unwrap();
+        done &= !tiered.is_empty() && tiered.iter().all(|e| e.is_scavenged() == (e.version < 50));
+        if done {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the scavenge never reached every node and the tier: tiered {:?}",
+            tiered.iter().map(|e| (e.version, e.is_scavenged())).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(metric_value(&metrics_of(&cluster, leader).await, "strata_scavenges_total", "") >= 1);
+
+    // What was scavenged stays hidden when the retention is relaxed; the rest reads whole.
+    let relax = SetStreamMetadataRequest { stream: "account".into(), max_age_ms: None, max_count: None };
+    streams.set_stream_metadata(relax).await.unwrap();
+    cluster.wait_converged(Duration::from_secs(20)).await;
+    for node in cluster.running() {
+        assert_eq!(read_stream(&cluster, node, "account", false).await.unwrap(), (50..60).collect::<Vec<_>>(), "node {node}");
+        let kept = all_of(&cluster, node, "account").await;
+        assert_eq!(kept.iter().map(|e| e.version).collect::<Vec<_>>(), (50..60).collect::<Vec<_>>(), "node {node}: $all");
+        assert!(kept.iter().all(|e| e.data.len() > 2_000), "node {node}: visible events keep their payloads");
+        assert_eq!(all_of(&cluster, node, "other").await.len(), 40, "node {node}: other streams untouched");
+    }
+    // Re-sending a scavenged event's id writes it anew.
+    let resent = vec![event(&id(0), "Happened", &payload(0))];
+    let reply = append_retrying(&cluster, append_request("account", ExpectedVersionKind::Any, 0, resent), Duration::from_secs(20)).await.unwrap();
+    assert!(!reply.idempotent_replay);
+    assert_eq!(reply.first_version, 60);
+
+    // On every node's disk: the same, for what it still holds itself.
+    cluster.wait_converged(Duration::from_secs(20)).await;
+    let nodes = cluster.running();
+    for node in &nodes {
+        cluster.terminate(*node);
+    }
+    for node in nodes {
+        let local = local_copy(&cluster.data_dir(node), "account");
+        assert!(local.iter().any(|e| e.version < 50) && local.iter().any(|e| e.version >= 50), "node {node} holds the hot part");
+        for event in &local {
+            assert_eq!(event.is_scavenged(), event.version < 50, "node {node}: version {} scavenged iff hidden", event.version);
+            if event.is_scavenged() {
+                assert_eq!((event.data.len(), event.metadata.len()), (32, 0), "node {node}: only the digest is left");
+            }
+        }
     }
 }

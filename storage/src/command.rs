@@ -71,6 +71,39 @@ pub struct NewEvent {
     pub metadata: Vec<u8>,
 }
 
+impl NewEvent {
+    /// What a scavenge leaves of this event: its id and a digest of its content (as
+    /// `data`), with an empty event type marking it. Clients cannot write an empty type,
+    /// so the marker is unambiguous. The digest keeps idempotency decisions the same on a
+    /// node that has scavenged the event and on one that has not yet.
+    pub fn scavenged(&self) -> NewEvent {
+        if self.is_scavenged() {
+            return self.clone();
+        }
+        NewEvent { id: self.id, event_type: String::new(), content_type: String::new(), data: self.content_digest().to_vec(), metadata: Vec::new() }
+    }
+
+    /// Whether this is what a scavenge left of an event.
+    pub fn is_scavenged(&self) -> bool {
+        self.event_type.is_empty()
+    }
+
+    /// SHA-256 over the length-prefixed type, content type, data and metadata.
+    pub fn content_digest(&self) -> [u8; 32] {
+        content_digest(&self.event_type, &self.content_type, &self.data, &self.metadata)
+    }
+}
+
+fn content_digest(event_type: &str, content_type: &str, data: &[u8], metadata: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for part in [event_type.as_bytes(), content_type.as_bytes(), data, metadata] {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
 /// One client append.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppendCommand {
@@ -142,8 +175,17 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// Whether this is what a scavenge left of an event (never served to readers).
+    pub fn is_scavenged(&self) -> bool {
+        self.event_type.is_empty()
+    }
+
     /// Whether this stored event is the same event as `proposed` (for idempotent replays).
+    /// A scavenged event compares by its content digest.
     pub fn same_content_as(&self, proposed: &NewEvent) -> bool {
+        if self.is_scavenged() {
+            return self.id == proposed.id && self.data[..] == proposed.content_digest()[..];
+        }
         self.id == proposed.id
             && self.event_type == proposed.event_type
             && self.content_type == proposed.content_type
@@ -224,6 +266,24 @@ mod tests {
         assert!(!ExpectedVersion::Exact(4).admits_replay_at(4));
         assert!(!ExpectedVersion::Exact(u64::MAX).admits_replay_at(0));
         assert!(ExpectedVersion::Any.admits_replay_at(17));
+    }
+
+    #[test]
+    fn a_scavenged_event_keeps_its_id_and_compares_by_digest() {
+        let event = NewEvent { id: [3; 16], event_type: "Placed".into(), content_type: "application/json".into(), data: vec![9; 4096], metadata: b"m".to_vec() };
+        let left = event.scavenged();
+        assert!(left.is_scavenged() && !event.is_scavenged());
+        assert_eq!((left.id, left.data.len(), left.metadata.len()), ([3; 16], 32, 0), "the payload is gone");
+        assert_eq!(left.scavenged(), left, "scavenging twice changes nothing");
+        let stored = |e: &NewEvent| StoredEvent {
+            id: e.id, stream: "s".into(), version: 0, position: 0, event_type: e.event_type.clone(),
+            content_type: e.content_type.clone(), data: e.data.clone(), metadata: e.metadata.clone(), created_unix_ms: 0,
+        };
+        assert!(stored(&left).is_scavenged());
+        assert!(stored(&left).same_content_as(&event), "the same content still replays");
+        let other = NewEvent { data: vec![8; 4096], ..event.clone() };
+        assert!(!stored(&left).same_content_as(&other), "different content still conflicts");
+        assert_eq!(stored(&event).same_content_as(&other), stored(&left).same_content_as(&other));
     }
 
     #[test]

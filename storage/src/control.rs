@@ -114,6 +114,10 @@ pub enum ControlCommand {
     /// Deletes a stream if `expected` holds: soft (readers see no events up to the head;
     /// appends continue its versions) or hard (a tombstone: never read or written again).
     DeleteStream { stream: String, expected: ExpectedVersion, hard: bool },
+    /// Hides a stream's versions below `before` for good (the leader's scavenger proposes
+    /// it for versions its retention or deletion already hides); every node then drops
+    /// their payloads from its own copy, and the leader from the tier. Never moves back.
+    Scavenge { stream: String, before: u64 },
 }
 
 impl ControlCommand {
@@ -130,6 +134,7 @@ impl ControlCommand {
             ControlCommand::AdvanceTier { .. } => "advance_tier",
             ControlCommand::SetStreamMetadata { .. } => "set_stream_metadata",
             ControlCommand::DeleteStream { .. } => "delete_stream",
+            ControlCommand::Scavenge { .. } => "scavenge",
         }
     }
 }
@@ -397,6 +402,15 @@ pub(crate) fn apply_control(store: &mut dyn ControlStore, command: &ControlComma
             }
             meta.truncate_before = head.map_or(0, |last| last + 1);
             meta.tombstone = *hard;
+            put_stream_meta(store, stream, &meta)?;
+            Ok(Ok(ControlSuccess::Stream(meta)))
+        }
+        ControlCommand::Scavenge { stream, before } => {
+            let Some(mut meta) = stream_meta(store, stream)? else {
+                return Ok(Err(ControlFailure::StreamNotFound { stream: stream.clone() }));
+            };
+            let end = store.stream_head(stream)?.map_or(0, |last| last + 1);
+            meta.scavenged_before = meta.scavenged_before.max((*before).min(end));
             put_stream_meta(store, stream, &meta)?;
             Ok(Ok(ControlSuccess::Stream(meta)))
         }

@@ -25,6 +25,9 @@ fn now_ms() -> i64 {
 /// Whether `event` is visible by its stream's metadata at `now` (a metadata read that
 /// fails shows the event: a read error must not make history vanish).
 fn visible_now(state: &EventState, event: &StoredEvent, now: i64) -> bool {
+    if event.is_scavenged() {
+        return false;
+    }
     match state.stream_meta(&event.stream) {
         Ok(None) | Err(_) => true,
         Ok(Some(meta)) => {
@@ -113,7 +116,7 @@ impl EventReader {
             let page = self.read_stream_stored(stream, from, backwards, limit - out.len()).await?;
             let Some(edge) = page.last().map(|e| e.version) else { return Ok(out) };
             let full = page.len() == limit - out.len();
-            out.extend(page.into_iter().filter(|e| meta.visible(e.version, e.created_unix_ms, last, now)));
+            out.extend(page.into_iter().filter(|e| !e.is_scavenged() && meta.visible(e.version, e.created_unix_ms, last, now)));
             if out.len() >= limit || !full {
                 return Ok(out);
             }
@@ -123,6 +126,27 @@ impl EventReader {
                 (false, v) => v + 1,
             };
         }
+    }
+
+    /// The version below which every stored event of `stream` from `from_version` on is
+    /// older than `max_age_ms` at `now_ms`, looking at most at `max_events` events (it
+    /// stops at the first younger one; events are appended in time order per stream).
+    /// Cold events come from the tier.
+    pub async fn aged_out_before(&self, stream: &str, from_version: u64, max_age_ms: u64, now_ms: i64, max_events: usize) -> Result<u64, ReadError> {
+        let mut from = from_version;
+        let mut looked = 0usize;
+        while looked < max_events {
+            let page = self.read_stream_stored(stream, from, false, (max_events - looked).min(1024)).await?;
+            let Some(last) = page.last().map(|e| e.version) else { return Ok(from) };
+            looked += page.len();
+            for event in &page {
+                if event.created_unix_ms.saturating_add(max_age_ms.min(i64::MAX as u64) as i64) > now_ms {
+                    return Ok(event.version);
+                }
+            }
+            from = last + 1;
+        }
+        Ok(from)
     }
 
     async fn read_stream_stored(

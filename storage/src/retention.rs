@@ -40,6 +40,10 @@ pub struct StreamMeta {
     pub truncate_before: u64,
     /// Hard-deleted: never read or written again.
     pub tombstone: bool,
+    /// Versions below this were scavenged: replicated (`ControlCommand::Scavenge`), so
+    /// every node hides them from the same log index on, before or after it has rewritten
+    /// its own copy, and relaxing the retention later never shows them again.
+    pub scavenged_before: u64,
 }
 
 impl StreamMeta {
@@ -50,7 +54,19 @@ impl StreamMeta {
             (Some(count), Some(last)) => (last + 1).saturating_sub(count),
             _ => 0,
         };
-        self.truncate_before.max(by_count)
+        self.truncate_before.max(by_count).max(self.scavenged_before)
+    }
+
+    /// The version below which a scavenge may remove events now, given the stream's
+    /// last version and the version below which every event has aged out (ignored
+    /// without `max_age`). Events of a tombstoned stream all go.
+    pub fn scavenge_target(&self, last_version: Option<u64>, aged_out_before: u64) -> u64 {
+        let end = last_version.map_or(0, |last| last + 1);
+        if self.tombstone {
+            return end;
+        }
+        let by_age = if self.max_age_ms.is_some() { aged_out_before } else { 0 };
+        self.first_visible_version(last_version).max(by_age).min(end)
     }
 
     /// Whether the event at `version`, appended at `created_unix_ms`, is visible at `now_ms`.
@@ -83,6 +99,11 @@ impl MetaStreams {
         !names.is_empty() && names.contains(stream)
     }
 
+    /// The names, in no order.
+    pub fn names(&self) -> Vec<String> {
+        self.names.read().expect("never poisoned").iter().cloned().collect()
+    }
+
     pub fn insert(&self, stream: &str) {
         let mut names = self.names.write().expect("never poisoned");
         if !names.contains(stream) {
@@ -109,6 +130,23 @@ mod tests {
         assert!(!gone.visible(5, 0, Some(9), 0));
         let soft = StreamMeta { truncate_before: 10, ..Default::default() };
         assert!(soft.deleted_and_empty(Some(9)) && !soft.deleted_and_empty(Some(10)));
+    }
+
+    #[test]
+    fn scavenge_targets_cover_what_no_reader_may_see() {
+        let counted = StreamMeta { max_count: Some(3), ..Default::default() };
+        assert_eq!(counted.scavenge_target(Some(9), 9), 7, "age ignored without max_age");
+        assert_eq!(counted.scavenge_target(None, 0), 0);
+        let aged = StreamMeta { max_age_ms: Some(10), max_count: Some(5), ..Default::default() };
+        assert_eq!(aged.scavenge_target(Some(9), 8), 8, "age cuts deeper than count");
+        assert_eq!(aged.scavenge_target(Some(9), 3), 5, "count cuts deeper than age");
+        assert_eq!(aged.scavenge_target(Some(9), 10), 10, "everything aged out");
+        let gone = StreamMeta { tombstone: true, truncate_before: 4, ..Default::default() };
+        assert_eq!(gone.scavenge_target(Some(9), 0), 10);
+        let soft = StreamMeta { truncate_before: 4, ..Default::default() };
+        assert_eq!(soft.scavenge_target(Some(9), 0), 4);
+        let scavenged = StreamMeta { scavenged_before: 6, max_count: Some(100), ..Default::default() };
+        assert!(!scavenged.visible(5, 0, Some(9), 0) && scavenged.visible(6, 0, Some(9), 0), "relaxed retention never shows scavenged events");
     }
 
     #[test]

@@ -241,6 +241,12 @@ impl EventState {
         control::read_stream_meta(&self.tree(), stream)
     }
 
+    /// The streams that have (or had) retention or deletion metadata: the only ones a
+    /// scavenge can touch.
+    pub fn streams_with_meta(&self) -> Vec<String> {
+        self.meta_streams.names()
+    }
+
     /// The replicated tier state.
     pub fn tier_state(&self) -> Result<TierState, StorageError> {
         control::read_tier_state(&self.tree())
@@ -310,6 +316,71 @@ impl EventState {
             floor = new_floor;
         }
         Ok(released)
+    }
+
+    /// Rewrites this node's copy of `stream`'s events from `from_version` up to its
+    /// replicated `scavenged_before` as scavenged placeholders (payloads dropped, see
+    /// [`NewEvent::scavenged`]), at most about `max_events` of them; returns the events
+    /// rewritten and the version reached (continue from there). Events below the floor
+    /// are the tier's to scavenge. Safe beside applies: a placeholder decides every
+    /// idempotency check as the event did, and chunks are otherwise immutable.
+    pub fn scavenge_local(&self, stream: &str, from_version: u64, max_events: usize) -> Result<(u64, u64), StorageError> {
+        let Some(meta) = self.stream_meta(stream)? else { return Ok((0, from_version)) };
+        let before = meta.scavenged_before;
+        if from_version >= before {
+            return Ok((0, from_version.max(before)));
+        }
+        let tree = self.tree();
+        let prefix = keys::stream_index_prefix(stream);
+        let from = keys::stream_index(stream, from_version);
+        let start = match tree.range(prefix.clone()..=from.clone()).next_back() {
+            Some(item) => item?.0.to_vec(),
+            None => from,
+        };
+        let mut rewritten = 0u64;
+        let mut reached = from_version;
+        let mut rewrites: Vec<([u8; 9], Vec<u8>)> = Vec::new();
+        for item in tree.range(start..keys::stream_index(stream, before)) {
+            let (key, value) = item?;
+            let position = decode_position("stream index entry", &key, &value)?;
+            let Some(mut chunk) = read_chunk(&tree, position)? else {
+                // Released to the tier since the index was read.
+                continue;
+            };
+            let mut changed = 0u64;
+            for (offset, event) in chunk.events.iter_mut().enumerate() {
+                if chunk.first_version + (offset as u64) < before && !event.is_scavenged() {
+                    *event = event.scavenged();
+                    changed += 1;
+                }
+            }
+            reached = (chunk.first_version + chunk.len()).min(before);
+            if changed > 0 {
+                let chunk_key = keys::event(chunk.first_position);
+                rewrites.push((chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?));
+                rewritten += changed;
+            }
+            if rewritten as usize >= max_events {
+                break;
+            }
+        }
+        if rewritten > 0 {
+            // Under the release lock, and only above the floor: a chunk released meanwhile
+            // must not come back.
+            let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
+            let floor = self.floor();
+            let mut kept = sled::Batch::default();
+            for (key, value) in rewrites {
+                if decode_chunk_key(&key)? >= floor && tree.contains_key(key)? {
+                    kept.insert(&key, value);
+                }
+            }
+            tree.apply_batch(kept)?;
+        }
+        if rewritten as usize >= max_events {
+            return Ok((rewritten, reached));
+        }
+        Ok((rewritten, before))
     }
 
     fn tree(&self) -> sled::Tree {
@@ -758,7 +829,18 @@ impl EventState {
                 break;
             }
             total += bytes;
-            out.push(chunk.cut(from, to));
+            let mut chunk = chunk.cut(from, to);
+            // What was scavenged (replicated) goes up as placeholders even where this
+            // node has not rewritten its own copy yet: the tier's scavenge pass starts
+            // from its mark and would not come back for it.
+            if let Some(meta) = self.stream_meta(&chunk.stream)? {
+                for (offset, event) in chunk.events.iter_mut().enumerate() {
+                    if chunk.first_version + (offset as u64) < meta.scavenged_before {
+                        *event = event.scavenged();
+                    }
+                }
+            }
+            out.push(chunk);
         }
         Ok(out)
     }
@@ -1594,4 +1676,62 @@ mod tests {
         assert_eq!(reopened.stream_meta("a").unwrap().unwrap().max_count, Some(2));
     }
 
+
+    #[test]
+    fn a_scavenge_hides_for_good_and_drops_payloads_only_below_its_version() {
+        use control::{ControlCommand, ControlFailure};
+        let (_dir, state) = state();
+        let scavenge = |before| ControlCommand::Scavenge { stream: "a".into(), before };
+        assert!(matches!(state.apply_control(scavenge(1), b"m").unwrap(), Err(ControlFailure::StreamNotFound { .. })), "only streams with metadata");
+        let set = |count| ControlCommand::SetStreamMetadata { stream: "a".into(), max_age_ms: None, max_count: Some(count) };
+        state.apply_control(set(2), b"m").unwrap().unwrap();
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[1, 2]), append("a", ExpectedVersion::Any, &[3]), append("b", ExpectedVersion::Any, &[9])]);
+        apply(&state, vec![append("a", ExpectedVersion::Any, &[4, 5])]);
+        // Nothing rewritten before the replicated scavenge.
+        assert_eq!(state.scavenge_local("a", 0, 100).unwrap(), (0, 0));
+        state.apply_control(scavenge(99), b"m").unwrap().unwrap();
+        assert_eq!(state.stream_meta("a").unwrap().unwrap().scavenged_before, 5, "never beyond the head");
+        state.apply_control(scavenge(3), b"m").unwrap().unwrap();
+        assert_eq!(state.stream_meta("a").unwrap().unwrap().scavenged_before, 5, "never moves back");
+        assert_eq!(state.scavenge_local("a", 0, 2).unwrap(), (2, 2), "bounded: continues from version 2");
+        assert_eq!(state.scavenge_local("a", 2, 100).unwrap(), (3, 5));
+        assert_eq!(state.scavenge_local("a", 5, 100).unwrap(), (0, 5));
+        let local = state.read_stream("a", 0, false, 10).unwrap();
+        assert_eq!(local.len(), 5);
+        assert!(local.iter().all(|e| e.is_scavenged() && e.data.len() == 32), "payloads dropped, ids kept");
+        assert!(state.read_stream("b", 0, false, 10).unwrap().iter().all(|e| !e.is_scavenged()), "other streams untouched");
+        // Relaxed retention shows nothing scavenged again; the versions go on.
+        state.apply_control(set(100), b"m").unwrap().unwrap();
+        let meta = state.stream_meta("a").unwrap().unwrap();
+        assert!(!meta.visible(4, 5, Some(4), 5));
+        let out = apply(&state, vec![append("a", ExpectedVersion::Exact(4), &[6])]);
+        assert_eq!(out[0].as_ref().unwrap().first_version, 5);
+    }
+
+    #[test]
+    fn idempotency_decides_the_same_on_a_scavenged_copy() {
+        use control::ControlCommand;
+        let decide = |rewrite: bool| {
+            let (_dir, state) = state();
+            state.apply_control(ControlCommand::SetStreamMetadata { stream: "a".into(), max_age_ms: None, max_count: Some(1) }, b"m").unwrap().unwrap();
+            apply(&state, vec![append("a", ExpectedVersion::Any, &[1]), append("a", ExpectedVersion::Any, &[2])]);
+            // A Raft snapshot taken before the scavenge entry, then a rewrite: the
+            // placeholder is all that is left while the metadata still shows version 0.
+            state.apply_control(ControlCommand::SetStreamMetadata { stream: "a".into(), max_age_ms: None, max_count: None }, b"m").unwrap().unwrap();
+            if rewrite {
+                let tree = state.tree();
+                let (key, value) = tree.range(keys::event(0)..=keys::event(0)).next().unwrap().unwrap();
+                let mut chunk: EventChunk = record::open_value("event chunk", &key, &value).unwrap();
+                chunk.events[0] = chunk.events[0].scavenged();
+                tree.insert(&key, record::seal_value("event chunk", &key, &chunk).unwrap()).unwrap();
+            }
+            let same = apply(&state, vec![append("a", ExpectedVersion::Any, &[1])]);
+            let mut changed = append("a", ExpectedVersion::Any, &[1]);
+            changed.events[0].data = b"other".to_vec();
+            let other = apply(&state, vec![changed]);
+            (same, other)
+        };
+        assert_eq!(decide(true), decide(false));
+        assert!(decide(true).0[0].as_ref().unwrap().idempotent_replay);
+    }
 }

@@ -8,6 +8,8 @@
 //! - `u`                                       → uploaded-through position (all events
 //!   below it are in the tier)
 //! - `w`                                       → the writer's claim (Raft term, node id)
+//! - `x` stream                                → scavenged-through version (u64 BE): the
+//!   stream's tiered events below it hold placeholders only
 //!
 //! Chunks are keyed by their *last* position (and stream entries by last version) so that
 //! the first key at or after `p` is the chunk holding `p`: SlateDB scans forwards cheaply.
@@ -20,6 +22,15 @@ pub fn chunk(last_position: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = CHUNK;
     key[1..].copy_from_slice(&last_position.to_be_bytes());
+    key
+}
+
+pub const SCAVENGED: u8 = b'x';
+
+pub fn scavenged(stream: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.len() + 1);
+    key.push(SCAVENGED);
+    key.extend_from_slice(stream.as_bytes());
     key
 }
 

@@ -110,3 +110,33 @@ async fn a_corrupt_chunk_is_detected_not_served() {
     let err = reader.read_all(3, false, 10, 6).await.unwrap_err();
     assert!(matches!(err, TierError::Corrupt(_)), "{err}");
 }
+
+#[tokio::test]
+async fn a_tier_scavenge_drops_payloads_below_its_version_only_and_resumes_from_its_mark() {
+    let (dir, store) = file_store();
+    let mut writer = TierWriter::open(&store, 1, 1).await.unwrap();
+    writer.write_segment(&chunks(6)).await.unwrap();
+    assert_eq!(writer.scavenged_through("a").await.unwrap(), 0);
+    // Stream a holds versions 0..9 in three chunks; scavenge below 4, one chunk per step.
+    assert_eq!(writer.scavenge_stream("a", 0, 4, 3).await.unwrap(), (3, 3));
+    assert_eq!(writer.scavenge_stream("a", 3, 4, 3).await.unwrap(), (1, 4));
+    assert_eq!(writer.scavenge_stream("a", 4, 4, 3).await.unwrap(), (0, 4), "nothing left to do");
+    assert_eq!(writer.scavenged_through("a").await.unwrap(), 4);
+    drop(writer);
+    let reader = TierReader::new(store.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let a = reader.read_stream("a", 0, false, 100, 18).await.unwrap();
+        let scavenged: Vec<u64> = a.iter().filter(|e| e.is_scavenged()).map(|e| e.version).collect();
+        if scavenged == vec![0, 1, 2, 3] {
+            assert!(a.iter().filter(|e| e.is_scavenged()).all(|e| e.data.len() == 32 && e.metadata.is_empty()));
+            assert_eq!(a.iter().filter(|e| !e.is_scavenged()).map(|e| e.version).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the reader never saw the scavenge: {scavenged:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let b = reader.read_stream("b", 0, false, 100, 18).await.unwrap();
+    assert!(b.iter().all(|e| !e.is_scavenged()), "other streams untouched");
+    drop(dir);
+}

@@ -169,6 +169,69 @@ impl TierWriter {
         Ok((stats, end))
     }
 
+    /// How far `stream`'s tiered events were scavenged (0 if never).
+    pub async fn scavenged_through(&self, stream: &str) -> Result<u64, TierError> {
+        let key = layout::scavenged(stream);
+        match self.db.get(&key).await? {
+            None => Ok(0),
+            Some(value) => {
+                let payload = record::open("tier scavenge mark", &key, &value)?;
+                layout::decode_u64(payload).ok_or_else(|| TierError::Corrupt(crate::StorageError::Corrupt { what: "tier scavenge mark", key: stream.into() }))
+            }
+        }
+    }
+
+    /// Rewrites `stream`'s tiered events from `from_version` below `before` as scavenged
+    /// placeholders, at most about `max_events` of them, with the new scavenge mark; returns
+    /// the events rewritten and the version reached, durable once this returns. Only the
+    /// chunks below the uploaded-through mark are the tier's: the rest are still local.
+    pub async fn scavenge_stream(&mut self, stream: &str, from_version: u64, before: u64, max_events: usize) -> Result<(u64, u64), TierError> {
+        if from_version >= before {
+            return Ok((0, from_version));
+        }
+        let range = (std::ops::Bound::Included(layout::stream(stream, from_version)), std::ops::Bound::Excluded(layout::stream(stream, u64::MAX)));
+        let mut iter = self.db.scan_with_options(range, &slatedb::config::ScanOptions::default()).await?;
+        let mut spans = Vec::new();
+        while let Some(kv) = iter.next().await? {
+            let payload = record::open("tier stream entry", &kv.key, &kv.value)?;
+            let span = layout::decode_span(payload).ok_or_else(|| TierError::Corrupt(crate::StorageError::Corrupt { what: "tier stream entry", key: stream.into() }))?;
+            spans.push(span);
+            if spans.len() >= max_events.max(1) {
+                break;
+            }
+        }
+        drop(iter);
+        let mut batch = WriteBatch::new();
+        let mut rewritten = 0u64;
+        let mut reached = before;
+        for (_, last_position) in spans {
+            let key = layout::chunk(last_position);
+            let Some(value) = self.db.get(key).await? else {
+                return Err(TierError::Corrupt(crate::StorageError::Corrupt { what: "tier stream entry points at a missing chunk", key: last_position.to_string() }));
+            };
+            let mut chunk: EventChunk = record::open_value("tier event chunk", &key, &value)?;
+            if chunk.first_version >= before {
+                break;
+            }
+            for (offset, event) in chunk.events.iter_mut().enumerate() {
+                if chunk.first_version + (offset as u64) < before && !event.is_scavenged() {
+                    *event = event.scavenged();
+                    rewritten += 1;
+                }
+            }
+            batch.put(key, record::seal_value("tier event chunk", &key, &chunk)?);
+            if rewritten as usize >= max_events {
+                reached = (chunk.first_version + chunk.len()).min(before);
+                break;
+            }
+        }
+        let mark_key = layout::scavenged(stream);
+        batch.put(&mark_key, record::seal(&mark_key, &reached.to_be_bytes()));
+        let handle = self.db.write(batch).await?;
+        self.durable(handle).await?;
+        Ok((rewritten, reached))
+    }
+
     #[cfg(test)]
     pub(crate) fn db_for_tests(&self) -> &Db {
         &self.db
