@@ -78,6 +78,23 @@ impl DurableFlush {
     }
 }
 
+/// Reopens a database a test has just dropped: sled's background threads may still hold
+/// the file lock for a moment after the last handle is gone.
+#[cfg(test)]
+pub(crate) fn reopen_database(data_dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open_database(data_dir) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "database still locked; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopening the database failed: {e}"),
+        }
+    }
+}
+
 /// Opens (or creates) the node's sled database under `data_dir/sled`.
 pub fn open_database(data_dir: &Path) -> Result<sled::Db, StorageError> {
     std::fs::create_dir_all(data_dir)?;

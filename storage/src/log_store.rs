@@ -217,11 +217,11 @@ mod tests {
     fn metadata_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = crate::open_database(dir.path()).unwrap();
+            let db = crate::reopen_database(dir.path());
             let store = RaftLogStore::open(&db, dir.path()).unwrap();
             store.put_meta("vote", b"v1", true).unwrap();
         }
-        let db = crate::open_database(dir.path()).unwrap();
+        let db = crate::reopen_database(dir.path());
         let store = RaftLogStore::open(&db, dir.path()).unwrap();
         assert_eq!(store.get_meta("vote").unwrap().unwrap(), b"v1");
     }

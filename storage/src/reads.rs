@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use crate::command::StoredEvent;
+use crate::retention::StreamMeta;
 use crate::state::{EventState, ReadAllOptions};
 use crate::tier::{TierError, TierReader};
 use crate::StorageError;
@@ -22,17 +23,41 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Whether `event` is visible by its stream's metadata at `now` (a metadata read that
-/// fails shows the event: a read error must not make history vanish).
-fn visible_now(state: &EventState, event: &StoredEvent, now: i64) -> bool {
-    if event.is_scavenged() {
-        return false;
-    }
-    match state.stream_meta(&event.stream) {
-        Ok(None) | Err(_) => true,
-        Ok(Some(meta)) => {
-            let last = state.stream_head(&event.stream).ok().flatten().map(|h| h.last_version);
-            meta.visible(event.version, event.created_unix_ms, last, now)
+/// Streams whose metadata one `$all` page remembers (most pages touch few streams with
+/// retention; beyond this many the cache starts over).
+const PAGE_META_CACHE_STREAMS_MAX: usize = 1024;
+
+/// What one `$all` page knows of the metadata of the streams it met: one metadata and
+/// head read per stream with metadata and page, not one per event.
+#[derive(Default)]
+struct PageMetaCache {
+    streams: std::sync::Mutex<std::collections::HashMap<String, Option<(StreamMeta, Option<u64>)>>>,
+}
+
+impl PageMetaCache {
+    /// Whether `event` is visible by its stream's metadata at `now` (a metadata read that
+    /// fails shows the event: a read error must not make history vanish).
+    fn visible(&self, state: &EventState, event: &StoredEvent, now: i64) -> bool {
+        if event.is_scavenged() {
+            return false;
+        }
+        if !state.may_have_meta(&event.stream) {
+            return true;
+        }
+        let mut streams = self.streams.lock().expect("never poisoned");
+        if !streams.contains_key(&event.stream) {
+            if streams.len() >= PAGE_META_CACHE_STREAMS_MAX {
+                streams.clear();
+            }
+            let known = match state.stream_meta(&event.stream) {
+                Ok(Some(meta)) => Some((meta, state.stream_head(&event.stream).ok().flatten().map(|h| h.last_version))),
+                Ok(None) | Err(_) => None,
+            };
+            streams.insert(event.stream.clone(), known);
+        }
+        match &streams[&event.stream] {
+            None => true,
+            Some((meta, last)) => meta.visible(event.version, event.created_unix_ms, *last, now),
         }
     }
 }
@@ -205,7 +230,8 @@ impl EventReader {
         let state = self.state.clone();
         let now = now_ms();
         let user = filter;
-        let filter: SharedFilter = Arc::new(move |event: &StoredEvent| visible_now(&state, event, now) && user(event));
+        let metas = PageMetaCache::default();
+        let filter: SharedFilter = Arc::new(move |event: &StoredEvent| metas.visible(&state, event, now) && user(event));
         let visible = self.state.next_position();
         let mut out = Vec::new();
         let mut from = if backwards {

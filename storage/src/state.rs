@@ -233,6 +233,11 @@ impl EventState {
         (guard, self.floor())
     }
 
+    /// Whether `stream` may have retention or deletion metadata (false: certainly none).
+    pub fn may_have_meta(&self, stream: &str) -> bool {
+        self.meta_streams.may_have(stream)
+    }
+
     /// A stream's retention and deletion metadata, if it has any.
     pub fn stream_meta(&self, stream: &str) -> Result<Option<StreamMeta>, StorageError> {
         if !self.meta_streams.may_have(stream) {
@@ -1508,7 +1513,7 @@ mod tests {
         apply(&source, vec![append("a", ExpectedVersion::Any, &[1, 2]), append("b", ExpectedVersion::Any, &[3])]);
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = crate::open_database(dir.path()).unwrap();
+            let db = crate::reopen_database(dir.path());
             let target = EventState::open(&db).unwrap();
             apply(&target, vec![append("stale", ExpectedVersion::Any, &[42])]);
             let heads = source.control_records().map(|r| r.map(|(key, value)| SnapshotItem::Control { key, value }));
@@ -1516,7 +1521,7 @@ mod tests {
             target.replace_all(0, heads.chain(events), b"snap").unwrap();
             assert!(target.stream_head("stale").unwrap().is_none());
         }
-        let db = crate::open_database(dir.path()).unwrap();
+        let db = crate::reopen_database(dir.path());
         let target = EventState::open(&db).unwrap();
         assert_eq!(target.next_position(), 3);
         assert_eq!(target.stream_head("a").unwrap().unwrap().last_version, 1);
@@ -1562,7 +1567,7 @@ mod tests {
         drop(state);
         // Restarted before the filter was stored: the released range is a gap, and until it
         // is filled every id not held locally goes to the tier.
-        let db = crate::open_database(dir.path()).unwrap();
+        let db = crate::reopen_database(dir.path());
         let reopened = EventState::open(&db).unwrap();
         assert_eq!((reopened.floor(), reopened.id_filter_gap()), (3, Some(0..3)));
         assert_eq!(reopened.ids_to_resolve(&[Some(&fresh)]).unwrap(), vec![[99u8; 16]]);
@@ -1574,7 +1579,7 @@ mod tests {
         assert!(reopened.store_id_filter_if_due(true).unwrap());
         drop(reopened);
         drop(db);
-        let again = EventState::open(&crate::open_database(dir.path()).unwrap()).unwrap();
+        let again = EventState::open(&crate::reopen_database(dir.path())).unwrap();
         assert!(again.id_filter_gap().is_none());
         assert_eq!(again.ids_to_resolve(&[Some(&released)]).unwrap(), vec![[1u8; 16]]);
         assert!(again.ids_to_resolve(&[Some(&fresh)]).unwrap().is_empty());
@@ -1672,7 +1677,7 @@ mod tests {
         let out = apply(&state, vec![append("a", ExpectedVersion::Any, &[1])]);
         assert!(!out[0].as_ref().unwrap().idempotent_replay);
         drop(state);
-        let reopened = EventState::open(&crate::open_database(dir.path()).unwrap()).unwrap();
+        let reopened = EventState::open(&crate::reopen_database(dir.path())).unwrap();
         assert_eq!(reopened.stream_meta("a").unwrap().unwrap().max_count, Some(2));
     }
 
