@@ -24,8 +24,13 @@ pub const COLD_READS_MAX: usize = 16;
 pub const COLD_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often the reader looks for new data in the tier.
 const READER_POLL: Duration = Duration::from_millis(250);
-/// Chunks fetched by one sequential scan (the rest of a page comes from the cache).
+/// Chunks fetched by one scan for a point read (an id lookup, a stream's chunk): the
+/// rest of a page comes from the cache.
 const READ_AHEAD_CHUNKS: usize = 256;
+/// Chunks fetched by one scan when `$all` is read forwards: opening a SlateDB iterator
+/// costs a fetch from every sorted run it covers, so a sequential reader opens few
+/// (about 24 MiB of 10-event chunks, inside `TIER_CACHE_BYTES`).
+const SEQUENTIAL_READ_AHEAD_CHUNKS: usize = 8_192;
 /// Object-store retries inside SlateDB before a read fails.
 const STORE_RETRIES_MAX: u32 = 3;
 
@@ -121,8 +126,10 @@ impl TierReader {
     ) -> Result<Vec<Arc<EventChunk>>, TierError> {
         let options = ScanOptions {
             order: if descending { IterationOrder::Descending } else { IterationOrder::Ascending },
-            read_ahead_bytes: 1024 * 1024,
-            max_fetch_tasks: 2,
+            // Sequential scans fetch big parts of each SST, several at once; point reads
+            // fetch what one page needs.
+            read_ahead_bytes: if max >= SEQUENTIAL_READ_AHEAD_CHUNKS { 8 * 1024 * 1024 } else { 1024 * 1024 },
+            max_fetch_tasks: if max >= SEQUENTIAL_READ_AHEAD_CHUNKS { 8 } else { 2 },
             ..ScanOptions::default()
         };
         let mut iter = reader.scan_with_options(range, &options).await?;
@@ -144,11 +151,15 @@ impl TierReader {
     /// The chunk holding `position`, reading ahead up to `READ_AHEAD_CHUNKS` following
     /// ones into the cache.
     async fn chunk_containing(&self, reader: &DbReader, position: u64) -> Result<Option<Arc<EventChunk>>, TierError> {
+        self.chunk_containing_ahead(reader, position, READ_AHEAD_CHUNKS).await
+    }
+
+    async fn chunk_containing_ahead(&self, reader: &DbReader, position: u64, ahead: usize) -> Result<Option<Arc<EventChunk>>, TierError> {
         if let Some(chunk) = self.cache.containing(position) {
             return Ok(Some(chunk));
         }
         let range = (Bound::Included(layout::chunk(position).to_vec()), Bound::Included(layout::chunk(u64::MAX).to_vec()));
-        let chunks = self.scan_chunks(reader, range, false, READ_AHEAD_CHUNKS).await?;
+        let chunks = self.scan_chunks(reader, range, false, ahead).await?;
         Ok(chunks.into_iter().next().filter(|chunk| chunk.contains_position(position)))
     }
 
@@ -162,8 +173,9 @@ impl TierReader {
             }
             let Some(reader) = self.reader().await? else { return Err(missing(from)) };
             let mut position = from;
+            let ahead = if backwards { READ_AHEAD_CHUNKS } else { SEQUENTIAL_READ_AHEAD_CHUNKS };
             while out.len() < max {
-                let chunk = self.chunk_containing(&reader, position).await?.ok_or_else(|| missing(position))?;
+                let chunk = self.chunk_containing_ahead(&reader, position, ahead).await?.ok_or_else(|| missing(position))?;
                 if backwards {
                     for p in (chunk.first_position..=position).rev() {
                         if out.len() >= max {
