@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use common::{append_request, append_retrying, TestCluster};
+use common::{append_request, append_retrying, metrics_of, TestCluster};
 use strata_proto::v1::connect_request::Kind as InKind;
 use strata_proto::v1::connect_response::Kind as OutKind;
 use strata_proto::v1::persistent_subscriptions_client::PersistentSubscriptionsClient;
@@ -179,7 +179,7 @@ async fn consumers_on_different_nodes_share_a_group_and_the_checkpoint_follows_t
     .await;
     assert_eq!((settled.head, settled.lag, settled.consumers.len()), (200, 0, 2));
     assert!(settled.running);
-    let metrics = reqwest_metrics(&cluster, leader).await;
+    let metrics = metrics_of(&cluster, leader).await;
     assert!(metrics.contains("strata_group_checkpoint{group=\"workers\""), "{metrics}");
     assert!(metrics.contains("strata_group_events_total{group=\"workers\",") && metrics.contains("outcome=\"acked\""));
 
@@ -196,11 +196,6 @@ async fn consumers_on_different_nodes_share_a_group_and_the_checkpoint_follows_t
     assert!(two.next(Duration::from_millis(1_500)).await.unwrap().is_none(), "the parked copy is not delivered");
     assert!(one.next(Duration::from_millis(200)).await.unwrap().is_none(), "the parked copy is not delivered");
     wait_for("the park", Duration::from_secs(10), async || (info(&cluster, leader, "workers").await.parked == 1).then_some(())).await;
-}
-
-async fn reqwest_metrics(cluster: &TestCluster, node: u64) -> String {
-    let addr = cluster.http_addr(node);
-    strata_node::http::check_health(&addr, "/metrics", Duration::from_secs(5)).await.expect("metrics")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

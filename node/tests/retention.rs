@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{append_request, append_retrying, event, metric_value, TestCluster};
+use common::{append_request, append_retrying, event, metric_value, metrics_of, TestCluster};
 use strata_proto::v1::subscribe_response::Kind;
 use strata_proto::v1::subscriptions_client::SubscriptionsClient;
 use strata_proto::v1::{
@@ -141,12 +141,6 @@ async fn retention_and_deletes_hide_events_from_every_read_on_every_node() {
         assert_eq!(read_stream(&cluster, node, "aged", false).await.unwrap(), vec![3], "node {node}");
         assert_eq!(read_stream(&cluster, node, "aged", true).await.unwrap(), vec![3], "node {node}");
     }
-}
-
-async fn metrics_of(cluster: &TestCluster, node: u64) -> String {
-    let addr = cluster.http_addr(node);
-    let output = tokio::process::Command::new("curl").args(["-s", &format!("http://{addr}/metrics")]).output().await.expect("curl");
-    String::from_utf8(output.stdout).expect("utf-8 metrics")
 }
 
 /// The events of `stream` a node holds on its own disk (run after it stopped).

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{append_request, append_retrying, event, metric_value, TestCluster};
+use common::{append_request, append_retrying, event, metric_value, metrics_of, TestCluster};
 use strata_chaos::store_link::{StoreLink, TestS3};
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::subscribe_response::Kind;
@@ -178,7 +178,7 @@ async fn tiering_scenario(cluster: &mut TestCluster) {
     let mut admin = ClusterClient::new(cluster.channel(leader).await);
     let forced = admin.tier(TierRequest { up_to_position: u64::MAX, timeout_ms: 30_000 }).await.unwrap().into_inner().tier.unwrap();
     assert_eq!(forced.watermark, total);
-    let metrics = reqwest_metrics(cluster, leader).await;
+    let metrics = metrics_of(cluster, leader).await;
     assert!(metric_value(&metrics, "strata_tier_uploaded_segments_total", "") > 0, "segments counted");
     assert!(metric_value(&metrics, "strata_tier_uploaded_bytes_total", "") > 0, "bytes counted");
 
@@ -202,12 +202,6 @@ async fn tiering_scenario(cluster: &mut TestCluster) {
     assert!(rebuilt.local_floor >= total - HOT_WINDOW_EVENTS - 10, "the wiped node fetched only the hot part: {rebuilt:?}");
     assert_reads_whole(cluster, wiped, &all).await;
     assert_idempotency_across_the_tier(cluster).await;
-}
-
-async fn reqwest_metrics(cluster: &TestCluster, node: u64) -> String {
-    let addr = cluster.http_addr(node);
-    let output = tokio::process::Command::new("curl").args(["-s", &format!("http://{addr}/metrics")]).output().await.expect("curl");
-    String::from_utf8(output.stdout).expect("utf-8 metrics")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

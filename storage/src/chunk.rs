@@ -36,6 +36,20 @@ impl EventChunk {
         (self.first_position..self.end_position()).contains(&position)
     }
 
+    /// Replaces the events below `before` (a stream version) by what a scavenge leaves of
+    /// them ([`NewEvent::scavenged`]); returns how many were not placeholders yet.
+    pub fn scavenge_below(&mut self, before: u64) -> u64 {
+        let keep_from = before.saturating_sub(self.first_version).min(self.len()) as usize;
+        let mut rewritten = 0;
+        for event in &mut self.events[..keep_from] {
+            if !event.is_scavenged() {
+                *event = event.scavenged();
+                rewritten += 1;
+            }
+        }
+        rewritten
+    }
+
     /// The event at `offset` within the chunk, as readers see it.
     pub fn event(&self, offset: usize) -> StoredEvent {
         let event = &self.events[offset];

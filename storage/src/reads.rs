@@ -31,8 +31,11 @@ const PAGE_META_CACHE_STREAMS_MAX: usize = 1024;
 /// head read per stream with metadata and page, not one per event.
 #[derive(Default)]
 struct PageMetaCache {
-    streams: std::sync::Mutex<std::collections::HashMap<String, Option<(StreamMeta, Option<u64>)>>>,
+    /// Per stream: its metadata and last version, or None if it has no metadata.
+    streams: std::sync::Mutex<std::collections::HashMap<String, Option<MetaAndHead>>>,
 }
+
+type MetaAndHead = (StreamMeta, Option<u64>);
 
 impl PageMetaCache {
     /// Whether `event` is visible by its stream's metadata at `now` (a metadata read that
@@ -164,10 +167,8 @@ impl EventReader {
             let page = self.read_stream_stored(stream, from, false, (max_events - looked).min(1024)).await?;
             let Some(last) = page.last().map(|e| e.version) else { return Ok(from) };
             looked += page.len();
-            for event in &page {
-                if event.created_unix_ms.saturating_add(max_age_ms.min(i64::MAX as u64) as i64) > now_ms {
-                    return Ok(event.version);
-                }
+            if let Some(young) = page.iter().find(|e| !crate::retention::aged_out(e.created_unix_ms, max_age_ms, now_ms)) {
+                return Ok(young.version);
             }
             from = last + 1;
         }

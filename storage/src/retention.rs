@@ -29,6 +29,11 @@ pub fn stream_of_meta_key(key: &[u8]) -> Option<&str> {
     (key.first() == Some(&STREAM_META)).then(|| std::str::from_utf8(&key[1..]).ok()).flatten()
 }
 
+/// Whether an event appended at `created_unix_ms` is older than `max_age_ms` at `now_ms`.
+pub fn aged_out(created_unix_ms: i64, max_age_ms: u64, now_ms: i64) -> bool {
+    created_unix_ms.saturating_add(max_age_ms.min(i64::MAX as u64) as i64) <= now_ms
+}
+
 /// A stream's retention settings and deletion state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamMeta {
@@ -74,10 +79,7 @@ impl StreamMeta {
         if self.tombstone || version < self.first_visible_version(last_version) {
             return false;
         }
-        match self.max_age_ms {
-            Some(age) => created_unix_ms.saturating_add(age.min(i64::MAX as u64) as i64) > now_ms,
-            None => true,
-        }
+        self.max_age_ms.is_none_or(|age| !aged_out(created_unix_ms, age, now_ms))
     }
 
     /// Soft-deleted, and nothing appended since: readers see no stream.

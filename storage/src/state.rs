@@ -336,12 +336,7 @@ impl EventState {
             return Ok((0, from_version.max(before)));
         }
         let tree = self.tree();
-        let prefix = keys::stream_index_prefix(stream);
-        let from = keys::stream_index(stream, from_version);
-        let start = match tree.range(prefix.clone()..=from.clone()).next_back() {
-            Some(item) => item?.0.to_vec(),
-            None => from,
-        };
+        let start = stream_chunk_start(&tree, stream, from_version)?;
         let mut rewritten = 0u64;
         let mut reached = from_version;
         let mut rewrites: Vec<([u8; 9], Vec<u8>)> = Vec::new();
@@ -352,13 +347,7 @@ impl EventState {
                 // Released to the tier since the index was read.
                 continue;
             };
-            let mut changed = 0u64;
-            for (offset, event) in chunk.events.iter_mut().enumerate() {
-                if chunk.first_version + (offset as u64) < before && !event.is_scavenged() {
-                    *event = event.scavenged();
-                    changed += 1;
-                }
-            }
+            let changed = chunk.scavenge_below(before);
             reached = (chunk.first_version + chunk.len()).min(before);
             if changed > 0 {
                 let chunk_key = keys::event(chunk.first_position);
@@ -530,15 +519,10 @@ impl EventState {
         *end.last_mut().expect("prefix ends with the separator") = 1;
         // The stream index has one entry per chunk, under the chunk's first version: start
         // from the chunk that holds `from_version`.
-        let from = keys::stream_index(stream, from_version);
         let range: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if backwards {
-            Box::new(tree.range(prefix.clone()..=from).rev())
+            Box::new(tree.range(prefix.clone()..=keys::stream_index(stream, from_version)).rev())
         } else {
-            let start = match tree.range(prefix.clone()..=from.clone()).next_back() {
-                Some(item) => item?.0.to_vec(),
-                None => from,
-            };
-            Box::new(tree.range(start..end))
+            Box::new(tree.range(stream_chunk_start(&tree, stream, from_version)?..end))
         };
         let mut out = Vec::with_capacity(limit.min(1024));
         'chunks: for item in range {
@@ -839,11 +823,7 @@ impl EventState {
             // node has not rewritten its own copy yet: the tier's scavenge pass starts
             // from its mark and would not come back for it.
             if let Some(meta) = self.stream_meta(&chunk.stream)? {
-                for (offset, event) in chunk.events.iter_mut().enumerate() {
-                    if chunk.first_version + (offset as u64) < meta.scavenged_before {
-                        *event = event.scavenged();
-                    }
-                }
+                chunk.scavenge_below(meta.scavenged_before);
             }
             out.push(chunk);
         }
@@ -1285,6 +1265,17 @@ fn read_chunk(tree: &sled::Tree, position: u64) -> Result<Option<EventChunk>, St
             assert_eq!(chunk.first_position, position, "chunk stored under its first position");
             Ok(Some(chunk))
         }
+    }
+}
+
+/// The stream index key of the chunk of `stream` that holds `version` (the index has one
+/// entry per chunk, under its first version), or the key of `version` itself if no
+/// chunk of the stream starts at or before it.
+fn stream_chunk_start(tree: &sled::Tree, stream: &str, version: u64) -> Result<Vec<u8>, StorageError> {
+    let from = keys::stream_index(stream, version);
+    match tree.range(keys::stream_index_prefix(stream)..=from.clone()).next_back() {
+        Some(item) => Ok(item?.0.to_vec()),
+        None => Ok(from),
     }
 }
 

@@ -213,12 +213,7 @@ impl TierWriter {
             if chunk.first_version >= before {
                 break;
             }
-            for (offset, event) in chunk.events.iter_mut().enumerate() {
-                if chunk.first_version + (offset as u64) < before && !event.is_scavenged() {
-                    *event = event.scavenged();
-                    rewritten += 1;
-                }
-            }
+            rewritten += chunk.scavenge_below(before);
             batch.put(key, record::seal_value("tier event chunk", &key, &chunk)?);
             if rewritten as usize >= max_events {
                 reached = (chunk.first_version + chunk.len()).min(before);
