@@ -10,6 +10,8 @@
 //! - clock skew: a restart under libfaketime (`LD_PRELOAD`), faking wall and monotonic
 //!   clocks, offset or running fast or slow;
 //! - a corrupted record: a byte flipped inside a Raft log record of a stopped follower;
+//! - corrupt tier reads: every SST the nodes read from the S3 server arrives with a byte
+//!   flipped (the store link corrupts it in flight), so no read may serve it;
 //! - a crash of every node at once (with the server's unsynced-tail failpoint, it loses
 //!   every write it had not fsynced, as a power cut would).
 //!
@@ -55,6 +57,8 @@ pub enum FaultKind {
     CorruptFollower,
     /// The object store unreachable from every node (the S3 link cut), then back.
     StoreOutage,
+    /// Every SST read from the object store arrives corrupt (one byte flipped), then whole again.
+    CorruptTierReads,
 }
 
 impl FaultKind {
@@ -73,6 +77,7 @@ impl FaultKind {
             FaultKind::CrashAll => "crash_all",
             FaultKind::CorruptFollower => "corrupt_follower_record",
             FaultKind::StoreOutage => "store_outage",
+            FaultKind::CorruptTierReads => "corrupt_tier_reads",
         }
     }
 
@@ -116,7 +121,7 @@ impl Nemesis {
             Some("nftables is not usable here (needs root and `nft`)")
         } else if kind == FaultKind::ClockSkew && !self.faketime {
             Some("libfaketime is not installed (apt-get install faketime)")
-        } else if kind == FaultKind::StoreOutage && self.store_link.is_none() {
+        } else if matches!(kind, FaultKind::StoreOutage | FaultKind::CorruptTierReads) && self.store_link.is_none() {
             Some("the run tiers to a file store (set STRATA_TEST_S3_ENDPOINT for an S3 server to cut)")
         } else {
             None
@@ -277,6 +282,15 @@ impl Nemesis {
                 tokio::time::sleep(hold).await;
                 link.heal();
                 (format!("object store unreachable for {} ms", hold.as_millis()), false)
+            }
+            FaultKind::CorruptTierReads => {
+                let link = self.store_link.clone().expect("checked by available()");
+                let before = link.corrupted_reads();
+                link.corrupt_reads(true);
+                tokio::time::sleep(hold).await;
+                link.corrupt_reads(false);
+                let corrupted = link.corrupted_reads() - before;
+                (format!("{corrupted} SST reads from the object store corrupted in {} ms", hold.as_millis()), false)
             }
             FaultKind::CorruptFollower => {
                 cluster.kill(follower);

@@ -62,8 +62,15 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "corrupt-record", about: "a byte flipped in a stopped follower's Raft log, then leaders fail", faults: &[CorruptFollower, KillLeader], node_env: &[], tiered: false },
     Scenario {
         name: "tier",
-        about: "history tiered to an object store (hot window of 30 events) while leaders die, are paused or isolated (zombie writers) and the store goes away",
-        faults: &[KillLeader, PauseLeader, IsolateLeader, KillFollower, StoreOutage],
+        about: "history tiered to an object store (hot window of 30 events) while leaders die, are paused or isolated (zombie writers), the store goes away and its objects are read corrupt",
+        faults: &[KillLeader, PauseLeader, IsolateLeader, KillFollower, StoreOutage, CorruptTierReads],
+        node_env: &[],
+        tiered: true,
+    },
+    Scenario {
+        name: "tier-corrupt",
+        about: "history tiered to an S3 server whose SST objects are read corrupt (a byte flipped in flight) while leaders die",
+        faults: &[CorruptTierReads, KillLeader],
         node_env: &[],
         tiered: true,
     },
@@ -94,6 +101,8 @@ pub struct RunConfig {
 }
 
 pub struct Outcome {
+    /// Tiered runs against an S3 server: how many SST reads the store link corrupted.
+    pub corrupted_store_reads: u64,
     /// Tiered runs: the lowest local floor of the nodes at the end (all below it was read
     /// back from the tier by the checker).
     pub tier_floor: Option<u64>,
@@ -110,8 +119,12 @@ impl Outcome {
             Some((p50, p99, max, _)) => format!("recovery p50 {p50} ms, p99 {p99} ms, max {max} ms"),
             None => "no leader-loss fault".into(),
         };
+        let corrupted = match self.corrupted_store_reads {
+            0 => String::new(),
+            n => format!(", {n} SST reads corrupted"),
+        };
         format!(
-            "scenario {scenario} seed {seed}: {} operations, {} acknowledged events, {} faults, {} anomalies, {recovery}",
+            "scenario {scenario} seed {seed}: {} operations, {} acknowledged events, {} faults, {} anomalies, {recovery}{corrupted}",
             self.report.operations,
             self.report.acknowledged_events,
             self.faults_injected,
@@ -131,6 +144,7 @@ fn hold(kind: FaultKind, rng: &mut Rng) -> Duration {
         CrashAll => rng.millis(500, 2_000),
         CorruptFollower => rng.millis(500, 1_000),
         StoreOutage => rng.millis(2_000, 6_000),
+        CorruptTierReads => rng.millis(2_000, 5_000),
         RollingRestart => Duration::ZERO,
     }
 }
@@ -220,6 +234,7 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     nemesis.teardown();
     let mut outcome = finish(scenario.name, config.seed, &ops, &finals, &nemesis.log, nemesis.skipped.clone(), dir);
     outcome.tier_floor = tier_floor;
+    outcome.corrupted_store_reads = nemesis.store_link.as_ref().map_or(0, |link| link.corrupted_reads());
     if outcome.report.anomalies() > 0 || config.keep {
         cluster.keep = true;
     }
@@ -265,7 +280,7 @@ pub async fn drain_group(addrs: Addrs, recorder: &Arc<Mutex<Recorder>>, config: 
 pub fn finish(name: &str, seed: u64, ops: &[Op], finals: &BTreeMap<u64, Vec<FinalEvent>>, faults: &[FaultRecord], skipped: Vec<String>, dir: PathBuf) -> Outcome {
     let report = check(ops, finals);
     let figures = Figures::of(ops, faults);
-    let outcome = Outcome { report, figures, faults_injected: faults.len(), skipped, dir, tier_floor: None };
+    let outcome = Outcome { report, figures, faults_injected: faults.len(), skipped, dir, tier_floor: None, corrupted_store_reads: 0 };
     let text = format!("{}\n{}{}", outcome.summary(name, seed), outcome.report, outcome.figures);
     std::fs::write(outcome.dir.join("report.txt"), &text).expect("write the report");
     eprintln!("{text}");
