@@ -40,7 +40,7 @@ pub const TIER_MARKS_MAX: usize = 1_000_000;
 /// Chunk marks read per tick (the rest next tick): bounds one tick's work.
 const MARKS_PER_TICK_MAX: usize = 100_000;
 /// Events released per release tick.
-const RELEASE_EVENTS_PER_TICK: usize = 8 * RELEASE_BATCH_EVENTS_MAX;
+const RELEASE_EVENTS_PER_TICK: usize = 100 * RELEASE_BATCH_EVENTS_MAX;
 /// What an append refused for the tiering backlog is told to wait.
 const BACKLOG_RETRY_AFTER_MS: u64 = 1_000;
 /// Pause after a failed upload before the writer is reopened.

@@ -99,6 +99,19 @@ async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut()
     }
 }
 
+/// TLS to an object store such as AWS S3 verifies against the system roots, which a
+/// FROM-scratch image has only if the build put them there.
+fn image_holds_the_ca_bundle() {
+    let created = Command::new("docker").args(["create", "strata:latest"]).output().expect("docker create");
+    assert!(created.status.success(), "docker create: {}", String::from_utf8_lossy(&created.stderr));
+    let container = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    let copied = Command::new("docker").args(["cp", &format!("{container}:/etc/ssl/certs/ca-certificates.crt"), "-"]).output().expect("docker cp");
+    docker(&["rm", &container]);
+    assert!(copied.status.success(), "the image holds /etc/ssl/certs/ca-certificates.crt: {}", String::from_utf8_lossy(&copied.stderr));
+    let certificates = String::from_utf8_lossy(&copied.stdout).matches("BEGIN CERTIFICATE").count();
+    assert!(certificates > 10, "the image's CA bundle holds the system roots ({certificates} certificates)");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_cluster_keeps_every_event_through_a_killed_leader() {
     if !compose_available() {
@@ -108,6 +121,7 @@ async fn compose_cluster_keeps_every_event_through_a_killed_leader() {
     let build = Command::new(workspace_root().join("scripts/build-image")).output().expect("run scripts/build-image");
     assert!(build.status.success(), "scripts/build-image failed: {}", String::from_utf8_lossy(&build.stderr));
     eprintln!("{}", String::from_utf8_lossy(&build.stdout).trim());
+    image_holds_the_ca_bundle();
 
     let project = ComposeProject::new(&workspace_root(), &format!("stratatest{}", std::process::id()), GRPC_PORT_BASE, HTTP_PORT_BASE);
     let started = Instant::now();

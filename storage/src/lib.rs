@@ -20,6 +20,7 @@ mod chunk;
 mod command;
 mod control;
 mod error;
+mod filter_store;
 mod id_filter;
 mod keys;
 mod log_store;

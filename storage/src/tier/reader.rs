@@ -33,6 +33,8 @@ const READ_AHEAD_CHUNKS: usize = 256;
 const SEQUENTIAL_READ_AHEAD_CHUNKS: usize = 8_192;
 /// Object-store retries inside SlateDB before a read fails.
 const STORE_RETRIES_MAX: u32 = 3;
+/// Scope of the reader's entries in its SlateDB cache (the cache is its own).
+const READER_CACHE_ID: u64 = 2;
 
 /// A read-only view of the tier database, opened once the leader has created it.
 pub struct TierReader {
@@ -80,6 +82,7 @@ impl TierReader {
         let opened = DbReader::builder(self.store.db_path.clone(), self.store.object_store.clone())
             .with_options(options)
             .with_reader_mode(DbReaderMode::FollowLatest)
+            .with_db_cache(super::store::slatedb_cache(super::store::READER_BLOCK_CACHE_BYTES), READER_CACHE_ID)
             .build()
             .await;
         match opened {

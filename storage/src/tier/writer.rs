@@ -19,6 +19,15 @@ pub const TIER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// retries forever, and an unreachable store would hang the upload instead of failing it.
 const STORE_RETRIES_MAX: u32 = 5;
 
+/// Bytes the writer may hold in memtables not yet flushed to the object store before
+/// SlateDB holds up its writes (its default, 1 GiB, is more than a small node has).
+const WRITER_UNFLUSHED_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Compactions the leader's writer runs at once: each one is CPU the appends compete
+/// with, and one keeps up with what a node appends.
+const COMPACTIONS_MAX: usize = 1;
+/// Scope of the writer's entries in its SlateDB cache (the cache is its own).
+const WRITER_CACHE_ID: u64 = 1;
+
 /// The writer's claim on the database, stored under `w`: the Raft term it leads in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct WriterClaim {
@@ -51,12 +60,17 @@ impl TierWriter {
         let settings = Settings {
             flush_interval: Some(Duration::from_millis(50)),
             object_store_max_retries: Some(STORE_RETRIES_MAX),
+            max_unflushed_bytes: WRITER_UNFLUSHED_BYTES_MAX,
+            compactor_options: Some(slatedb::config::CompactorOptions {
+                max_concurrent_compactions: COMPACTIONS_MAX,
+                ..Default::default()
+            }),
             ..Settings::default()
         };
-        let db = tokio::time::timeout(
-            TIER_WRITE_TIMEOUT,
-            Db::builder(store.db_path.clone(), store.object_store.clone()).with_settings(settings).build(),
-        )
+        let builder = Db::builder(store.db_path.clone(), store.object_store.clone())
+            .with_settings(settings)
+            .with_db_cache(super::store::slatedb_cache(super::store::WRITER_BLOCK_CACHE_BYTES), WRITER_CACHE_ID);
+        let db = tokio::time::timeout(TIER_WRITE_TIMEOUT, builder.build())
         .await
         .map_err(|_| TierError::Store("opening the tier database timed out".into()))??;
         let writer = Self { db, uploaded_through: 0 };
