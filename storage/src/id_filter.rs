@@ -61,6 +61,13 @@ impl IdFilter {
         let words = self.words.lock().expect("id filter lock is never poisoned");
         self.bits(id).all(|(word, mask)| words[word] & mask != 0)
     }
+
+    /// A copy of the filter as it is now: a memory copy, much cheaper than encoding, for
+    /// a caller that must capture the filter at one instant and encode it later.
+    pub fn copy(&self) -> IdFilter {
+        let words = self.words.lock().expect("id filter lock is never poisoned").clone();
+        IdFilter { words: Mutex::new(words), len: self.len }
+    }
 }
 
 impl IdFilter {

@@ -54,13 +54,23 @@ pub enum SnapshotItem {
     Event(StoredEvent),
 }
 
-/// A snapshot whose header and control state are written; its events follow.
-#[derive(Debug, Clone)]
+/// A snapshot whose header and control state are written; its id filter (captured with
+/// the control state) and its events follow.
+#[derive(Clone)]
 pub struct SnapshotInProgress {
     path: std::path::PathBuf,
     cutoff: u64,
     floor: u64,
     bytes: u64,
+    /// The id filter as it was at the cutoff. Copied on the state machine's task (a
+    /// memory copy), encoded and written off it: encoding 32 MiB there held applies up.
+    filter: std::sync::Arc<crate::id_filter::IdFilter>,
+}
+
+impl std::fmt::Debug for SnapshotInProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotInProgress").field("path", &self.path).field("cutoff", &self.cutoff).field("floor", &self.floor).finish()
+    }
 }
 
 impl SnapshotInProgress {
@@ -116,13 +126,10 @@ impl EventState {
         }
         out.write_all(&CONTROL_END.to_le_bytes())?;
         out.write_all(&records.to_le_bytes())?;
-        // Written with the control state, so it covers every id applied up to the cutoff.
-        let filter = self.encoded_id_filter();
-        out.write_all(&(filter.len() as u32).to_le_bytes())?;
-        out.write_all(&crc32c::crc32c(&filter).to_le_bytes())?;
-        out.write_all(&filter)?;
         out.flush()?;
-        Ok(SnapshotInProgress { path: path.to_path_buf(), cutoff, floor, bytes: bytes + 12 + 8 + filter.len() as u64 })
+        // Captured with the control state, so it covers every id applied up to the cutoff.
+        let filter = std::sync::Arc::new(self.id_filter_copy());
+        Ok(SnapshotInProgress { path: path.to_path_buf(), cutoff, floor, bytes: bytes + 12, filter })
     }
 
     /// Appends the events below the cutoff and the end frame, and fsyncs the file.
@@ -133,9 +140,14 @@ impl EventState {
     }
 
     fn write_snapshot_events(&self, begun: SnapshotInProgress) -> Result<SnapshotSummary, StorageError> {
-        let SnapshotInProgress { path, cutoff, floor, mut bytes } = begun;
+        let SnapshotInProgress { path, cutoff, floor, mut bytes, filter } = begun;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
+        let filter = filter.encode();
+        out.write_all(&(filter.len() as u32).to_le_bytes())?;
+        out.write_all(&crc32c::crc32c(&filter).to_le_bytes())?;
+        out.write_all(&filter)?;
+        bytes += 8 + filter.len() as u64;
         let mut events = 0u64;
         for event in self.events_below(floor, cutoff) {
             let event = event?;

@@ -839,9 +839,9 @@ impl EventState {
         self.snapshots_building.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// The id filter, encoded (for a Raft snapshot).
-    pub(crate) fn encoded_id_filter(&self) -> Vec<u8> {
-        self.ids.encode()
+    /// A copy of the id filter (for a Raft snapshot, encoded later).
+    pub(crate) fn id_filter_copy(&self) -> IdFilter {
+        self.ids.copy()
     }
 
     /// Every locally held event from `floor` below `cutoff`, in position order (for
