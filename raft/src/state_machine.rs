@@ -151,15 +151,15 @@ impl StateMachine {
 
     /// Drops the local copy of history below `watermark` (durable in the tier and visible
     /// to this node's tier reader), at most `max_events` of it, between applies: one
-    /// sled batch of at most `RELEASE_BATCH_EVENTS_MAX` events per turn of the apply gate,
-    /// so that applies (and the appends waiting on them) never queue behind a long release.
+    /// sled batch (`EventState::release_below`) per turn of the apply gate, so that
+    /// applies (and the appends waiting on them) never queue behind a long release.
     pub async fn release_tiered(&self, watermark: u64, max_events: usize) -> Result<u64, io::Error> {
         let mut released = 0u64;
         while (released as usize) < max_events {
-            let step = (max_events - released as usize).min(strata_storage::RELEASE_BATCH_EVENTS_MAX);
+            let left = max_events - released as usize;
             let _gate = self.apply_gate.lock().await;
             let state = self.state.clone();
-            let dropped = tokio::task::spawn_blocking(move || state.release_below(watermark, step)).await.map_err(io::Error::other)??;
+            let dropped = tokio::task::spawn_blocking(move || state.release_below(watermark, left)).await.map_err(io::Error::other)??;
             if dropped == 0 {
                 break;
             }

@@ -45,7 +45,7 @@ pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
 pub use retention::StreamMeta;
 pub use reads::{EventReader, ReadError, SharedFilter};
 pub use snapshot::{verify_snapshot, SnapshotInProgress, SnapshotItem, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
-pub use state::{ChunkMark, ColdEvents, EventState, ReadAllOptions, StagedApply, StreamHead, RELEASE_BATCH_EVENTS_MAX};
+pub use state::{ChunkMark, ColdEvents, EventState, ReadAllOptions, StagedApply, StreamHead};
 pub use id_filter::ID_FILTER_BYTES;
 pub use wal::{Salvage, LOSE_UNSYNCED_TAIL_FAILPOINT, WAL_RECORD_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
 

@@ -277,48 +277,45 @@ impl EventState {
     }
 
     /// Drops the local copy of whole chunks below `watermark` (which must be durable in the
-    /// tier and visible to this node's tier reader), at most `max_events` events of them;
-    /// returns the events dropped. The in-memory id filter keeps their ids; it is stored
-    /// now and then ([`EventState::store_id_filter_if_due`]) and the rest re-read from the
-    /// tier after a restart. Never runs while a Raft snapshot is built,
-    /// nor concurrently with an apply (the caller serialises it with applies).
+    /// tier and visible to this node's tier reader) in one sled batch of at most
+    /// `max_events` and [`RELEASE_BATCH_EVENTS_MAX`] events; returns the events dropped
+    /// (0: nothing left below the watermark, or a snapshot is being built). The in-memory
+    /// id filter keeps their ids; it is stored now and then
+    /// ([`EventState::store_id_filter_if_due`]) and the rest re-read from the tier after a
+    /// restart. Never runs while a Raft snapshot is built, nor concurrently with an apply
+    /// (the caller serialises it with applies, one batch at a time).
     pub fn release_below(&self, watermark: u64, max_events: usize) -> Result<u64, StorageError> {
         if self.snapshots_building.load(Ordering::Acquire) > 0 {
             return Ok(0);
         }
+        let limit = max_events.min(RELEASE_BATCH_EVENTS_MAX);
         let tree = self.tree();
-        let mut floor = self.floor();
-        let mut released = 0u64;
-        while (released as usize) < max_events {
-            let mut batch = sled::Batch::default();
-            let mut in_batch = 0usize;
-            let mut new_floor = floor;
-            for item in tree.range(keys::event(floor)..keys::event(watermark)) {
-                let (key, value) = item?;
-                let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
-                if chunk.end_position() > watermark || released as usize + in_batch >= max_events || in_batch >= RELEASE_BATCH_EVENTS_MAX {
-                    break;
-                }
-                batch.remove(key);
-                batch.remove(keys::stream_index(&chunk.stream, chunk.first_version));
-                for event in &chunk.events {
-                    batch.remove(&keys::event_id(&event.id)[..]);
-                }
-                in_batch += chunk.events.len();
-                new_floor = chunk.end_position();
-            }
-            if in_batch == 0 {
+        let mut batch = sled::Batch::default();
+        let mut released = 0usize;
+        let mut new_floor = self.floor();
+        for item in tree.range(keys::event(new_floor)..keys::event(watermark)) {
+            let (key, value) = item?;
+            let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
+            if chunk.end_position() > watermark || released >= limit {
                 break;
             }
-            let key = keys::meta(META_FLOOR);
-            batch.insert(key.clone(), record::seal(&key, &new_floor.to_be_bytes()));
-            let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
-            tree.apply_batch(batch)?;
-            self.floor.store(new_floor, Ordering::Release);
-            released += in_batch as u64;
-            floor = new_floor;
+            batch.remove(key);
+            batch.remove(keys::stream_index(&chunk.stream, chunk.first_version));
+            for event in &chunk.events {
+                batch.remove(&keys::event_id(&event.id)[..]);
+            }
+            released += chunk.events.len();
+            new_floor = chunk.end_position();
         }
-        Ok(released)
+        if released == 0 {
+            return Ok(0);
+        }
+        let key = keys::meta(META_FLOOR);
+        batch.insert(key.clone(), record::seal(&key, &new_floor.to_be_bytes()));
+        let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
+        tree.apply_batch(batch)?;
+        self.floor.store(new_floor, Ordering::Release);
+        Ok(released as u64)
     }
 
     /// Rewrites this node's copy of `stream`'s events from `from_version` up to its

@@ -142,6 +142,26 @@ fn read_credentials_file(path: &std::path::Path) -> Result<Vec<(String, String)>
         .collect())
 }
 
+/// SlateDB's block cache of the leader's writer. It only reads back its claim, its marks
+/// and what the compactor merges; SlateDB's default (512 MiB) filled with every block it
+/// wrote and grew the leader by that much.
+pub const WRITER_BLOCK_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// SlateDB's block cache of every node's reader, below the tier's own chunk cache
+/// (`TIER_CACHE_BYTES`) that serves repeated reads.
+pub const READER_BLOCK_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// SlateDB's cache of SST indexes and filters, per database handle: enough for the
+/// filters and indexes of tens of millions of tiered events.
+pub const META_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// A SlateDB cache (blocks, and SST indexes and filters apart) bounded by `block_bytes`
+/// and [`META_CACHE_BYTES`].
+pub fn slatedb_cache(block_bytes: u64) -> Arc<dyn slatedb::db_cache::DbCache> {
+    use slatedb::db_cache::moka::{MokaCache, MokaCacheOptions};
+    use slatedb::db_cache::{DbCache, SplitCache};
+    let cache = |max_capacity| Some(Arc::new(MokaCache::new_with_opts(MokaCacheOptions { max_capacity, time_to_live: None, time_to_idle: None })) as Arc<dyn DbCache>);
+    Arc::new(SplitCache::new().with_block_cache(cache(block_bytes)).with_meta_cache(cache(META_CACHE_BYTES)).build())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,24 +188,4 @@ mod tests {
         let pairs = read_credentials_file(&path).unwrap();
         assert_eq!(pairs, vec![("AWS_ACCESS_KEY_ID".into(), "abc".into()), ("AWS_SECRET_ACCESS_KEY".into(), "s3cr3t".into())]);
     }
-}
-
-/// SlateDB's block cache of the leader's writer. It only reads back its claim, its marks
-/// and what the compactor merges; SlateDB's default (512 MiB) filled with every block it
-/// wrote and grew the leader by that much.
-pub const WRITER_BLOCK_CACHE_BYTES: u64 = 16 * 1024 * 1024;
-/// SlateDB's block cache of every node's reader, below the tier's own chunk cache
-/// (`TIER_CACHE_BYTES`) that serves repeated reads.
-pub const READER_BLOCK_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-/// SlateDB's cache of SST indexes and filters, per database handle: enough for the
-/// filters and indexes of tens of millions of tiered events.
-pub const META_CACHE_BYTES: u64 = 32 * 1024 * 1024;
-
-/// A SlateDB cache (blocks, and SST indexes and filters apart) bounded by `block_bytes`
-/// and [`META_CACHE_BYTES`].
-pub fn slatedb_cache(block_bytes: u64) -> Arc<dyn slatedb::db_cache::DbCache> {
-    use slatedb::db_cache::moka::{MokaCache, MokaCacheOptions};
-    use slatedb::db_cache::{DbCache, SplitCache};
-    let cache = |max_capacity| Some(Arc::new(MokaCache::new_with_opts(MokaCacheOptions { max_capacity, time_to_live: None, time_to_idle: None })) as Arc<dyn DbCache>);
-    Arc::new(SplitCache::new().with_block_cache(cache(block_bytes)).with_meta_cache(cache(META_CACHE_BYTES)).build())
 }

@@ -122,7 +122,7 @@ impl Nemesis {
         } else if kind == FaultKind::ClockSkew && !self.faketime {
             Some("libfaketime is not installed (apt-get install faketime)")
         } else if matches!(kind, FaultKind::StoreOutage | FaultKind::CorruptTierReads) && self.store_link.is_none() {
-            Some("the run tiers to a file store (set STRATA_TEST_S3_ENDPOINT for an S3 server to cut)")
+            Some("the run tiers to a file store (set STRATA_TEST_S3_ENDPOINT for an S3 server behind a link to cut or corrupt)")
         } else {
             None
         };

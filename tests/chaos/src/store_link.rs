@@ -120,35 +120,29 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, corruption: Arc<Corrup
     };
     let down = async move {
         let mut buffer = vec![0u8; FORWARD_BUFFER_BYTES];
-        // While Some: the tail of the header block seen so far of a response to corrupt.
-        let mut seeking: Option<Vec<u8>> = None;
-        // The header block ended with the last chunk: the body begins with the next one.
-        let mut body_next = false;
+        let mut seek = Seek::Off;
         loop {
             let read = match from_server.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
                 Ok(read) => read,
             };
             if sst_get_pending.swap(false, Ordering::AcqRel) {
-                (seeking, body_next) = (Some(Vec::new()), false);
+                seek = Seek::Headers(Vec::new());
             }
-            let mut flip_at = None;
-            if std::mem::take(&mut body_next) {
-                flip_at = Some(0);
-            } else if let Some(tail) = seeking.as_mut() {
-                if let Some(body_at) = body_start(tail, &buffer[..read]) {
-                    seeking = None;
-                    if body_at < read {
-                        flip_at = Some(body_at);
-                    } else {
-                        body_next = true;
+            let flip_at;
+            (seek, flip_at) = match std::mem::replace(&mut seek, Seek::Off) {
+                Seek::Off => (Seek::Off, None),
+                Seek::BodyNext => (Seek::Off, Some(0)),
+                Seek::Headers(mut tail) => match body_start(&tail, &buffer[..read]) {
+                    Some(at) if at < read => (Seek::Off, Some(at)),
+                    Some(_) => (Seek::BodyNext, None),
+                    None => {
+                        tail.extend_from_slice(&buffer[..read]);
+                        tail.drain(..tail.len().saturating_sub(3));
+                        (Seek::Headers(tail), None)
                     }
-                } else {
-                    tail.extend_from_slice(&buffer[..read]);
-                    let keep = tail.len().saturating_sub(3);
-                    tail.drain(..keep);
-                }
-            }
+                },
+            };
             if let Some(at) = flip_at {
                 buffer[at] ^= 0x5a;
                 corruption.corrupted.fetch_add(1, Ordering::AcqRel);
@@ -160,6 +154,16 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, corruption: Arc<Corrup
         let _ = to_node.shutdown().await;
     };
     tokio::join!(up, down);
+}
+
+/// Where the response to corrupt stands, in what comes down from the server.
+enum Seek {
+    /// No response to corrupt.
+    Off,
+    /// In its header block; the last bytes of it read so far (at most 3).
+    Headers(Vec<u8>),
+    /// The header block ended with the last chunk: the body begins with the next one.
+    BodyNext,
 }
 
 /// Whether `request` starts an HTTP `GET` of an SST object.
