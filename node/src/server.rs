@@ -75,7 +75,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
 
     let db = open_database(&config.data_dir)?;
     let raft_store = RaftLogStore::open(&db, &config.data_dir)?;
-    let events = Arc::new(EventState::open(&db)?);
+    let events = Arc::new(EventState::open(&db, &config.data_dir)?);
     let mut log_store = LogStore::new(raft_store.clone());
     let committed_at_start = log_store.read_committed().await?.map_or(0, |id| id.index);
     let tier = open_tier(&config, &events).await?;

@@ -363,7 +363,8 @@ async fn scavenge_tier(
     Ok(())
 }
 
-/// Every node: drops local history below the watermark once its tier reader sees it.
+/// Every node: drops local history below the watermark once its tier reader sees it, and
+/// compacts the local state's database when the churn has grown it.
 pub async fn run_releaser(
     machine: StateMachine,
     events: Arc<EventState>,
@@ -381,6 +382,11 @@ pub async fn run_releaser(
                 }
                 break;
             }
+        }
+        // Releases churn the state's database, which sled does not give back: a
+        // compaction into a fresh generation does (see `strata_storage::state_home`).
+        if let Err(e) = machine.compact_state().await {
+            tracing::error!(error = %e, "compacting the applied state failed");
         }
         let watermark = match events.tier_state() {
             Ok(state) => state.watermark,

@@ -146,7 +146,7 @@ async fn retention_and_deletes_hide_events_from_every_read_on_every_node() {
 /// The events of `stream` a node holds on its own disk (run after it stopped).
 fn local_copy(data_dir: &std::path::Path, stream: &str) -> Vec<strata_storage::StoredEvent> {
     let db = strata_storage::open_database(data_dir).unwrap();
-    let state = strata_storage::EventState::open(&db).unwrap();
+    let state = strata_storage::EventState::open(&db, data_dir).unwrap();
     state.read_stream(stream, 0, false, 10_000).unwrap()
 }
 

@@ -168,6 +168,14 @@ impl StateMachine {
         Ok(released)
     }
 
+    /// Compacts the applied state's database when it is due (`EventState::compact_if_due`),
+    /// in one turn of the apply gate: the live state is copied with applies held off.
+    pub async fn compact_state(&self) -> Result<bool, io::Error> {
+        let _gate = self.apply_gate.lock().await;
+        let state = self.state.clone();
+        Ok(tokio::task::spawn_blocking(move || state.compact_if_due()).await.map_err(io::Error::other)??)
+    }
+
     pub fn new(state: Arc<EventState>, raft_meta: RaftLogStore, snapshot_dir: &Path) -> Result<Self, io::Error> {
         std::fs::create_dir_all(snapshot_dir)?;
         for entry in std::fs::read_dir(snapshot_dir)? {
@@ -216,6 +224,9 @@ impl StateMachine {
     /// Records `file_name` as the current snapshot and deletes the older snapshot files.
     fn set_current_snapshot(&self, meta: &SnapshotMeta, file_name: &str) -> Result<(), io::Error> {
         let record = CurrentSnapshot { meta: meta.clone(), file_name: file_name.to_string() };
+        // The applied state lives in a database of its own: durable before the record
+        // that lets the log below the snapshot go.
+        self.state.sync()?;
         self.raft_meta.put_meta(META_CURRENT_SNAPSHOT, &encode(&record), true)?;
         for entry in std::fs::read_dir(&self.snapshot_dir)? {
             let entry = entry?;

@@ -15,7 +15,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
         let dir = tempfile::tempdir().expect("temp dir");
         let db = open_database(dir.path()).expect("open sled");
         let raft_store = RaftLogStore::open(&db, dir.path()).expect("open raft log");
-        let events = Arc::new(EventState::open(&db).expect("open state"));
+        let events = Arc::new(EventState::open(&db, dir.path()).expect("open state"));
         let machine = StateMachine::new(events, raft_store.clone(), &dir.path().join("snapshots")).expect("state machine");
         Ok((dir, LogStore::new(raft_store), machine))
     }

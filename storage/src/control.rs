@@ -496,7 +496,7 @@ mod tests {
     fn state_with_stream(events: u8) -> (tempfile::TempDir, EventState) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::open_database(dir.path()).unwrap();
-        let state = EventState::open(&db).unwrap();
+        let state = EventState::open(&db, dir.path()).unwrap();
         let events = (0..events)
             .map(|i| NewEvent { id: [i + 1; 16], event_type: "T".into(), content_type: String::new(), data: vec![i], metadata: vec![] })
             .collect();

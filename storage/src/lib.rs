@@ -5,9 +5,11 @@
 //!   and the small Raft metadata (vote, committed, purged, current snapshot) in sled, all
 //!   as opaque checksummed bytes. It knows nothing of openraft; `strata-raft` adapts it.
 //!   Its flusher's fdatasync is the durability point of every append.
-//! - [`EventState`]: the applied state in sled (events in one chunk per append, keyed by
+//! - [`EventState`]: the applied state, in a sled database of its own under
+//!   `data_dir/state-<generation>` (events in one chunk per append, keyed by
 //!   first position; the stream index `(stream, first version) → position`; the event-id
-//!   index; stream heads) and the
+//!   index; stream heads; compacted into a fresh generation when releases have grown
+//!   it, see `state_home`) and the
 //!   deterministic apply of append commands, which decides optimistic concurrency and
 //!   idempotency. Every node applies the same commands in the same order and gets the
 //!   same state. Beside the events, the control state (`control`): aggregate snapshots and
@@ -29,6 +31,7 @@ mod record;
 pub mod retention;
 mod snapshot;
 mod state;
+mod state_home;
 pub mod tier;
 mod wal;
 
@@ -45,14 +48,16 @@ pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
 pub use retention::StreamMeta;
 pub use reads::{EventReader, ReadError, SharedFilter};
 pub use snapshot::{verify_snapshot, SnapshotInProgress, SnapshotItem, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
+pub use state_home::{RETIRED_STATE_GRACE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES, STATE_SLED_CACHE_BYTES};
 pub use state::{ChunkMark, ColdEvents, EventState, ReadAllOptions, StagedApply, StreamHead};
 pub use id_filter::ID_FILTER_BYTES;
 pub use wal::{Salvage, LOSE_UNSYNCED_TAIL_FAILPOINT, WAL_RECORD_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
 
 use std::path::Path;
 
-/// Memory sled may use for its page cache. Sized for a small node: the hot tier is small.
-pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// Memory the main sled database may use for its page cache (the applied state's own
+/// database has `STATE_SLED_CACHE_BYTES`). Sized for a small node: the hot tier is small.
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The durability point of every sled write we acknowledge.
 ///
@@ -66,8 +71,9 @@ pub struct DurableFlush {
 }
 
 impl DurableFlush {
-    pub fn new(db: &sled::Db, data_dir: &Path) -> Result<Self, StorageError> {
-        let data_file = std::fs::File::open(data_dir.join("sled").join("db"))?;
+    /// `sled_dir`: the directory the database was opened in.
+    pub fn new(db: &sled::Db, sled_dir: &Path) -> Result<Self, StorageError> {
+        let data_file = std::fs::File::open(sled_dir.join("db"))?;
         Ok(Self { db: db.clone(), data_file: std::sync::Arc::new(data_file) })
     }
 
@@ -96,13 +102,27 @@ pub(crate) fn reopen_database(data_dir: &Path) -> sled::Db {
     }
 }
 
-/// Opens (or creates) the node's sled database under `data_dir/sled`.
+/// Opens (or creates) the node's main sled database under `data_dir/sled` (the Raft
+/// metadata, the stored id filter and the pointer to the applied state's own database).
 pub fn open_database(data_dir: &Path) -> Result<sled::Db, StorageError> {
     std::fs::create_dir_all(data_dir)?;
-    let db = sled::Config::new()
-        .path(data_dir.join("sled"))
-        .cache_capacity(SLED_CACHE_BYTES)
-        .mode(sled::Mode::HighThroughput)
-        .open()?;
-    Ok(db)
+    open_sled(&data_dir.join("sled"), SLED_CACHE_BYTES)
+}
+
+/// How long opening a sled database waits for its file lock: a handle dropped a moment
+/// ago (a replaced state generation, a restarted component) may still hold it while
+/// sled's background threads finish.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(crate) fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open();
+        match opened {
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
 }

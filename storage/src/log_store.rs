@@ -63,7 +63,7 @@ impl RaftLogStore {
         let wal = Arc::new(wal);
         let meta = db.open_tree(META_TREE)?;
         let (flush_queue, waiting) = mpsc::sync_channel::<LogFlushWaiter>(LOG_FLUSH_QUEUE_MAX);
-        let durable = DurableFlush::new(db, data_dir)?;
+        let durable = DurableFlush::new(db, &data_dir.join("sled"))?;
         let flusher_wal = wal.clone();
         let flusher = thread::Builder::new()
             .name("strata-log-flush".into())

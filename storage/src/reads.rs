@@ -336,7 +336,7 @@ mod tests {
     /// 60 events in chunks of 1-3 over streams s0..s2; [0, watermark) uploaded and released.
     async fn tiered(dir: &std::path::Path, watermark: u64) -> (EventReader, Vec<StoredEvent>) {
         let db = crate::open_database(&dir.join("node")).unwrap();
-        let state = Arc::new(EventState::open(&db).unwrap());
+        let state = Arc::new(EventState::open(&db, &dir.join("node")).unwrap());
         let mut n = 0;
         let mut i = 0;
         while n < 60 {

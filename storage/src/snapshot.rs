@@ -323,7 +323,7 @@ mod tests {
 
     fn filled_state(dir: &Path, events: u8) -> EventState {
         let db = crate::open_database(dir).unwrap();
-        let state = EventState::open(&db).unwrap();
+        let state = EventState::open(&db, dir).unwrap();
         let appends = (0..events)
             .map(|i| AppendCommand {
                 stream: format!("s-{}", i % 3),

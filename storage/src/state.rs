@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
@@ -31,7 +32,8 @@ use crate::snapshot::SnapshotItem;
 use crate::keys;
 use crate::record;
 use crate::retention::{self, MetaStreams, StreamMeta};
-use crate::StorageError;
+use crate::state_home::{Retired, StateHome};
+use crate::{DurableFlush, StorageError, RETIRED_STATE_GRACE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES};
 
 const META_APPLIED: &str = "applied";
 const META_NEXT_POSITION: &str = "next_position";
@@ -54,10 +56,8 @@ pub type ColdEvents = HashMap<[u8; 16], StoredEvent>;
 /// hundreds of milliseconds: p99 append latency 283 ms with uploads against 46 without;
 /// 2,000: 133 ms; 500: 84 ms, at the same throughput).
 pub const RELEASE_BATCH_EVENTS_MAX: usize = 500;
-/// Key in the database's default tree naming the tree that holds the live state; a
-/// snapshot install fills a fresh tree and then flips this pointer (atomic swap).
-const ACTIVE_STATE_TREE: &[u8] = b"active_state_tree";
-const STATE_TREE_PREFIX: &str = "state-";
+/// Records per sled batch when a compaction copies the live state.
+const COMPACT_BATCH_RECORDS: usize = 10_000;
 
 /// A stream's head as stored under `h` + name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,8 +100,17 @@ pub struct ReadAllOptions<'a> {
 
 /// The applied state of one node.
 pub struct EventState {
+    /// The main database (the stored id filter, the pointer to the live state).
     db: sled::Db,
-    tree: RwLock<sled::Tree>,
+    main_durable: DurableFlush,
+    data_dir: PathBuf,
+    /// The live state's generation (see `state_home`): swapped whole by snapshot installs
+    /// and compactions.
+    home: RwLock<StateHome>,
+    /// Replaced generations waiting for removal.
+    retired: Retired,
+    /// Bytes of the live state copied by the last compaction (0: none yet).
+    compacted_bytes: AtomicU64,
     visible_next_position: AtomicU64,
     /// Every id of the id index (and possibly ids of replaced states): skips the index
     /// lookup for ids that were certainly never written.
@@ -124,24 +133,10 @@ pub struct EventState {
 }
 
 impl EventState {
-    pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
-        let name = match db.get(ACTIVE_STATE_TREE)? {
-            Some(name) => String::from_utf8(name.to_vec())
-                .map_err(|_| StorageError::Corrupt { what: "active state tree name", key: "active_state_tree".into() })?,
-            None => {
-                let name = format!("{STATE_TREE_PREFIX}0");
-                db.insert(ACTIVE_STATE_TREE, name.as_bytes())?;
-                name
-            }
-        };
-        // Drop trees left behind by an install that crashed before flipping the pointer.
-        for stale in db.tree_names() {
-            let stale_name = String::from_utf8_lossy(&stale).to_string();
-            if stale_name.starts_with(STATE_TREE_PREFIX) && stale_name != name {
-                db.drop_tree(&stale)?;
-            }
-        }
-        let tree = db.open_tree(&name)?;
+    /// Opens the applied state of the node whose main database is `db`, in `data_dir`.
+    pub fn open(db: &sled::Db, data_dir: &Path) -> Result<Self, StorageError> {
+        let home = StateHome::open_live(db, data_dir)?;
+        let tree = home.tree.clone();
         let meta_streams = MetaStreams::default();
         for key in tree.scan_prefix([retention::STREAM_META]).keys() {
             let key = key?;
@@ -173,7 +168,11 @@ impl EventState {
         }
         Ok(Self {
             db: db.clone(),
-            tree: RwLock::new(tree),
+            main_durable: DurableFlush::new(db, &data_dir.join("sled"))?,
+            data_dir: data_dir.to_path_buf(),
+            home: RwLock::new(home),
+            retired: Retired::default(),
+            compacted_bytes: AtomicU64::new(0),
             visible_next_position: AtomicU64::new(next_position),
             ids,
             floor: AtomicU64::new(floor),
@@ -357,6 +356,8 @@ impl EventState {
             // Under the release lock, and only above the floor: a chunk released meanwhile
             // must not come back.
             let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
+            // The live tree: a compaction may have switched generations since the read.
+            let tree = self.tree();
             let floor = self.floor();
             let mut kept = sled::Batch::default();
             for (key, value) in rewrites {
@@ -373,7 +374,60 @@ impl EventState {
     }
 
     fn tree(&self) -> sled::Tree {
-        self.tree.read().expect("state tree lock is never poisoned").clone()
+        self.home.read().expect("state home lock is never poisoned").tree.clone()
+    }
+
+    /// Makes every applied write durable: the raft layer calls it before it records a
+    /// snapshot, after which the log below the snapshot may go.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.home.read().expect("state home lock is never poisoned").sync(&self.db)
+    }
+
+    /// Compacts the state's database if it has grown past `STATE_COMPACT_MIN_BYTES` and
+    /// `STATE_COMPACT_GROWTH` times the live state (sled does not give a queue's churn
+    /// back, see `state_home`): copies the live state into a fresh generation and switches
+    /// it in. The caller holds applies off (as for releases); local reads wait for the copy.
+    /// Also removes replaced generations past their grace. Returns whether it compacted.
+    pub fn compact_if_due(&self) -> Result<bool, StorageError> {
+        self.compact_if_over(STATE_COMPACT_MIN_BYTES, RETIRED_STATE_GRACE)
+    }
+
+    pub(crate) fn compact_if_over(&self, min_bytes: u64, grace: std::time::Duration) -> Result<bool, StorageError> {
+        self.retired.remove_due(grace);
+        let file_bytes = self.home.read().expect("state home lock is never poisoned").file_bytes(&self.data_dir);
+        let live_bytes = self.compacted_bytes.load(Ordering::Acquire);
+        let local_events = self.next_position().saturating_sub(self.floor());
+        if self.snapshots_building.load(Ordering::Acquire) > 0
+            || local_events > STATE_COMPACT_EVENTS_MAX
+            || file_bytes < min_bytes.max(live_bytes.saturating_mul(STATE_COMPACT_GROWTH))
+        {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
+        let fresh = StateHome::create_next(&self.data_dir)?;
+        let mut copied = 0u64;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0usize;
+        for item in self.tree().iter() {
+            let (key, value) = item?;
+            copied += (key.len() + value.len()) as u64;
+            batch.insert(key, value);
+            in_batch += 1;
+            if in_batch >= COMPACT_BATCH_RECORDS {
+                fresh.tree.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
+        }
+        fresh.tree.apply_batch(batch)?;
+        fresh.make_live(&self.main_durable, &self.db)?;
+        let old = std::mem::replace(&mut *self.home.write().expect("state home lock is never poisoned"), fresh);
+        if let Some(dir) = old.retire(&self.db)? {
+            self.retired.add(dir);
+        }
+        self.compacted_bytes.store(copied, Ordering::Release);
+        tracing::info!(file_bytes, live_bytes = copied, local_events, took_ms = started.elapsed().as_millis() as u64, "state compacted into a fresh generation");
+        Ok(true)
     }
 
     /// Number of events in `$all` visible to readers (= the next position to assign).
@@ -700,14 +754,8 @@ impl EventState {
         items: impl Iterator<Item = Result<SnapshotItem, StorageError>>,
         applied_meta: &[u8],
     ) -> Result<u64, StorageError> {
-        let current = self.db.get(ACTIVE_STATE_TREE)?.map(|n| n.to_vec()).unwrap_or_default();
-        let generation: u64 = String::from_utf8_lossy(&current)
-            .strip_prefix(STATE_TREE_PREFIX)
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(0);
-        let name = format!("{STATE_TREE_PREFIX}{}", generation + 1);
-        self.db.drop_tree(name.as_bytes())?;
-        let fresh = self.db.open_tree(&name)?;
+        let fresh_home = StateHome::create_next(&self.data_dir)?;
+        let fresh = fresh_home.tree.clone();
         // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
         let mut writer = BatchWriter::new(&fresh, floor, &self.ids, &self.meta_streams);
         // Stream heads come as records (their events may be in the tier).
@@ -762,20 +810,18 @@ impl EventState {
         let floor_key = keys::meta(META_FLOOR);
         batch.insert(floor_key.clone(), record::seal(&floor_key, &floor.to_be_bytes()));
         fresh.apply_batch(batch)?;
-        // sled recovers a prefix of its writes, so the fresh tree is in before the pointer
-        // that names it; the caller's next durable flush (the raft layer records the
-        // installed snapshot with an fdatasync) makes both durable.
-        self.db.flush()?;
-        self.db.insert(ACTIVE_STATE_TREE, name.as_bytes())?;
-        self.db.flush()?;
+        // The fresh generation is durable before the pointer that names it.
+        fresh_home.make_live(&self.main_durable, &self.db)?;
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
-        let old = std::mem::replace(&mut *self.tree.write().expect("state tree lock is never poisoned"), fresh);
+        let old = std::mem::replace(&mut *self.home.write().expect("state home lock is never poisoned"), fresh_home);
         self.visible_next_position.store(next_position, Ordering::Release);
         self.floor.store(floor, Ordering::Release);
         // The snapshot's filter holds every id below its floor; the rest is local.
         self.filter_covers_below.store(u64::MAX, Ordering::Release);
         self.filter_stored_covers.store(floor, Ordering::Release);
-        self.db.drop_tree(old.name())?;
+        if let Some(dir) = old.retire(&self.db)? {
+            self.retired.add(dir);
+        }
         Ok(next_position)
     }
 
@@ -1321,11 +1367,13 @@ fn read_u64_meta(tree: &sled::Tree, name: &str) -> Result<Option<u64>, StorageEr
 mod tests {
     use super::*;
     use crate::command::ExpectedVersion;
+    use std::time::Duration;
 
     fn state() -> (tempfile::TempDir, EventState) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::open_database(dir.path()).unwrap();
-        (dir, EventState::open(&db).unwrap())
+        let state = EventState::open(&db, dir.path()).unwrap();
+        (dir, state)
     }
 
     fn event(id: u8) -> NewEvent {
@@ -1344,6 +1392,63 @@ mod tests {
 
     fn apply(state: &EventState, appends: Vec<AppendCommand>) -> Vec<AppendOutcome> {
         state.apply(Some(&Command::Appends(appends)), b"meta").unwrap()
+    }
+
+    /// What a reader sees of `state`: `$all`, stream "a" and the next position.
+    fn observed(state: &EventState) -> (Vec<StoredEvent>, Vec<StoredEvent>, u64) {
+        let all = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, filter: &|_| true }).unwrap().0;
+        (all, state.read_stream("a", 0, false, 100).unwrap(), state.next_position())
+    }
+
+    #[test]
+    fn compaction_moves_the_live_state_into_a_fresh_generation_and_survives_a_restart() {
+        let (dir, state) = state();
+        apply(&state, vec![append("a", ExpectedVersion::NoStream, &[1, 2]), append("b", ExpectedVersion::Any, &[3])]);
+        apply(&state, vec![append("a", ExpectedVersion::Exact(1), &[4])]);
+        let before = observed(&state);
+        assert!(dir.path().join("state-0").is_dir(), "a fresh data dir starts with generation 0");
+        assert!(!state.compact_if_over(u64::MAX, Duration::ZERO).unwrap(), "not due below the threshold");
+        assert!(state.compact_if_over(0, Duration::from_secs(3600)).unwrap());
+        assert_eq!(observed(&state), before);
+        assert!(dir.path().join("state-1").is_dir());
+        assert!(dir.path().join("state-0").is_dir(), "the replaced generation waits out its grace");
+        // Applies go on in the new generation, and retries are still recognised.
+        let retried = apply(&state, vec![append("a", ExpectedVersion::Any, &[1, 2])]);
+        assert_eq!(retried[0].as_ref().unwrap().first_position, 0, "the retry returns the original positions");
+        apply(&state, vec![append("a", ExpectedVersion::Exact(2), &[5])]);
+        let after = observed(&state);
+        assert_eq!(after.2, 5);
+        assert!(!state.compact_if_over(0, Duration::ZERO).unwrap(), "not due until the file outgrows the live state");
+        state.compacted_bytes.store(0, Ordering::Release);
+        assert!(state.compact_if_over(0, Duration::ZERO).unwrap());
+        assert!(!dir.path().join("state-0").exists(), "removed once past its grace");
+        state.sync().unwrap();
+        drop(state);
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
+        assert_eq!(observed(&reopened), after);
+        assert!(dir.path().join("state-2").is_dir());
+        assert!(!dir.path().join("state-1").exists(), "opening removes generations that are not live");
+    }
+
+    #[test]
+    fn a_state_kept_in_the_main_database_by_an_earlier_version_moves_out_at_its_first_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_database(dir.path()).unwrap();
+        db.insert(crate::state_home::ACTIVE_STATE_TREE, &b"state-0"[..]).unwrap();
+        let state = EventState::open(&db, dir.path()).unwrap();
+        assert!(!dir.path().join("state-0").exists(), "the legacy tree is used where it is");
+        apply(&state, vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        let before = observed(&state);
+        assert!(state.compact_if_over(0, Duration::ZERO).unwrap());
+        assert_eq!(observed(&state), before);
+        assert!(dir.path().join("state-0").is_dir());
+        assert!(!db.tree_names().iter().any(|n| &**n == b"state-0"), "the legacy tree is dropped");
+        assert!(db.get(crate::state_home::ACTIVE_STATE_TREE).unwrap().is_none());
+        state.sync().unwrap();
+        drop(state);
+        drop(db);
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
+        assert_eq!(observed(&reopened), before);
     }
 
     #[test]
@@ -1513,7 +1618,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = crate::reopen_database(dir.path());
-            let target = EventState::open(&db).unwrap();
+            let target = EventState::open(&db, dir.path()).unwrap();
             apply(&target, vec![append("stale", ExpectedVersion::Any, &[42])]);
             let heads = source.control_records().map(|r| r.map(|(key, value)| SnapshotItem::Control { key, value }));
             let events = source.events_below(0, 3).map(|e| e.map(SnapshotItem::Event));
@@ -1521,7 +1626,7 @@ mod tests {
             assert!(target.stream_head("stale").unwrap().is_none());
         }
         let db = crate::reopen_database(dir.path());
-        let target = EventState::open(&db).unwrap();
+        let target = EventState::open(&db, dir.path()).unwrap();
         assert_eq!(target.next_position(), 3);
         assert_eq!(target.stream_head("a").unwrap().unwrap().last_version, 1);
         assert_eq!(target.applied_meta().unwrap().unwrap(), b"snap");
@@ -1567,7 +1672,7 @@ mod tests {
         // Restarted before the filter was stored: the released range is a gap, and until it
         // is filled every id not held locally goes to the tier.
         let db = crate::reopen_database(dir.path());
-        let reopened = EventState::open(&db).unwrap();
+        let reopened = EventState::open(&db, dir.path()).unwrap();
         assert_eq!((reopened.floor(), reopened.id_filter_gap()), (3, Some(0..3)));
         assert_eq!(reopened.ids_to_resolve(&[Some(&fresh)]).unwrap(), vec![[99u8; 16]]);
         reopened.fill_id_filter([[1u8; 16], [2u8; 16], [3u8; 16]], 3);
@@ -1578,7 +1683,7 @@ mod tests {
         assert!(reopened.store_id_filter_if_due(true).unwrap());
         drop(reopened);
         drop(db);
-        let again = EventState::open(&crate::reopen_database(dir.path())).unwrap();
+        let again = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
         assert!(again.id_filter_gap().is_none());
         assert_eq!(again.ids_to_resolve(&[Some(&released)]).unwrap(), vec![[1u8; 16]]);
         assert!(again.ids_to_resolve(&[Some(&fresh)]).unwrap().is_empty());
@@ -1676,7 +1781,7 @@ mod tests {
         let out = apply(&state, vec![append("a", ExpectedVersion::Any, &[1])]);
         assert!(!out[0].as_ref().unwrap().idempotent_replay);
         drop(state);
-        let reopened = EventState::open(&crate::reopen_database(dir.path())).unwrap();
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
         assert_eq!(reopened.stream_meta("a").unwrap().unwrap().max_count, Some(2));
     }
 

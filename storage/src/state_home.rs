@@ -1,0 +1,198 @@
+//! Where the applied state lives: its own sled database in `data_dir/state-<generation>`.
+//!
+//! Why a database of its own, and generations of it: with tiering, the state is a queue
+//! (events come in at one end and are released at the other), and sled 0.34 does not give
+//! that churn's space back: its file only shrinks when its last segment is free, and
+//! under load its cleaner falls behind, so the file grew at the write rate to ~1 GiB per
+//! 2 M events while the live state was ~45 MB. A fresh generation, filled with the live
+//! state and switched in by one durable pointer, and the removal of the old directory,
+//! is what returns the space. Snapshot installs use the same switch.
+//!
+//! A data dir written before generations existed keeps its state in a tree of the main
+//! database (`active_state_tree`); it is read there until the first compaction or
+//! install moves it into a generation of its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::{DurableFlush, StorageError};
+
+/// Key in the main database naming the directory (under the data dir) of the live state.
+pub(crate) const ACTIVE_STATE_DIR: &[u8] = b"active_state_dir";
+/// Key in the main database naming the tree that held the live state before generations.
+pub(crate) const ACTIVE_STATE_TREE: &[u8] = b"active_state_tree";
+pub(crate) const STATE_TREE_PREFIX: &str = "state-";
+const STATE_DIR_PREFIX: &str = "state-";
+/// The tree of a generation's database that holds the state.
+const STATE_TREE: &[u8] = b"state";
+
+/// Page cache of one generation's database (the main database holds only small things).
+pub const STATE_SLED_CACHE_BYTES: u64 = 192 * 1024 * 1024;
+/// The state's database file may grow to this before a compaction is considered...
+pub const STATE_COMPACT_MIN_BYTES: u64 = 256 * 1024 * 1024;
+/// ...and to this many times the live state measured at the last compaction.
+pub const STATE_COMPACT_GROWTH: u64 = 4;
+/// Compactions copy the live state with applies held off, so only a state this small (in
+/// events held locally) is compacted: with tiering it is the hot window.
+pub const STATE_COMPACT_EVENTS_MAX: u64 = 1_000_000;
+/// A replaced generation's directory is removed this long after the switch: a reader that
+/// took the old tree just before may still read pages of it that sled keeps as files.
+pub const RETIRED_STATE_GRACE: Duration = Duration::from_secs(10);
+
+/// One generation of the state: the tree and, unless it is a legacy tree of the main
+/// database, the database and directory that hold it.
+pub(crate) struct StateHome {
+    pub tree: sled::Tree,
+    own: Option<OwnDb>,
+}
+
+struct OwnDb {
+    db: sled::Db,
+    durable: DurableFlush,
+    dir: PathBuf,
+}
+
+impl StateHome {
+    /// The live state named by the main database's pointers (a fresh data dir gets
+    /// generation 0); removes generations and legacy trees that are not live (left by a
+    /// switch that crashed before or after its pointer write).
+    pub fn open_live(main: &sled::Db, data_dir: &Path) -> Result<Self, StorageError> {
+        let home = match main.get(ACTIVE_STATE_DIR)? {
+            Some(name) => Self::open_generation(data_dir, &pointer_name(&name, ACTIVE_STATE_DIR)?)?,
+            None => match main.get(ACTIVE_STATE_TREE)? {
+                Some(name) => Self { tree: main.open_tree(&name)?, own: None },
+                None => {
+                    let home = Self::open_generation(data_dir, &format!("{STATE_DIR_PREFIX}0"))?;
+                    main.insert(ACTIVE_STATE_DIR, home.name().as_bytes())?;
+                    home
+                }
+            },
+        };
+        for stale in main.tree_names() {
+            let stale_name = String::from_utf8_lossy(&stale).to_string();
+            if stale_name.starts_with(STATE_TREE_PREFIX) && (home.own.is_some() || stale_name.as_bytes() != &*home.tree.name()) {
+                main.drop_tree(&stale)?;
+            }
+        }
+        for dir in generation_dirs(data_dir)? {
+            if home.own.as_ref().map(|own| &own.dir) != Some(&dir) {
+                std::fs::remove_dir_all(&dir)?;
+            }
+        }
+        Ok(home)
+    }
+
+    /// A new, empty generation after the highest one on disk (not yet live).
+    pub fn create_next(data_dir: &Path) -> Result<Self, StorageError> {
+        let next = generation_dirs(data_dir)?
+            .iter()
+            .filter_map(|dir| dir.file_name()?.to_str()?.strip_prefix(STATE_DIR_PREFIX)?.parse::<u64>().ok())
+            .max()
+            .map_or(0, |g| g + 1);
+        Self::open_generation(data_dir, &format!("{STATE_DIR_PREFIX}{next}"))
+    }
+
+    fn open_generation(data_dir: &Path, name: &str) -> Result<Self, StorageError> {
+        let dir = data_dir.join(name);
+        let db = crate::open_sled(&dir, STATE_SLED_CACHE_BYTES)?;
+        let durable = DurableFlush::new(&db, &dir)?;
+        Ok(Self { tree: db.open_tree(STATE_TREE)?, own: Some(OwnDb { db, durable, dir }) })
+    }
+
+    /// The generation's directory name, or the legacy tree's name.
+    pub fn name(&self) -> String {
+        match &self.own {
+            Some(own) => own.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            None => String::from_utf8_lossy(&self.tree.name()).to_string(),
+        }
+    }
+
+    /// Bytes of the database file this state lives in (the main one for a legacy tree).
+    pub fn file_bytes(&self, data_dir: &Path) -> u64 {
+        let file = match &self.own {
+            Some(own) => own.dir.join("db"),
+            None => data_dir.join("sled").join("db"),
+        };
+        std::fs::metadata(file).map_or(0, |m| m.len())
+    }
+
+    /// Makes every write to this generation durable (sled's flush, then fdatasync). A
+    /// legacy tree is made durable by the main database's flush.
+    pub fn sync(&self, main: &sled::Db) -> Result<(), StorageError> {
+        match &self.own {
+            Some(own) => own.durable.flush(),
+            None => {
+                main.flush()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes this (filled) generation the live one: durably written first, then the
+    /// pointer, durably.
+    pub fn make_live(&self, main: &DurableFlush, main_db: &sled::Db) -> Result<(), StorageError> {
+        let own = self.own.as_ref().expect("only a generation of its own is switched in");
+        own.durable.flush()?;
+        main_db.insert(ACTIVE_STATE_DIR, self.name().as_bytes())?;
+        main.flush()
+    }
+
+    /// What to remove once this generation is replaced.
+    pub fn retire(self, main_db: &sled::Db) -> Result<Option<PathBuf>, StorageError> {
+        match self.own {
+            Some(own) => {
+                drop(own.db);
+                Ok(Some(own.dir))
+            }
+            None => {
+                // The pointer to it is superseded by `active_state_dir`; its pages go back
+                // to the main database for reuse.
+                main_db.drop_tree(self.tree.name())?;
+                main_db.remove(ACTIVE_STATE_TREE)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Directories of replaced generations, removed after [`RETIRED_STATE_GRACE`].
+#[derive(Default)]
+pub(crate) struct Retired(Mutex<Vec<(PathBuf, Instant)>>);
+
+impl Retired {
+    pub fn add(&self, dir: PathBuf) {
+        self.0.lock().expect("retired list lock is never poisoned").push((dir, Instant::now()));
+    }
+
+    /// Removes the directories retired at least `grace` ago.
+    pub fn remove_due(&self, grace: Duration) {
+        let mut dirs = self.0.lock().expect("retired list lock is never poisoned");
+        dirs.retain(|(dir, since)| {
+            if since.elapsed() < grace {
+                return true;
+            }
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(error = %e, dir = %dir.display(), "removing a replaced state generation failed");
+            }
+            false
+        });
+    }
+}
+
+fn pointer_name(bytes: &[u8], key: &[u8]) -> Result<String, StorageError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| StorageError::Corrupt { what: "active state pointer", key: String::from_utf8_lossy(key).into() })
+}
+
+fn generation_dirs(data_dir: &Path) -> Result<Vec<PathBuf>, StorageError> {
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(data_dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let is_generation = name.strip_prefix(STATE_DIR_PREFIX).is_some_and(|g| g.parse::<u64>().is_ok());
+        if is_generation && entry.file_type()?.is_dir() {
+            dirs.push(entry.path());
+        }
+    }
+    Ok(dirs)
+}
