@@ -35,6 +35,7 @@ pub struct Metrics {
     pub tier_uploaded_events_total: IntCounter,
     pub tier_upload_failures_total: IntCounter,
     pub tier_released_events_total: IntCounter,
+    pub state_compactions_total: IntCounter,
     pub tier_watermark: IntGauge,
     pub tier_local_floor: IntGauge,
     pub tier_upload_lag_events: IntGauge,
@@ -97,6 +98,8 @@ impl Metrics {
         let tier_uploaded_events_total = IntCounter::new("tier_uploaded_events_total", "events uploaded to the tier (leader)").expect("valid metric");
         let tier_upload_failures_total = IntCounter::new("tier_upload_failures_total", "failed tier uploads: store down, slow or fenced (leader)").expect("valid metric");
         let tier_released_events_total = IntCounter::new("tier_released_events_total", "events whose local copy this node dropped after tiering").expect("valid metric");
+        let state_compactions_total =
+            IntCounter::new("state_compactions_total", "compactions of the applied state's database into a fresh generation").expect("valid metric");
         let tier_watermark = IntGauge::new("tier_watermark", "every event below this position is durable in the tier").expect("valid metric");
         let tier_local_floor = IntGauge::new("tier_local_floor", "first position this node still holds on its own disk").expect("valid metric");
         let tier_upload_lag_events = IntGauge::new("tier_upload_lag_events", "events above the tier watermark (leader)").expect("valid metric");
@@ -141,6 +144,7 @@ impl Metrics {
             tier_uploaded_events_total,
             tier_upload_failures_total,
             tier_released_events_total,
+            state_compactions_total,
             tier_watermark,
             tier_local_floor,
             tier_upload_lag_events,
@@ -178,6 +182,7 @@ impl Metrics {
             Box::new(metrics.tier_uploaded_events_total.clone()),
             Box::new(metrics.tier_upload_failures_total.clone()),
             Box::new(metrics.tier_released_events_total.clone()),
+            Box::new(metrics.state_compactions_total.clone()),
             Box::new(metrics.tier_watermark.clone()),
             Box::new(metrics.tier_local_floor.clone()),
             Box::new(metrics.tier_upload_lag_events.clone()),

@@ -385,8 +385,10 @@ pub async fn run_releaser(
         }
         // Releases churn the state's database, which sled does not give back: a
         // compaction into a fresh generation does (see `strata_storage::state_home`).
-        if let Err(e) = machine.compact_state().await {
-            tracing::error!(error = %e, "compacting the applied state failed");
+        match machine.compact_state().await {
+            Ok(true) => metrics.state_compactions_total.inc(),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "compacting the applied state failed"),
         }
         let watermark = match events.tier_state() {
             Ok(state) => state.watermark,

@@ -17,7 +17,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use strata_storage::tier::{TierError, TierReader};
-use strata_storage::{ColdEvents, Command, EventState, RaftLogStore};
+use strata_storage::{ColdEvents, Command, CompactStep, EventState, RaftLogStore};
 use tokio::sync::{watch, Mutex};
 
 use crate::codec::{decode, encode};
@@ -168,12 +168,19 @@ impl StateMachine {
         Ok(released)
     }
 
-    /// Compacts the applied state's database when it is due (`EventState::compact_if_due`),
-    /// in one turn of the apply gate: the live state is copied with applies held off.
+    /// Compacts the applied state's database when it is due, one step
+    /// (`EventState::compact_step`) per turn of the apply gate, so that applies never
+    /// queue behind more than one step. Whether a fresh generation was switched in.
     pub async fn compact_state(&self) -> Result<bool, io::Error> {
-        let _gate = self.apply_gate.lock().await;
-        let state = self.state.clone();
-        Ok(tokio::task::spawn_blocking(move || state.compact_if_due()).await.map_err(io::Error::other)??)
+        loop {
+            let _gate = self.apply_gate.lock().await;
+            let state = self.state.clone();
+            match tokio::task::spawn_blocking(move || state.compact_step()).await.map_err(io::Error::other)?? {
+                CompactStep::Idle => return Ok(false),
+                CompactStep::Switched => return Ok(true),
+                CompactStep::Copying => {}
+            }
+        }
     }
 
     pub fn new(state: Arc<EventState>, raft_meta: RaftLogStore, snapshot_dir: &Path) -> Result<Self, io::Error> {

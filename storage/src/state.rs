@@ -56,8 +56,30 @@ pub type ColdEvents = HashMap<[u8; 16], StoredEvent>;
 /// hundreds of milliseconds: p99 append latency 283 ms with uploads against 46 without;
 /// 2,000: 133 ms; 500: 84 ms, at the same throughput).
 pub const RELEASE_BATCH_EVENTS_MAX: usize = 500;
-/// Records per sled batch when a compaction copies the live state.
-const COMPACT_BATCH_RECORDS: usize = 10_000;
+/// Records a compaction step copies (one sled batch): bounds how long applies and local
+/// reads wait on a step.
+pub const COMPACT_STEP_RECORDS: usize = 2_000;
+
+/// Where a compaction is (see [`EventState::compact_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactStep {
+    /// None due (none under way).
+    Idle,
+    /// Under way: call again.
+    Copying,
+    /// The fresh generation is live.
+    Switched,
+}
+
+/// A compaction under way: the fresh generation, the next key to copy into it (None:
+/// all copied), and what to report.
+struct Compaction {
+    fresh: StateHome,
+    next_key: Option<Vec<u8>>,
+    copied_bytes: u64,
+    file_bytes: u64,
+    started: std::time::Instant,
+}
 
 /// A stream's head as stored under `h` + name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +133,8 @@ pub struct EventState {
     retired: Retired,
     /// Bytes of the live state copied by the last compaction (0: none yet).
     compacted_bytes: AtomicU64,
+    /// The compaction under way, if any (see [`EventState::compact_step`]).
+    compacting: std::sync::Mutex<Option<Compaction>>,
     visible_next_position: AtomicU64,
     /// Every id of the id index (and possibly ids of replaced states): skips the index
     /// lookup for ids that were certainly never written.
@@ -150,7 +174,7 @@ impl EventState {
         let mut covers_below = floor;
         let mut stored_covers = 0;
         if floor > 0 {
-            covers_below = match load_stored_filter(db, &tree)? {
+            covers_below = match load_stored_filter(data_dir, db, &tree)? {
                 None => 0,
                 Some((covers, encoded)) => {
                     ids.merge_encoded(&encoded).ok_or_else(|| StorageError::Corrupt { what: "stored id filter", key: META_ID_FILTER.into() })?;
@@ -173,6 +197,7 @@ impl EventState {
             home: RwLock::new(home),
             retired: Retired::default(),
             compacted_bytes: AtomicU64::new(0),
+            compacting: std::sync::Mutex::new(None),
             visible_next_position: AtomicU64::new(next_position),
             ids,
             floor: AtomicU64::new(floor),
@@ -211,9 +236,14 @@ impl EventState {
         }
         // Everything applied so far is in the filter: it covers the visible end.
         let covers = self.next_position();
-        filter_store::store(&self.db, covers, &self.ids.encode())?;
+        filter_store::store(&self.data_dir, &self.db, covers, &self.ids.encode())?;
         // A filter stored by an earlier version, among the state's metadata, is superseded.
-        self.tree().remove(keys::meta(META_ID_FILTER))?;
+        {
+            let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
+            let mut batch = sled::Batch::default();
+            batch.remove(keys::meta(META_ID_FILTER));
+            self.write_live(&self.tree(), batch)?;
+        }
         self.filter_stored_covers.store(covers, Ordering::Release);
         Ok(true)
     }
@@ -312,7 +342,7 @@ impl EventState {
         let key = keys::meta(META_FLOOR);
         batch.insert(key.clone(), record::seal(&key, &new_floor.to_be_bytes()));
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
-        tree.apply_batch(batch)?;
+        self.write_live(&tree, batch)?;
         self.floor.store(new_floor, Ordering::Release);
         Ok(released as u64)
     }
@@ -365,7 +395,7 @@ impl EventState {
                     kept.insert(&key, value);
                 }
             }
-            tree.apply_batch(kept)?;
+            self.write_live(&tree, kept)?;
         }
         if rewritten as usize >= max_events {
             return Ok((rewritten, reached));
@@ -383,51 +413,106 @@ impl EventState {
         self.home.read().expect("state home lock is never poisoned").sync(&self.db)
     }
 
-    /// Compacts the state's database if it has grown past `STATE_COMPACT_MIN_BYTES` and
-    /// `STATE_COMPACT_GROWTH` times the live state (sled does not give a queue's churn
-    /// back, see `state_home`): copies the live state into a fresh generation and switches
-    /// it in. The caller holds applies off (as for releases); local reads wait for the copy.
-    /// Also removes replaced generations past their grace. Returns whether it compacted.
-    pub fn compact_if_due(&self) -> Result<bool, StorageError> {
-        self.compact_if_over(STATE_COMPACT_MIN_BYTES, RETIRED_STATE_GRACE)
+    /// One step of compacting the state's database (sled does not give a queue's churn
+    /// back, see `state_home`). Idle, a compaction starts once the file has grown past
+    /// `STATE_COMPACT_MIN_BYTES` and `STATE_COMPACT_GROWTH` times the live state: a fresh
+    /// generation is created, and from then on every write to the live state is mirrored
+    /// into it ([`EventState::write_live`]). Each further step copies the next
+    /// `COMPACT_STEP_RECORDS` records; once all are in, the fresh generation is synced
+    /// (without holding anything), and the last step switches it in and retires the old
+    /// one. The caller serialises steps with applies and releases (one per turn of the
+    /// apply gate), so no apply waits on more than one step. Idle steps also remove
+    /// replaced generations past their grace.
+    pub fn compact_step(&self) -> Result<CompactStep, StorageError> {
+        self.compact_step_over(STATE_COMPACT_MIN_BYTES, RETIRED_STATE_GRACE)
     }
 
-    pub(crate) fn compact_if_over(&self, min_bytes: u64, grace: std::time::Duration) -> Result<bool, StorageError> {
-        self.retired.remove_due(grace);
-        let file_bytes = self.home.read().expect("state home lock is never poisoned").file_bytes(&self.data_dir);
-        let live_bytes = self.compacted_bytes.load(Ordering::Acquire);
-        let local_events = self.next_position().saturating_sub(self.floor());
-        if self.snapshots_building.load(Ordering::Acquire) > 0
-            || local_events > STATE_COMPACT_EVENTS_MAX
-            || file_bytes < min_bytes.max(live_bytes.saturating_mul(STATE_COMPACT_GROWTH))
-        {
-            return Ok(false);
-        }
-        let started = std::time::Instant::now();
-        let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
-        let fresh = StateHome::create_next(&self.data_dir)?;
-        let mut copied = 0u64;
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0usize;
-        for item in self.tree().iter() {
-            let (key, value) = item?;
-            copied += (key.len() + value.len()) as u64;
-            batch.insert(key, value);
-            in_batch += 1;
-            if in_batch >= COMPACT_BATCH_RECORDS {
-                fresh.tree.apply_batch(std::mem::take(&mut batch))?;
-                in_batch = 0;
+    pub(crate) fn compact_step_over(&self, min_bytes: u64, grace: std::time::Duration) -> Result<CompactStep, StorageError> {
+        // Lock order everywhere: the release lock, then the compaction.
+        let exclusive = self.release_lock.write().expect("release lock is never poisoned");
+        let mut compacting = self.compacting.lock().expect("compaction lock is never poisoned");
+        let Some(compaction) = compacting.as_mut() else {
+            // A snapshot being built may still read a replaced generation.
+            if self.snapshots_building.load(Ordering::Acquire) == 0 {
+                self.retired.remove_due(grace);
             }
+            let file_bytes = self.home.read().expect("state home lock is never poisoned").file_bytes(&self.data_dir);
+            let live_bytes = self.compacted_bytes.load(Ordering::Acquire);
+            let local_events = self.next_position().saturating_sub(self.floor());
+            if self.snapshots_building.load(Ordering::Acquire) > 0
+                || local_events > STATE_COMPACT_EVENTS_MAX
+                || file_bytes < min_bytes.max(live_bytes.saturating_mul(STATE_COMPACT_GROWTH))
+            {
+                return Ok(CompactStep::Idle);
+            }
+            let fresh = StateHome::create_next(&self.data_dir)?;
+            tracing::info!(file_bytes, live_bytes, local_events, fresh = %fresh.name(), "compacting the state into a fresh generation");
+            *compacting = Some(Compaction { fresh, next_key: Some(Vec::new()), copied_bytes: 0, file_bytes, started: std::time::Instant::now() });
+            return Ok(CompactStep::Copying);
+        };
+        if let Some(from) = compaction.next_key.take() {
+            let mut batch = sled::Batch::default();
+            let mut records = 0usize;
+            for item in self.tree().range(from..) {
+                let (key, value) = item?;
+                compaction.copied_bytes += (key.len() + value.len()) as u64;
+                if records == COMPACT_STEP_RECORDS {
+                    compaction.next_key = Some(key.to_vec());
+                    break;
+                }
+                batch.insert(key, value);
+                records += 1;
+            }
+            compaction.fresh.tree.apply_batch(batch)?;
+            if compaction.next_key.is_none() {
+                // All copied: write it out now, while applies go on (mirrored), so that
+                // the switch has little left to sync.
+                let durable = compaction.fresh.durable();
+                drop(compacting);
+                drop(exclusive);
+                if let Some(durable) = durable {
+                    durable.flush()?;
+                }
+            }
+            return Ok(CompactStep::Copying);
         }
-        fresh.tree.apply_batch(batch)?;
-        fresh.make_live(&self.main_durable, &self.db)?;
-        let old = std::mem::replace(&mut *self.home.write().expect("state home lock is never poisoned"), fresh);
+        let compaction = compacting.take().expect("a compaction is under way");
+        compaction.fresh.make_live(&self.main_durable, &self.db)?;
+        let old = std::mem::replace(&mut *self.home.write().expect("state home lock is never poisoned"), compaction.fresh);
         if let Some(dir) = old.retire(&self.db)? {
             self.retired.add(dir);
         }
-        self.compacted_bytes.store(copied, Ordering::Release);
-        tracing::info!(file_bytes, live_bytes = copied, local_events, took_ms = started.elapsed().as_millis() as u64, "state compacted into a fresh generation");
-        Ok(true)
+        self.compacted_bytes.store(compaction.copied_bytes, Ordering::Release);
+        tracing::info!(
+            file_bytes = compaction.file_bytes,
+            live_bytes = compaction.copied_bytes,
+            took_ms = compaction.started.elapsed().as_millis() as u64,
+            "state compacted into a fresh generation"
+        );
+        Ok(CompactStep::Switched)
+    }
+
+    /// Writes `batch` to the live tree and, while a compaction is under way, to its fresh
+    /// generation too. Every write to the live state goes through here.
+    fn write_live(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<(), StorageError> {
+        let compacting = self.compacting.lock().expect("compaction lock is never poisoned");
+        match compacting.as_ref() {
+            Some(compaction) => {
+                tree.apply_batch(batch.clone())?;
+                compaction.fresh.tree.apply_batch(batch)?;
+            }
+            None => tree.apply_batch(batch)?,
+        }
+        Ok(())
+    }
+
+    /// Gives up a compaction under way (a snapshot install replaces the whole state).
+    fn abandon_compaction(&self) {
+        if let Some(compaction) = self.compacting.lock().expect("compaction lock is never poisoned").take() {
+            if let Ok(Some(dir)) = compaction.fresh.retire(&self.db) {
+                self.retired.add(dir);
+            }
+        }
     }
 
     /// Number of events in `$all` visible to readers (= the next position to assign).
@@ -518,7 +603,7 @@ impl EventState {
 
     /// Writes staged entries in one atomic sled batch and makes them visible to readers.
     pub fn commit_staged(&self, staged: StagedApply) -> Result<(), StorageError> {
-        staged.tree.apply_batch(staged.batch)?;
+        self.write_live(&staged.tree, staged.batch)?;
         let previous = self.visible_next_position.swap(staged.next_position, Ordering::AcqRel);
         assert!(previous <= staged.next_position, "positions never go back");
         Ok(())
@@ -754,6 +839,7 @@ impl EventState {
         items: impl Iterator<Item = Result<SnapshotItem, StorageError>>,
         applied_meta: &[u8],
     ) -> Result<u64, StorageError> {
+        self.abandon_compaction();
         let fresh_home = StateHome::create_next(&self.data_dir)?;
         let fresh = fresh_home.tree.clone();
         // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
@@ -772,7 +858,7 @@ impl EventState {
                     // It holds every id below the floor. Stored before the new state is
                     // switched in: should the install stop short, the old state keeps a
                     // filter that holds at least its own ids (extra bits only cost lookups).
-                    filter_store::store(&self.db, floor, &bytes)?;
+                    filter_store::store(&self.data_dir, &self.db, floor, &bytes)?;
                     continue;
                 }
                 SnapshotItem::Control { key, value } => {
@@ -1341,10 +1427,10 @@ fn decode_position(what: &'static str, key: &[u8], value: &[u8]) -> Result<u64, 
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// The stored id filter (`covers`, encoding): in its own tree ([`filter_store`]), or, left
+/// The stored id filter (`covers`, encoding): in its file ([`filter_store`]), or, left
 /// by an earlier version, as one value among the state's metadata.
-fn load_stored_filter(db: &sled::Db, tree: &sled::Tree) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-    if let Some(stored) = filter_store::load(db)? {
+fn load_stored_filter(data_dir: &Path, db: &sled::Db, tree: &sled::Tree) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+    if let Some(stored) = filter_store::load(data_dir, db)? {
         return Ok(Some(stored));
     }
     let key = keys::meta(META_ID_FILTER);
@@ -1394,6 +1480,17 @@ mod tests {
         state.apply(Some(&Command::Appends(appends)), b"meta").unwrap()
     }
 
+    /// Runs compaction steps until idle or switched; whether it switched.
+    fn compact(state: &EventState, min_bytes: u64, grace: Duration) -> bool {
+        loop {
+            match state.compact_step_over(min_bytes, grace).unwrap() {
+                CompactStep::Idle => return false,
+                CompactStep::Switched => return true,
+                CompactStep::Copying => {}
+            }
+        }
+    }
+
     /// What a reader sees of `state`: `$all`, stream "a" and the next position.
     fn observed(state: &EventState) -> (Vec<StoredEvent>, Vec<StoredEvent>, u64) {
         let all = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, filter: &|_| true }).unwrap().0;
@@ -1407,8 +1504,8 @@ mod tests {
         apply(&state, vec![append("a", ExpectedVersion::Exact(1), &[4])]);
         let before = observed(&state);
         assert!(dir.path().join("state-0").is_dir(), "a fresh data dir starts with generation 0");
-        assert!(!state.compact_if_over(u64::MAX, Duration::ZERO).unwrap(), "not due below the threshold");
-        assert!(state.compact_if_over(0, Duration::from_secs(3600)).unwrap());
+        assert!(!compact(&state, u64::MAX, Duration::ZERO), "not due below the threshold");
+        assert!(compact(&state, 0, Duration::from_secs(3600)));
         assert_eq!(observed(&state), before);
         assert!(dir.path().join("state-1").is_dir());
         assert!(dir.path().join("state-0").is_dir(), "the replaced generation waits out its grace");
@@ -1418,9 +1515,9 @@ mod tests {
         apply(&state, vec![append("a", ExpectedVersion::Exact(2), &[5])]);
         let after = observed(&state);
         assert_eq!(after.2, 5);
-        assert!(!state.compact_if_over(0, Duration::ZERO).unwrap(), "not due until the file outgrows the live state");
+        assert!(!compact(&state, 0, Duration::ZERO), "not due until the file outgrows the live state");
         state.compacted_bytes.store(0, Ordering::Release);
-        assert!(state.compact_if_over(0, Duration::ZERO).unwrap());
+        assert!(compact(&state, 0, Duration::ZERO));
         assert!(!dir.path().join("state-0").exists(), "removed once past its grace");
         state.sync().unwrap();
         drop(state);
@@ -1428,6 +1525,27 @@ mod tests {
         assert_eq!(observed(&reopened), after);
         assert!(dir.path().join("state-2").is_dir());
         assert!(!dir.path().join("state-1").exists(), "opening removes generations that are not live");
+    }
+
+    #[test]
+    fn writes_made_while_a_compaction_copies_are_in_the_fresh_generation() {
+        let (dir, state) = state();
+        apply(&state, vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        assert_eq!(state.compact_step_over(0, Duration::ZERO).unwrap(), CompactStep::Copying, "started, nothing copied yet");
+        apply(&state, vec![append("a", ExpectedVersion::Exact(1), &[3])]);
+        assert_eq!(state.compact_step_over(0, Duration::ZERO).unwrap(), CompactStep::Copying, "all copied");
+        apply(&state, vec![append("b", ExpectedVersion::NoStream, &[4])]);
+        assert_eq!(state.compact_step_over(0, Duration::ZERO).unwrap(), CompactStep::Switched);
+        let seen = observed(&state);
+        assert_eq!(seen.2, 4);
+        assert_eq!(seen.0.iter().map(|e| e.id[0]).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(state.stream_head("b").unwrap().unwrap().last_version, 0);
+        let retried = apply(&state, vec![append("a", ExpectedVersion::Any, &[3])]);
+        assert_eq!(retried[0].as_ref().unwrap().first_position, 2, "the id written during the copy is known");
+        state.sync().unwrap();
+        drop(state);
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
+        assert_eq!(observed(&reopened), seen);
     }
 
     #[test]
@@ -1439,7 +1557,7 @@ mod tests {
         assert!(!dir.path().join("state-0").exists(), "the legacy tree is used where it is");
         apply(&state, vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
         let before = observed(&state);
-        assert!(state.compact_if_over(0, Duration::ZERO).unwrap());
+        assert!(compact(&state, 0, Duration::ZERO));
         assert_eq!(observed(&state), before);
         assert!(dir.path().join("state-0").is_dir());
         assert!(!db.tree_names().iter().any(|n| &**n == b"state-0"), "the legacy tree is dropped");

@@ -129,6 +129,11 @@ impl StateHome {
         }
     }
 
+    /// The durable flush of a generation of its own.
+    pub fn durable(&self) -> Option<DurableFlush> {
+        self.own.as_ref().map(|own| own.durable.clone())
+    }
+
     /// Makes this (filled) generation the live one: durably written first, then the
     /// pointer, durably.
     pub fn make_live(&self, main: &DurableFlush, main_db: &sled::Db) -> Result<(), StorageError> {
