@@ -157,9 +157,7 @@ impl StateMachine {
         let mut released = 0u64;
         while (released as usize) < max_events {
             let left = max_events - released as usize;
-            let _gate = self.apply_gate.lock().await;
-            let state = self.state.clone();
-            let dropped = tokio::task::spawn_blocking(move || state.release_below(watermark, left)).await.map_err(io::Error::other)??;
+            let dropped = self.in_gate_turn(move |state| state.release_below(watermark, left)).await?;
             if dropped == 0 {
                 break;
             }
@@ -173,14 +171,23 @@ impl StateMachine {
     /// queue behind more than one step. Whether a fresh generation was switched in.
     pub async fn compact_state(&self) -> Result<bool, io::Error> {
         loop {
-            let _gate = self.apply_gate.lock().await;
-            let state = self.state.clone();
-            match tokio::task::spawn_blocking(move || state.compact_step()).await.map_err(io::Error::other)?? {
+            match self.in_gate_turn(|state| state.compact_step()).await? {
                 CompactStep::Idle => return Ok(false),
                 CompactStep::Switched => return Ok(true),
                 CompactStep::Copying => {}
             }
         }
+    }
+
+    /// Runs `work` on the applied state in one turn of the apply gate (no apply, release,
+    /// compaction step or snapshot install runs beside it), off the async runtime.
+    async fn in_gate_turn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&EventState) -> Result<T, strata_storage::StorageError> + Send + 'static,
+    ) -> Result<T, io::Error> {
+        let _gate = self.apply_gate.lock().await;
+        let state = self.state.clone();
+        Ok(tokio::task::spawn_blocking(move || work(&state)).await.map_err(io::Error::other)??)
     }
 
     pub fn new(state: Arc<EventState>, raft_meta: RaftLogStore, snapshot_dir: &Path) -> Result<Self, io::Error> {
@@ -357,12 +364,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             std::fs::copy(&snapshot.path, &path)?;
         }
         let applied = AppliedMeta { last_applied: meta.last_log_id, last_membership: meta.last_membership.clone() };
-        let state = self.state.clone();
         let install_path = path.clone();
         let applied_bytes = encode(&applied);
-        let summary = tokio::task::spawn_blocking(move || state.install_snapshot(&install_path, &applied_bytes))
-            .await
-            .map_err(io::Error::other)??;
+        // In a turn of the apply gate: a release or compaction step must not write to the
+        // state this replaces, nor move its floor, while it is swapped.
+        let summary = self.in_gate_turn(move |state| state.install_snapshot(&install_path, &applied_bytes)).await?;
         self.set_current_snapshot(meta, &file_name)?;
         self.applied.send_replace(meta.last_log_id.as_ref().map_or(0, |id| id.index()));
         tracing::info!(
