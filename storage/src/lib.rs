@@ -85,25 +85,15 @@ impl DurableFlush {
     }
 }
 
-/// Reopens a database a test has just dropped: sled's background threads may still hold
-/// the file lock for a moment after the last handle is gone.
+/// Reopens a database a test has just dropped ([`open_database`] waits out the lock
+/// sled's background threads may still hold for a moment).
 #[cfg(test)]
 pub(crate) fn reopen_database(data_dir: &Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match open_database(data_dir) {
-            Ok(db) => return db,
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::debug!(error = %e, "database still locked; retrying");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("reopening the database failed: {e}"),
-        }
-    }
+    open_database(data_dir).unwrap_or_else(|e| panic!("reopening the database failed: {e}"))
 }
 
 /// Opens (or creates) the node's main sled database under `data_dir/sled` (the Raft
-/// metadata, the stored id filter and the pointer to the applied state's own database).
+/// metadata and the pointer to the applied state's own database).
 pub fn open_database(data_dir: &Path) -> Result<sled::Db, StorageError> {
     std::fs::create_dir_all(data_dir)?;
     open_sled(&data_dir.join("sled"), SLED_CACHE_BYTES)

@@ -122,7 +122,7 @@ pub struct ReadAllOptions<'a> {
 
 /// The applied state of one node.
 pub struct EventState {
-    /// The main database (the stored id filter, the pointer to the live state).
+    /// The main database (the Raft metadata, the pointer to the live state).
     db: sled::Db,
     main_durable: DurableFlush,
     data_dir: PathBuf,
@@ -428,40 +428,31 @@ impl EventState {
     }
 
     pub(crate) fn compact_step_over(&self, min_bytes: u64, grace: std::time::Duration) -> Result<CompactStep, StorageError> {
-        // Lock order everywhere: the release lock, then the compaction.
+        {
+            let mut compacting = self.compacting.lock().expect("compaction lock is never poisoned");
+            if compacting.is_none() {
+                // Starting needs no release lock: writers mirror under the compaction lock.
+                return self.start_compaction_if_due(&mut compacting, min_bytes, grace);
+            }
+        }
+        // Copying and switching hold off scavenges (which write outside the apply gate)
+        // and local reads. Lock order everywhere: the release lock, then the compaction.
         let exclusive = self.release_lock.write().expect("release lock is never poisoned");
         let mut compacting = self.compacting.lock().expect("compaction lock is never poisoned");
         let Some(compaction) = compacting.as_mut() else {
-            // A snapshot being built may still read a replaced generation.
-            if self.snapshots_building.load(Ordering::Acquire) == 0 {
-                self.retired.remove_due(grace);
-            }
-            let file_bytes = self.home.read().expect("state home lock is never poisoned").file_bytes(&self.data_dir);
-            let live_bytes = self.compacted_bytes.load(Ordering::Acquire);
-            let local_events = self.next_position().saturating_sub(self.floor());
-            if self.snapshots_building.load(Ordering::Acquire) > 0
-                || local_events > STATE_COMPACT_EVENTS_MAX
-                || file_bytes < min_bytes.max(live_bytes.saturating_mul(STATE_COMPACT_GROWTH))
-            {
-                return Ok(CompactStep::Idle);
-            }
-            let fresh = StateHome::create_next(&self.data_dir)?;
-            tracing::info!(file_bytes, live_bytes, local_events, fresh = %fresh.name(), "compacting the state into a fresh generation");
-            *compacting = Some(Compaction { fresh, next_key: Some(Vec::new()), copied_bytes: 0, file_bytes, started: std::time::Instant::now() });
-            return Ok(CompactStep::Copying);
+            // Abandoned meanwhile by a snapshot install.
+            return Ok(CompactStep::Idle);
         };
         if let Some(from) = compaction.next_key.take() {
             let mut batch = sled::Batch::default();
-            let mut records = 0usize;
-            for item in self.tree().range(from..) {
+            for (records, item) in self.tree().range(from..).enumerate() {
                 let (key, value) = item?;
-                compaction.copied_bytes += (key.len() + value.len()) as u64;
                 if records == COMPACT_STEP_RECORDS {
                     compaction.next_key = Some(key.to_vec());
                     break;
                 }
+                compaction.copied_bytes += (key.len() + value.len()) as u64;
                 batch.insert(key, value);
-                records += 1;
             }
             compaction.fresh.tree.apply_batch(batch)?;
             if compaction.next_key.is_none() {
@@ -492,6 +483,25 @@ impl EventState {
         Ok(CompactStep::Switched)
     }
 
+    /// Starts a compaction if one is due (see [`EventState::compact_step`]); removes replaced
+    /// generations past their grace unless a snapshot being built may still read them.
+    fn start_compaction_if_due(&self, compacting: &mut Option<Compaction>, min_bytes: u64, grace: std::time::Duration) -> Result<CompactStep, StorageError> {
+        let snapshot_building = self.snapshots_building.load(Ordering::Acquire) > 0;
+        if !snapshot_building {
+            self.retired.remove_due(grace);
+        }
+        let file_bytes = self.home.read().expect("state home lock is never poisoned").file_bytes(&self.data_dir);
+        let live_bytes = self.compacted_bytes.load(Ordering::Acquire);
+        let local_events = self.next_position().saturating_sub(self.floor());
+        if snapshot_building || local_events > STATE_COMPACT_EVENTS_MAX || file_bytes < min_bytes.max(live_bytes.saturating_mul(STATE_COMPACT_GROWTH)) {
+            return Ok(CompactStep::Idle);
+        }
+        let fresh = StateHome::create_next(&self.data_dir)?;
+        tracing::info!(file_bytes, live_bytes, local_events, fresh = %fresh.name(), "compacting the state into a fresh generation");
+        *compacting = Some(Compaction { fresh, next_key: Some(Vec::new()), copied_bytes: 0, file_bytes, started: std::time::Instant::now() });
+        Ok(CompactStep::Copying)
+    }
+
     /// Writes `batch` to the live tree and, while a compaction is under way, to its fresh
     /// generation too. Every write to the live state goes through here.
     fn write_live(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<(), StorageError> {
@@ -508,10 +518,9 @@ impl EventState {
 
     /// Gives up a compaction under way (a snapshot install replaces the whole state).
     fn abandon_compaction(&self) {
-        if let Some(compaction) = self.compacting.lock().expect("compaction lock is never poisoned").take() {
-            if let Ok(Some(dir)) = compaction.fresh.retire(&self.db) {
-                self.retired.add(dir);
-            }
+        let abandoned = self.compacting.lock().expect("compaction lock is never poisoned").take();
+        if let Some(Ok(Some(dir))) = abandoned.map(|compaction| compaction.fresh.retire(&self.db)) {
+            self.retired.add(dir);
         }
     }
 
