@@ -193,7 +193,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let http_task = tokio::spawn(axum::serve(http_listener, http_app).with_graceful_shutdown(wait_for(shutdown.clone())).into_future());
 
     if let Some(tier) = &tier {
-        tokio::spawn(crate::tier::run_uploader(ctx.router.clone(), events.clone(), tier.clone(), metrics.clone(), shutdown.clone()));
+        crate::tier::spawn_uploader(ctx.router.clone(), events.clone(), tier.clone(), metrics.clone(), shutdown.clone())?;
         tokio::spawn(crate::tier::run_releaser(state_machine.clone(), events.clone(), tier.clone(), metrics.clone(), shutdown.clone()));
         tokio::spawn(crate::tier::run_snapshot_trigger(raft.clone(), events.clone(), shutdown.clone()));
     }

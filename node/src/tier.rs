@@ -44,6 +44,13 @@ const MARKS_PER_TICK_MAX: usize = 100_000;
 const RELEASE_EVENTS_PER_TICK: usize = 200_000;
 /// What an append refused for the tiering backlog is told to wait.
 const BACKLOG_RETRY_AFTER_MS: u64 = 1_000;
+/// Settled events the uploader lets gather before it uploads them (unless asked to tier
+/// now, or they have waited `UPLOAD_BATCH_WAIT`): every upload is one L0 table in the tier
+/// and one flush, so fewer, larger uploads cost the leader's appends less CPU and the
+/// tier's compactor fewer merges.
+const UPLOAD_BATCH_EVENTS: u64 = 32 * 1024;
+/// Longest settled events wait for a batch to gather.
+const UPLOAD_BATCH_WAIT: Duration = Duration::from_secs(2);
 /// Pause after a failed upload before the writer is reopened.
 const UPLOAD_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -202,6 +209,45 @@ impl Marks {
     }
 }
 
+/// Niceness of the uploader's threads (0 is the appends'). Uploads, and the SlateDB
+/// flushes and compactions they start, are background work: when the CPU is short they
+/// give way to appends, and catch up when it is not (settled events wait in the hot tier,
+/// bounded by the backlog limit, which pushes back on appends only if uploads fall that
+/// far behind). RocksDB lowers its compaction threads the same way.
+const UPLOAD_THREAD_NICE: i32 = 5;
+/// Worker threads of the uploader's runtime (SlateDB's background tasks run there too).
+const UPLOAD_RUNTIME_THREADS: usize = 1;
+
+/// Starts the uploader on a runtime of its own whose threads run at `UPLOAD_THREAD_NICE`.
+pub fn spawn_uploader(
+    router: Router,
+    events: Arc<EventState>,
+    runtime: Arc<TierRuntime>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let tokio_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(UPLOAD_RUNTIME_THREADS)
+        .thread_name("strata-tier")
+        .on_thread_start(lower_this_threads_priority)
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new().name("strata-tier-main".into()).spawn(move || {
+        lower_this_threads_priority();
+        tokio_runtime.block_on(run_uploader(router, events, runtime, metrics, shutdown));
+        // Background tasks (SlateDB's) are not waited for: the writer was closed above.
+        tokio_runtime.shutdown_background();
+    })
+}
+
+fn lower_this_threads_priority() {
+    // SAFETY: setpriority on this thread's own id; no memory is passed.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, UPLOAD_THREAD_NICE) };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the uploader's priority");
+    }
+}
+
 /// The leader's uploader: runs on every node, works while the node leads.
 pub async fn run_uploader(
     router: Router,
@@ -212,6 +258,7 @@ pub async fn run_uploader(
 ) {
     let mut writer: Option<(TierWriter, u64)> = None;
     let mut marks = Marks::new();
+    let mut batch = Batch::default();
     let mut last_scavenge = std::time::Instant::now();
     loop {
         tokio::select! {
@@ -225,10 +272,11 @@ pub async fn run_uploader(
                 old.close().await;
             }
             marks = Marks::new();
+            batch = Batch::default();
             continue;
         }
         let term = raft_metrics.current_term;
-        let mut outcome = upload_settled(&router, &events, &runtime, &metrics, &mut writer, &mut marks, term).await;
+        let mut outcome = upload_settled(&router, &events, &runtime, &metrics, &mut writer, &mut marks, &mut batch, term).await;
         if outcome.is_ok() && last_scavenge.elapsed() >= runtime.scavenge_interval {
             last_scavenge = std::time::Instant::now();
             outcome = scavenge_tier(&router, &events, &runtime, &metrics, &mut writer, term).await;
@@ -255,6 +303,7 @@ async fn upload_settled(
     metrics: &Metrics,
     writer: &mut Option<(TierWriter, u64)>,
     marks: &mut Marks,
+    batch: &mut Batch,
     term: u64,
 ) -> anyhow::Result<()> {
     let mut watermark = events.tier_state()?.watermark;
@@ -271,9 +320,10 @@ async fn upload_settled(
     let settled = marks.settled_end(watermark, head, runtime.window, now_unix_ms());
     runtime.backlog_events.store(settled.saturating_sub(watermark), Ordering::Release);
     let target = settled.max(forced);
-    if target <= watermark {
+    if target <= watermark || !batch.ready(target - watermark, forced > watermark) {
         return Ok(());
     }
+    *batch = Batch::default();
     let tier_writer = ensure_writer(router, runtime, writer, term).await?;
     while watermark < target {
         let started = std::time::Instant::now();
@@ -308,6 +358,20 @@ async fn upload_settled(
         runtime.backlog_events.store(settled.saturating_sub(watermark), Ordering::Release);
     }
     Ok(())
+}
+
+/// When settled events are worth an upload: enough of them, or waiting long enough.
+#[derive(Default)]
+struct Batch {
+    /// When the uploader first saw settled events it did not upload yet.
+    waiting_since: Option<std::time::Instant>,
+}
+
+impl Batch {
+    fn ready(&mut self, settled_events: u64, forced: bool) -> bool {
+        let since = *self.waiting_since.get_or_insert_with(std::time::Instant::now);
+        forced || settled_events >= UPLOAD_BATCH_EVENTS || since.elapsed() >= UPLOAD_BATCH_WAIT
+    }
 }
 
 /// The tier writer of this leader's `term`, opened (and the tier claimed) if needed.
@@ -517,6 +581,16 @@ mod tests {
         assert_eq!(marks.settled_end(0, 30, window(1000, u64::MAX, 2), now), 10, "only the first is older than 2 s");
         assert_eq!(marks.settled_end(0, 30, window(0, u64::MAX, 3600), now), 30, "an empty window settles everything");
         assert_eq!(marks.settled_end(0, 30, window(1000, u64::MAX, 3600), now), 0);
+    }
+
+    #[test]
+    fn an_upload_waits_for_a_batch_unless_forced_or_waited_long_enough() {
+        let mut batch = Batch::default();
+        assert!(!batch.ready(10, false), "a few settled events wait for more");
+        assert!(batch.ready(10, true), "tiering on request goes at once");
+        assert!(batch.ready(UPLOAD_BATCH_EVENTS, false), "a full batch goes");
+        let mut waited = Batch { waiting_since: Some(std::time::Instant::now() - UPLOAD_BATCH_WAIT) };
+        assert!(waited.ready(1, false), "events that waited long enough go");
     }
 
     #[test]

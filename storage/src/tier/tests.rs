@@ -104,6 +104,8 @@ async fn a_corrupt_chunk_is_detected_not_served() {
     // A chunk sealed under another key: what a flipped bit or a misplaced write looks like.
     let good = crate::record::seal_value("x", &layout::chunk(2), &chunks(1)[0]).unwrap();
     let handle = writer.db_for_tests().put(layout::chunk(5), good).await.unwrap();
+    // The writer has no WAL: a put is durable once its memtable is flushed.
+    writer.db_for_tests().flush().await.unwrap();
     handle.await_durable().await.unwrap();
     writer.close().await;
     let reader = TierReader::new(store);

@@ -58,7 +58,15 @@ impl TierWriter {
     /// Opens (creating if needed) the tier database for the leader of `term`.
     pub async fn open(store: &TierStore, term: u64, node_id: u64) -> Result<Self, TierError> {
         let settings = Settings {
-            flush_interval: Some(Duration::from_millis(50)),
+            // No WAL: every upload is one write batch that `durable` flushes straight into an
+            // L0 table. A WAL would write each uploaded byte twice (WAL table, then L0) for
+            // nothing: an upload is only acknowledged (the watermark committed through Raft)
+            // once it is durable, and a lost memtable is uploaded again from the hot tier.
+            // Fencing still holds: the L0 flush commits SlateDB's manifest, which a newer
+            // writer epoch refuses.
+            wal_enabled: false,
+            // Flushes happen when an upload asks for durability, not on a timer.
+            flush_interval: None,
             object_store_max_retries: Some(STORE_RETRIES_MAX),
             max_unflushed_bytes: WRITER_UNFLUSHED_BYTES_MAX,
             compactor_options: Some(slatedb::config::CompactorOptions {
@@ -118,8 +126,12 @@ impl TierWriter {
 
     async fn durable(&self, handle: slatedb::WriteHandle) -> Result<(), TierError> {
         // `put` returns before the write is in the object store, and a fenced writer's put
-        // still returns Ok: only waiting for durability tells.
-        tokio::time::timeout(TIER_WRITE_TIMEOUT, handle.await_durable())
+        // still returns Ok: only the flush of the memtable (which commits the manifest under
+        // this writer's epoch) and waiting for durability tell.
+        tokio::time::timeout(TIER_WRITE_TIMEOUT, async {
+            self.db.flush().await?;
+            handle.await_durable().await
+        })
             .await
             .map_err(|_| TierError::Store("a tier write did not become durable in time".into()))??;
         Ok(())
