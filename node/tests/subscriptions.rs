@@ -221,6 +221,18 @@ async fn stream_subscriptions_start_at_a_version_and_checkpoints_flow_while_noth
         ..Default::default()
     };
     let mut quiet = subscribe(&cluster, 1, request).await;
+    // Caught up first (at position 10), so what follows can only reach the head as checkpoints:
+    // appends racing the subscription's first look would be covered by its CaughtUp instead.
+    loop {
+        match next(&mut quiet).await {
+            M::CaughtUp(c) => {
+                assert_eq!(c.position, Some(10));
+                break;
+            }
+            M::Event(e) => panic!("nothing matches, yet {e:?} came"),
+            _ => {}
+        }
+    }
     for n in 12..=14 {
         append(&cluster, "other", vec![event(n, "Noise", "{}", "")]).await;
     }
@@ -229,7 +241,6 @@ async fn stream_subscriptions_start_at_a_version_and_checkpoints_flow_while_noth
     loop {
         match next(&mut quiet).await {
             M::Checkpoint(c) if c.position == Some(head) => break,
-            M::CaughtUp(c) if c.position == Some(head) => {}
             M::Event(e) => panic!("nothing matches, yet {e:?} came"),
             _ => {}
         }
