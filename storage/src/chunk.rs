@@ -22,6 +22,92 @@ pub struct EventChunk {
     pub events: Vec<NewEvent>,
 }
 
+/// A stored chunk read for its keys only (stream, versions, positions, event ids): the
+/// payloads are borrowed from the record, not copied. Releases and the uploader's marks
+/// look at every settled chunk once, and need nothing else of it.
+///
+/// Field for field the layout of [`EventChunk`] (bincode is not self-describing, so the
+/// unused fields must still be read, as borrowed slices).
+#[derive(Debug, Deserialize)]
+pub struct ChunkView<'a> {
+    pub stream: &'a str,
+    pub first_version: u64,
+    pub first_position: u64,
+    pub created_unix_ms: i64,
+    #[serde(borrow)]
+    pub events: Vec<EventView<'a>>,
+}
+
+/// One event of a [`ChunkView`]: its id, and the rest borrowed.
+#[derive(Debug, Deserialize)]
+pub struct EventView<'a> {
+    pub id: [u8; 16],
+    // Read to step over them (and checked in tests); nothing else needs them.
+    #[allow(dead_code)]
+    pub event_type: &'a str,
+    #[allow(dead_code)]
+    pub content_type: &'a str,
+    #[allow(dead_code)]
+    pub data: &'a [u8],
+    #[allow(dead_code)]
+    pub metadata: &'a [u8],
+}
+
+impl ChunkView<'_> {
+    pub fn len(&self) -> u64 {
+        self.events.len() as u64
+    }
+
+    /// One past the last position.
+    pub fn end_position(&self) -> u64 {
+        self.first_position + self.len()
+    }
+}
+
+/// A chunk on its way to the tier: its keys, and its bincode encoding as stored locally
+/// (the uploader passes whole stored chunks through without decoding their payloads).
+#[derive(Debug, Clone)]
+pub struct EncodedChunk {
+    pub stream: String,
+    pub first_version: u64,
+    pub first_position: u64,
+    pub ids: Vec<[u8; 16]>,
+    pub encoded: Vec<u8>,
+}
+
+impl EncodedChunk {
+    /// Encodes `chunk`.
+    pub fn of(chunk: &EventChunk) -> Result<Self, bincode::Error> {
+        Ok(Self {
+            stream: chunk.stream.clone(),
+            first_version: chunk.first_version,
+            first_position: chunk.first_position,
+            ids: chunk.events.iter().map(|e| e.id).collect(),
+            encoded: bincode::serialize(chunk)?,
+        })
+    }
+
+    /// Takes a stored chunk's `encoded` bytes as they are, with the keys of its `view`.
+    pub fn from_stored(view: &ChunkView<'_>, encoded: &[u8]) -> Self {
+        Self {
+            stream: view.stream.to_owned(),
+            first_version: view.first_version,
+            first_position: view.first_position,
+            ids: view.events.iter().map(|e| e.id).collect(),
+            encoded: encoded.to_vec(),
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.ids.len() as u64
+    }
+
+    /// One past the last position.
+    pub fn end_position(&self) -> u64 {
+        self.first_position + self.len()
+    }
+}
+
 impl EventChunk {
     pub fn len(&self) -> u64 {
         self.events.len() as u64
@@ -134,5 +220,45 @@ impl EventChunk {
                 metadata: event.metadata,
             }],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_reads_the_keys_of_a_stored_chunk_and_borrows_the_rest() {
+        let chunk = EventChunk {
+            stream: "orders-7".into(),
+            first_version: 41,
+            first_position: 1_000,
+            created_unix_ms: 1_700_000_000_000,
+            events: (0..3u8)
+                .map(|n| NewEvent {
+                    id: [n + 1; 16],
+                    event_type: format!("Type{n}"),
+                    content_type: "application/json".into(),
+                    data: vec![n; 300],
+                    metadata: vec![7; n as usize],
+                })
+                .collect(),
+        };
+        let encoded = bincode::serialize(&chunk).unwrap();
+        let view: ChunkView = bincode::deserialize(&encoded).unwrap();
+        assert_eq!((view.stream, view.first_version, view.first_position, view.created_unix_ms), ("orders-7", 41, 1_000, chunk.created_unix_ms));
+        assert_eq!(view.end_position(), chunk.end_position());
+        for (seen, stored) in view.events.iter().zip(&chunk.events) {
+            assert_eq!((seen.id, seen.event_type, seen.content_type), (stored.id, stored.event_type.as_str(), stored.content_type.as_str()));
+            assert_eq!((seen.data, seen.metadata), (&stored.data[..], &stored.metadata[..]));
+        }
+        // Borrowed: the payload slices point into the encoded record.
+        let range = encoded.as_ptr_range();
+        assert!(range.contains(&view.events[2].data.as_ptr()));
+        // Passed through as stored, it is what encoding the chunk gives.
+        let passed = EncodedChunk::from_stored(&view, &encoded);
+        let fresh = EncodedChunk::of(&chunk).unwrap();
+        assert_eq!(fresh.end_position(), chunk.end_position());
+        assert_eq!((passed.stream, passed.ids, passed.encoded), (fresh.stream, fresh.ids, fresh.encoded));
     }
 }

@@ -56,6 +56,16 @@ pub fn open_value<T: serde::de::DeserializeOwned>(
     bincode::deserialize(payload).map_err(|_| StorageError::Corrupt { what, key: printable_key(key) })
 }
 
+/// Opens a sealed record and bincode-decodes a view that borrows from it.
+pub fn open_view<'a, T: serde::Deserialize<'a>>(what: &'static str, key: &[u8], record: &'a [u8]) -> Result<T, StorageError> {
+    decode_view(what, key, open(what, key, record)?)
+}
+
+/// Bincode-decodes a view that borrows from `payload`, an opened record's payload.
+pub fn decode_view<'a, T: serde::Deserialize<'a>>(what: &'static str, key: &[u8], payload: &'a [u8]) -> Result<T, StorageError> {
+    bincode::deserialize(payload).map_err(|_| StorageError::Corrupt { what, key: printable_key(key) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

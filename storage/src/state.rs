@@ -23,7 +23,7 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::EventChunk;
+use crate::chunk::{ChunkView, EncodedChunk, EventChunk};
 use crate::filter_store;
 use crate::id_filter::IdFilter;
 use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, NewEvent, StoredEvent};
@@ -324,12 +324,13 @@ impl EventState {
         let mut new_floor = self.floor();
         for item in tree.range(keys::event(new_floor)..keys::event(watermark)) {
             let (key, value) = item?;
-            let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
+            // Only the keys: the payloads are not copied.
+            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
             if chunk.end_position() > watermark || released >= limit {
                 break;
             }
             batch.remove(key);
-            batch.remove(keys::stream_index(&chunk.stream, chunk.first_version));
+            batch.remove(keys::stream_index(chunk.stream, chunk.first_version));
             for event in &chunk.events {
                 batch.remove(&keys::event_id(&event.id)[..]);
             }
@@ -926,12 +927,22 @@ impl EventState {
         let (_guard, floor) = self.local_reads();
         let from = from.max(floor);
         let mut out = Vec::new();
-        for item in chunks_covering(&self.tree(), from, to)?.take(max) {
-            let (bytes, chunk) = item?;
+        let tree = self.tree();
+        let start = chunk_start(&tree, from)?;
+        for item in tree.range(keys::event(start)..keys::event(to)) {
+            if out.len() >= max {
+                break;
+            }
+            let (key, value) = item?;
+            // Only the keys: the payloads are not copied.
+            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+            if chunk.end_position() <= from {
+                continue;
+            }
             out.push(ChunkMark {
                 first_position: chunk.first_position.max(from),
                 end_position: chunk.end_position(),
-                bytes: bytes as u64,
+                bytes: value.len() as u64,
                 created_unix_ms: chunk.created_unix_ms,
             });
         }
@@ -940,27 +951,39 @@ impl EventState {
 
     /// The locally held chunks covering `[from, to)` exactly (the first and last cut to
     /// fit), stopping early after `max_bytes` of encoded chunks; for the tier uploader.
-    pub(crate) fn chunks_in(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<EventChunk>, StorageError> {
+    pub(crate) fn chunks_in(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<EncodedChunk>, StorageError> {
         let (_guard, floor) = self.local_reads();
         if from < floor {
             return Err(StorageError::Corrupt { what: "upload below the local floor", key: from.to_string() });
         }
         let mut out = Vec::new();
         let mut total = 0usize;
-        for item in chunks_covering(&self.tree(), from, to)? {
-            let (bytes, chunk) = item?;
-            if !out.is_empty() && total + bytes > max_bytes {
+        let tree = self.tree();
+        let start = chunk_start(&tree, from)?;
+        for item in tree.range(keys::event(start)..keys::event(to)) {
+            let (key, value) = item?;
+            let payload = record::open("event chunk", &key, &value)?;
+            let view: ChunkView = record::decode_view("event chunk", &key, payload)?;
+            if view.end_position() <= from {
+                continue;
+            }
+            if !out.is_empty() && total + value.len() > max_bytes {
                 break;
             }
-            total += bytes;
-            let mut chunk = chunk.cut(from, to);
+            total += value.len();
             // What was scavenged (replicated) goes up as placeholders even where this
             // node has not rewritten its own copy yet: the tier's scavenge pass starts
             // from its mark and would not come back for it.
-            if let Some(meta) = self.stream_meta(&chunk.stream)? {
-                chunk.scavenge_below(meta.scavenged_before);
+            let scavenged_before = self.stream_meta(view.stream)?.map_or(0, |meta| meta.scavenged_before);
+            if view.first_position >= from && view.end_position() <= to && scavenged_before <= view.first_version {
+                // The common case: the stored chunk goes up as it is, payloads not decoded.
+                out.push(EncodedChunk::from_stored(&view, payload));
+                continue;
             }
-            out.push(chunk);
+            let chunk: EventChunk = record::decode_view("event chunk", &key, payload)?;
+            let mut chunk = chunk.cut(from, to);
+            chunk.scavenge_below(scavenged_before);
+            out.push(EncodedChunk::of(&chunk).map_err(|_| StorageError::Encode { what: "event chunk" })?);
         }
         Ok(out)
     }
@@ -1370,24 +1393,6 @@ fn chunk_start(tree: &sled::Tree, position: u64) -> Result<u64, StorageError> {
         Some(item) => decode_chunk_key(&item?.0),
         None => Ok(position),
     }
-}
-
-/// The stored chunks that hold positions in `[from, to)`, in position order, each with its
-/// encoded size.
-fn chunks_covering(
-    tree: &sled::Tree,
-    from: u64,
-    to: u64,
-) -> Result<impl Iterator<Item = Result<(usize, EventChunk), StorageError>>, StorageError> {
-    let start = chunk_start(tree, from)?;
-    Ok(tree
-        .range(keys::event(start)..keys::event(to))
-        .map(|item| {
-            let (key, value) = item?;
-            let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
-            Ok((value.len(), chunk))
-        })
-        .filter(move |item| !matches!(item, Ok((_, chunk)) if chunk.end_position() <= from)))
 }
 
 /// The chunk whose first position is `position`.

@@ -8,7 +8,7 @@ use slatedb::{Db, WriteBatch};
 use super::layout;
 use super::store::TierStore;
 use super::TierError;
-use crate::chunk::EventChunk;
+use crate::chunk::{EncodedChunk, EventChunk};
 use crate::record;
 
 /// Longest a segment write may take to become durable before the upload counts as failed
@@ -146,22 +146,32 @@ impl TierWriter {
     /// with their index entries and the new uploaded-through mark, and returns once they
     /// are durable in the object store.
     pub async fn write_segment(&mut self, chunks: &[EventChunk]) -> Result<SegmentStats, TierError> {
+        let encoded = chunks
+            .iter()
+            .map(EncodedChunk::of)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| crate::StorageError::Encode { what: "tier event chunk" })?;
+        self.write_encoded(&encoded).await
+    }
+
+    /// [`TierWriter::write_segment`] of chunks already encoded.
+    async fn write_encoded(&mut self, chunks: &[EncodedChunk]) -> Result<SegmentStats, TierError> {
         let mut batch = WriteBatch::new();
         let mut stats = SegmentStats::default();
         let mut end = self.uploaded_through;
         for chunk in chunks {
-            assert!(!chunk.events.is_empty(), "a chunk holds events");
+            assert!(!chunk.ids.is_empty(), "a chunk holds events");
             let last_position = chunk.end_position() - 1;
             let last_version = chunk.first_version + chunk.len() - 1;
             let key = layout::chunk(last_position);
-            let value = record::seal_value("tier event chunk", &key, chunk)?;
+            let value = record::seal(&key, &chunk.encoded);
             stats.bytes += value.len() as u64;
             batch.put(key, value);
             let key = layout::stream(&chunk.stream, last_version);
             let value = record::seal(&key, &layout::encode_span(chunk.first_position, last_position));
             batch.put(key, value);
-            for (offset, event) in chunk.events.iter().enumerate() {
-                let key = layout::event_id(&event.id);
+            for (offset, id) in chunk.ids.iter().enumerate() {
+                let key = layout::event_id(id);
                 let position = chunk.first_position + offset as u64;
                 batch.put(key, record::seal(&key, &position.to_be_bytes()));
             }
@@ -191,7 +201,7 @@ impl TierWriter {
             .await
             .map_err(|e| TierError::Store(format!("reading a segment failed: {e}")))??;
         let Some(end) = chunks.last().map(|c| c.end_position()) else { return Ok((SegmentStats::default(), from)) };
-        let stats = self.write_segment(&chunks).await?;
+        let stats = self.write_encoded(&chunks).await?;
         Ok((stats, end))
     }
 
