@@ -225,7 +225,7 @@ pub fn spawn_uploader(
     runtime: Arc<TierRuntime>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> std::io::Result<()> {
     let tokio_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(UPLOAD_RUNTIME_THREADS)
         .thread_name("strata-tier")
@@ -237,7 +237,8 @@ pub fn spawn_uploader(
         tokio_runtime.block_on(run_uploader(router, events, runtime, metrics, shutdown));
         // Background tasks (SlateDB's) are not waited for: the writer was closed above.
         tokio_runtime.shutdown_background();
-    })
+    })?;
+    Ok(())
 }
 
 fn lower_this_threads_priority() {

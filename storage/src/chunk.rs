@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::command::{NewEvent, StoredEvent};
+use crate::StorageError;
 
 /// Most events a chunk holds when one is built from a snapshot's event stream (an append
 /// holds at most `EVENTS_PER_APPEND_MAX`, checked at the API).
@@ -77,13 +78,13 @@ pub struct EncodedChunk {
 
 impl EncodedChunk {
     /// Encodes `chunk`.
-    pub fn of(chunk: &EventChunk) -> Result<Self, bincode::Error> {
+    pub fn of(chunk: &EventChunk) -> Result<Self, StorageError> {
         Ok(Self {
             stream: chunk.stream.clone(),
             first_version: chunk.first_version,
             first_position: chunk.first_position,
             ids: chunk.events.iter().map(|e| e.id).collect(),
-            encoded: bincode::serialize(chunk)?,
+            encoded: bincode::serialize(chunk).map_err(|_| StorageError::Encode { what: "event chunk" })?,
         })
     }
 

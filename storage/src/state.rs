@@ -927,9 +927,7 @@ impl EventState {
         let (_guard, floor) = self.local_reads();
         let from = from.max(floor);
         let mut out = Vec::new();
-        let tree = self.tree();
-        let start = chunk_start(&tree, from)?;
-        for item in tree.range(keys::event(start)..keys::event(to)) {
+        for item in chunk_records(&self.tree(), from, to)? {
             if out.len() >= max {
                 break;
             }
@@ -958,9 +956,7 @@ impl EventState {
         }
         let mut out = Vec::new();
         let mut total = 0usize;
-        let tree = self.tree();
-        let start = chunk_start(&tree, from)?;
-        for item in tree.range(keys::event(start)..keys::event(to)) {
+        for item in chunk_records(&self.tree(), from, to)? {
             let (key, value) = item?;
             let payload = record::open("event chunk", &key, &value)?;
             let view: ChunkView = record::decode_view("event chunk", &key, payload)?;
@@ -983,7 +979,7 @@ impl EventState {
             let chunk: EventChunk = record::decode_view("event chunk", &key, payload)?;
             let mut chunk = chunk.cut(from, to);
             chunk.scavenge_below(scavenged_before);
-            out.push(EncodedChunk::of(&chunk).map_err(|_| StorageError::Encode { what: "event chunk" })?);
+            out.push(EncodedChunk::of(&chunk)?);
         }
         Ok(out)
     }
@@ -1393,6 +1389,12 @@ fn chunk_start(tree: &sled::Tree, position: u64) -> Result<u64, StorageError> {
         Some(item) => decode_chunk_key(&item?.0),
         None => Ok(position),
     }
+}
+
+/// The stored chunk records from the one holding `from` below `to`, in position order (the
+/// first may end before `from` when no chunk holds it: callers skip it).
+fn chunk_records(tree: &sled::Tree, from: u64, to: u64) -> Result<sled::Iter, StorageError> {
+    Ok(tree.range(keys::event(chunk_start(tree, from)?)..keys::event(to)))
 }
 
 /// The chunk whose first position is `position`.

@@ -146,11 +146,7 @@ impl TierWriter {
     /// with their index entries and the new uploaded-through mark, and returns once they
     /// are durable in the object store.
     pub async fn write_segment(&mut self, chunks: &[EventChunk]) -> Result<SegmentStats, TierError> {
-        let encoded = chunks
-            .iter()
-            .map(EncodedChunk::of)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| crate::StorageError::Encode { what: "tier event chunk" })?;
+        let encoded = chunks.iter().map(EncodedChunk::of).collect::<Result<Vec<_>, _>>()?;
         self.write_encoded(&encoded).await
     }
 
