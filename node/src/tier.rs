@@ -39,9 +39,6 @@ pub const SEGMENT_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const TIER_MARKS_MAX: usize = 1_000_000;
 /// Chunk marks read per tick (the rest next tick): bounds one tick's work.
 const MARKS_PER_TICK_MAX: usize = 100_000;
-/// Events released per release tick (at most; one sled batch per turn of the apply
-/// gate): 400 k events/s, well above what a node appends, so the local copy keeps up.
-const RELEASE_EVENTS_PER_TICK: usize = 200_000;
 /// What an append refused for the tiering backlog is told to wait.
 const BACKLOG_RETRY_AFTER_MS: u64 = 1_000;
 /// Settled events the uploader lets gather before it uploads them (unless asked to tier
@@ -477,7 +474,7 @@ pub async fn run_releaser(
                 continue;
             }
         }
-        match machine.release_tiered(watermark, RELEASE_EVENTS_PER_TICK).await {
+        match machine.release_tiered(watermark).await {
             Ok(0) => {}
             Ok(released) => {
                 let state = events.clone();

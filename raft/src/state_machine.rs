@@ -149,21 +149,12 @@ impl StateMachine {
         self
     }
 
-    /// Drops the local copy of history below `watermark` (durable in the tier and visible
-    /// to this node's tier reader), at most `max_events` of it, between applies: one
-    /// sled batch (`EventState::release_below`) per turn of the apply gate, so that
-    /// applies (and the appends waiting on them) never queue behind a long release.
-    pub async fn release_tiered(&self, watermark: u64, max_events: usize) -> Result<u64, io::Error> {
-        let mut released = 0u64;
-        while (released as usize) < max_events {
-            let left = max_events - released as usize;
-            let dropped = self.in_gate_turn(move |state| state.release_below(watermark, left)).await?;
-            if dropped == 0 {
-                break;
-            }
-            released += dropped;
-        }
-        Ok(released)
+    /// Releases the local copy of history below `watermark` (durable in the tier and
+    /// visible to this node's tier reader): `EventState::release_below` moves the floor,
+    /// in a turn of the apply gate, so that no apply decides on ids between the floor's
+    /// two positions. The released records stay in the file until the next compaction.
+    pub async fn release_tiered(&self, watermark: u64) -> Result<u64, io::Error> {
+        self.in_gate_turn(move |state| state.release_below(watermark)).await
     }
 
     /// Compacts the applied state's database when it is due, one step

@@ -362,7 +362,7 @@ mod tests {
         while tier.uploaded_through().await.unwrap() < watermark {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        state.release_below(watermark, usize::MAX).unwrap();
+        state.release_below(watermark).unwrap();
         assert!(state.floor() > 0 && state.floor() <= watermark);
         (EventReader::new(state, Some(tier)), all)
     }

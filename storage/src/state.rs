@@ -13,7 +13,12 @@
 //!   `floor` is in the tier (`floor` ≤ the replicated tier watermark). The floor moves only
 //!   in [`EventState::release_below`], under the release lock that local reads hold, so a
 //!   read sees the local part whole or not at all; stream heads and the control state
-//!   stay local whatever their events' tier.
+//!   stay local whatever their events' tier;
+//! - records below the floor (chunks, and index entries pointing there) are dead: every
+//!   lookup treats them as absent, and the next compaction leaves them behind
+//!   ([`EventState::compact_step`]). Releasing deletes nothing itself: deleting each
+//!   record cost a node about as much as writing it, and sled gives the space of deleted
+//!   records back only through a compaction anyway.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
@@ -33,7 +38,7 @@ use crate::keys;
 use crate::record;
 use crate::retention::{self, MetaStreams, StreamMeta};
 use crate::state_home::{Retired, StateHome};
-use crate::{DurableFlush, StorageError, RETIRED_STATE_GRACE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES};
+use crate::{DurableFlush, StorageError, RETIRED_STATE_GRACE, STATE_COMPACT_DEAD_PER_LIVE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES};
 
 const META_APPLIED: &str = "applied";
 const META_NEXT_POSITION: &str = "next_position";
@@ -51,11 +56,6 @@ pub const ID_FILTER_STORE_EVENTS: u64 = 1_000_000;
 /// the tier before the batch is staged (by id).
 pub type ColdEvents = HashMap<[u8; 16], StoredEvent>;
 
-/// Events released from the local store per sled batch: bounds one batch's memory and
-/// how long applies and readers wait on a release (batches of 20,000 held appends up for
-/// hundreds of milliseconds: p99 append latency 283 ms with uploads against 46 without;
-/// 2,000: 133 ms; 500: 84 ms, at the same throughput).
-pub const RELEASE_BATCH_EVENTS_MAX: usize = 500;
 /// Records a compaction step copies (one sled batch): bounds how long applies and local
 /// reads wait on a step.
 pub const COMPACT_STEP_RECORDS: usize = 2_000;
@@ -133,6 +133,9 @@ pub struct EventState {
     retired: Retired,
     /// Bytes of the live state copied by the last compaction (0: none yet).
     compacted_bytes: AtomicU64,
+    /// Events released (left dead in the file) since the last compaction started; at
+    /// open, all below the floor, since this file may still hold them.
+    released_since_compaction: AtomicU64,
     /// The compaction under way, if any (see [`EventState::compact_step`]).
     compacting: std::sync::Mutex<Option<Compaction>>,
     visible_next_position: AtomicU64,
@@ -197,6 +200,7 @@ impl EventState {
             home: RwLock::new(home),
             retired: Retired::default(),
             compacted_bytes: AtomicU64::new(0),
+            released_since_compaction: AtomicU64::new(floor),
             compacting: std::sync::Mutex::new(None),
             visible_next_position: AtomicU64::new(next_position),
             ids,
@@ -292,12 +296,12 @@ impl EventState {
         }
         // Until a restart's gap is filled the filter may lack released ids: ask the tier.
         let complete = self.id_filter_gap().is_none();
-        let tree = self.tree();
+        let (tree, floor) = (self.tree(), self.floor());
         let mut out = Vec::new();
         for command in commands {
             let Some(Command::Appends(appends)) = command else { continue };
             for event in appends.iter().flat_map(|a| a.events.iter()) {
-                if (!complete || self.ids.may_contain(&event.id)) && tree.get(keys::event_id(&event.id))?.is_none() {
+                if (!complete || self.ids.may_contain(&event.id)) && local_id_position(&tree, &event.id, floor)?.is_none() {
                     out.push(event.id);
                 }
             }
@@ -305,47 +309,40 @@ impl EventState {
         Ok(out)
     }
 
-    /// Drops the local copy of whole chunks below `watermark` (which must be durable in the
-    /// tier and visible to this node's tier reader) in one sled batch of at most
-    /// `max_events` and [`RELEASE_BATCH_EVENTS_MAX`] events; returns the events dropped
-    /// (0: nothing left below the watermark, or a snapshot is being built). The in-memory
-    /// id filter keeps their ids; it is stored now and then
+    /// Releases the local copy of the whole chunks below `watermark` (which must be durable
+    /// in the tier and visible to this node's tier reader) by moving the floor past them;
+    /// returns the events released (0: nothing below the watermark, or a snapshot is being
+    /// built). Their records stay in the file, dead, until the next compaction; the
+    /// in-memory id filter keeps their ids, stored now and then
     /// ([`EventState::store_id_filter_if_due`]) and the rest re-read from the tier after a
     /// restart. Never runs while a Raft snapshot is built, nor concurrently with an apply
-    /// (the caller serialises it with applies, one batch at a time).
-    pub fn release_below(&self, watermark: u64, max_events: usize) -> Result<u64, StorageError> {
+    /// (the caller serialises it with applies).
+    pub fn release_below(&self, watermark: u64) -> Result<u64, StorageError> {
         if self.snapshots_building.load(Ordering::Acquire) > 0 {
             return Ok(0);
         }
-        let limit = max_events.min(RELEASE_BATCH_EVENTS_MAX);
-        let tree = self.tree();
-        let mut batch = sled::Batch::default();
-        let mut released = 0usize;
-        let mut new_floor = self.floor();
-        for item in tree.range(keys::event(new_floor)..keys::event(watermark)) {
-            let (key, value) = item?;
-            // Only the keys: the payloads are not copied.
-            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
-            if chunk.end_position() > watermark || released >= limit {
-                break;
-            }
-            batch.remove(key);
-            batch.remove(keys::stream_index(chunk.stream, chunk.first_version));
-            for event in &chunk.events {
-                batch.remove(&keys::event_id(&event.id)[..]);
-            }
-            released += chunk.events.len();
-            new_floor = chunk.end_position();
+        let floor = self.floor();
+        if watermark <= floor {
+            return Ok(0);
         }
-        if released == 0 {
+        // The watermark may cut a chunk: the floor stops at the start of that chunk, or at
+        // its end if it ends exactly at the watermark.
+        let tree = self.tree();
+        let Some(item) = tree.range(keys::event(floor)..=keys::event(watermark)).next_back() else { return Ok(0) };
+        let (key, value) = item?;
+        let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+        let new_floor = if chunk.end_position() <= watermark { chunk.end_position() } else { chunk.first_position };
+        if new_floor <= floor {
             return Ok(0);
         }
         let key = keys::meta(META_FLOOR);
+        let mut batch = sled::Batch::default();
         batch.insert(key.clone(), record::seal(&key, &new_floor.to_be_bytes()));
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
         self.write_live(&tree, batch)?;
         self.floor.store(new_floor, Ordering::Release);
-        Ok(released as u64)
+        self.released_since_compaction.fetch_add(new_floor - floor, Ordering::AcqRel);
+        Ok(new_floor - floor)
     }
 
     /// Rewrites this node's copy of `stream`'s events from `from_version` up to its
@@ -368,8 +365,11 @@ impl EventState {
         for item in tree.range(start..keys::stream_index(stream, before)) {
             let (key, value) = item?;
             let position = decode_position("stream index entry", &key, &value)?;
+            if position < self.floor() {
+                continue; // the tier's to scavenge
+            }
             let Some(mut chunk) = read_chunk(&tree, position)? else {
-                // Released to the tier since the index was read.
+                // Dropped by a compaction since the index was read.
                 continue;
             };
             let changed = chunk.scavenge_below(before);
@@ -446,11 +446,21 @@ impl EventState {
         };
         if let Some(from) = compaction.next_key.take() {
             let mut batch = sled::Batch::default();
+            // Stable during the step: releases take the release lock held here.
+            let floor = self.floor();
             for (records, item) in self.tree().range(from..).enumerate() {
                 let (key, value) = item?;
                 if records == COMPACT_STEP_RECORDS {
                     compaction.next_key = Some(key.to_vec());
                     break;
+                }
+                if key.first() == Some(&keys::EVENT) && decode_chunk_key(&key)? < floor {
+                    // Released chunks, the bulk of the dead records, are skipped whole.
+                    compaction.next_key = Some(keys::event(floor).to_vec());
+                    break;
+                }
+                if is_released_record(&key, &value, floor)? {
+                    continue;
                 }
                 compaction.copied_bytes += (key.len() + value.len()) as u64;
                 batch.insert(key, value);
@@ -494,9 +504,18 @@ impl EventState {
         let file_bytes = self.home.read().expect("state home lock is never poisoned").file_bytes(&self.data_dir);
         let live_bytes = self.compacted_bytes.load(Ordering::Acquire);
         let local_events = self.next_position().saturating_sub(self.floor());
-        if snapshot_building || local_events > STATE_COMPACT_EVENTS_MAX || file_bytes < min_bytes.max(live_bytes.saturating_mul(STATE_COMPACT_GROWTH)) {
+        // Only once the dead events outnumber the live ones `STATE_COMPACT_DEAD_PER_LIVE`
+        // times: before that the file's growth is mostly sled's own, which a copy does not
+        // shrink for long, while the copy competes with applies.
+        let released = self.released_since_compaction.load(Ordering::Acquire);
+        if snapshot_building
+            || local_events > STATE_COMPACT_EVENTS_MAX
+            || released < local_events.max(1).saturating_mul(STATE_COMPACT_DEAD_PER_LIVE)
+            || file_bytes < min_bytes.max(live_bytes.saturating_mul(STATE_COMPACT_GROWTH))
+        {
             return Ok(CompactStep::Idle);
         }
+        self.released_since_compaction.fetch_sub(released, Ordering::AcqRel);
         let fresh = StateHome::create_next(&self.data_dir)?;
         tracing::info!(file_bytes, live_bytes, local_events, fresh = %fresh.name(), "compacting the state into a fresh generation");
         *compacting = Some(Compaction { fresh, next_key: Some(Vec::new()), copied_bytes: 0, file_bytes, started: std::time::Instant::now() });
@@ -587,7 +606,7 @@ impl EventState {
         cold: &ColdEvents,
     ) -> Result<(Vec<EntryOutcome>, StagedApply), StorageError> {
         let tree = self.tree();
-        let mut writer = BatchWriter::new(&tree, self.next_position(), &self.ids, &self.meta_streams);
+        let mut writer = BatchWriter::new(&tree, self.floor(), self.next_position(), &self.ids, &self.meta_streams);
         writer.cold = Some(cold);
         let mut per_entry = Vec::with_capacity(commands.len());
         for command in commands {
@@ -679,6 +698,13 @@ impl EventState {
                 }
                 break;
             }
+            if position < floor {
+                // Released to the tier (versions follow positions: so are all before it).
+                if backwards {
+                    break;
+                }
+                continue;
+            }
             let chunk = read_chunk(&tree, position)?.ok_or_else(|| StorageError::Corrupt {
                 what: "stream index points at a missing chunk",
                 key: record::printable_key(&key),
@@ -749,6 +775,10 @@ impl EventState {
         let mut last_seen: Option<u64> = None;
         'chunks: for item in range {
             let (key, value) = item?;
+            if decode_chunk_key(&key)? < floor {
+                // Released to the tier: a backward read stops at the floor.
+                break;
+            }
             let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
             let mut events = chunk.into_events();
             if options.backwards {
@@ -853,7 +883,7 @@ impl EventState {
         let fresh_home = StateHome::create_next(&self.data_dir)?;
         let fresh = fresh_home.tree.clone();
         // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
-        let mut writer = BatchWriter::new(&fresh, floor, &self.ids, &self.meta_streams);
+        let mut writer = BatchWriter::new(&fresh, floor, floor, &self.ids, &self.meta_streams);
         // Stream heads come as records (their events may be in the tier).
         writer.heads_given = true;
         let mut chunk: Option<EventChunk> = None;
@@ -1029,6 +1059,8 @@ const REPLACE_BATCH_EVENTS_MAX: usize = 10_000;
 /// overlay so later appends in the same entry see the effects of earlier ones.
 struct BatchWriter<'t> {
     tree: &'t sled::Tree,
+    /// Records below it are released (dead): never read as local.
+    floor: u64,
     ids: &'t IdFilter,
     meta_streams: &'t MetaStreams,
     batch: sled::Batch,
@@ -1050,9 +1082,10 @@ struct BatchWriter<'t> {
 }
 
 impl<'t> BatchWriter<'t> {
-    fn new(tree: &'t sled::Tree, next_position: u64, ids: &'t IdFilter, meta_streams: &'t MetaStreams) -> Self {
+    fn new(tree: &'t sled::Tree, floor: u64, next_position: u64, ids: &'t IdFilter, meta_streams: &'t MetaStreams) -> Self {
         Self {
             tree,
+            floor,
             ids,
             meta_streams,
             batch: sled::Batch::default(),
@@ -1107,10 +1140,9 @@ impl<'t> BatchWriter<'t> {
         if !self.ids.may_contain(id) {
             return Ok(None);
         }
-        let key = keys::event_id(id);
-        match self.tree.get(key)? {
+        match local_id_position(self.tree, id, self.floor)? {
             None => Ok(self.cold.and_then(|cold| cold.get(id)).map(|event| event.position)),
-            Some(value) => Ok(Some(decode_position("event id index entry", &key, &value)?)),
+            Some(position) => Ok(Some(position)),
         }
     }
 
@@ -1430,6 +1462,25 @@ fn read_chunk_containing(tree: &sled::Tree, position: u64) -> Result<Option<Even
     Ok(chunk.contains_position(position).then_some(chunk))
 }
 
+/// The position of the event with `id` if this node holds it (not below `floor`).
+fn local_id_position(tree: &sled::Tree, id: &[u8; 16], floor: u64) -> Result<Option<u64>, StorageError> {
+    let key = keys::event_id(id);
+    let Some(value) = tree.get(key)? else { return Ok(None) };
+    let position = decode_position("event id index entry", &key, &value)?;
+    Ok((position >= floor).then_some(position))
+}
+
+/// Whether a state record belongs to history released below `floor`: a chunk there, or an
+/// index entry pointing there (a compaction leaves these behind).
+fn is_released_record(key: &[u8], value: &[u8], floor: u64) -> Result<bool, StorageError> {
+    Ok(match key.first() {
+        Some(&keys::EVENT) => decode_chunk_key(key)? < floor,
+        Some(&keys::STREAM_INDEX) => decode_position("stream index entry", key, value)? < floor,
+        Some(&keys::EVENT_ID) => decode_position("event id index entry", key, value)? < floor,
+        _ => false,
+    })
+}
+
 fn decode_chunk_key(key: &[u8]) -> Result<u64, StorageError> {
     let corrupt = || StorageError::Corrupt { what: "event chunk key", key: record::printable_key(key) };
     let bytes: [u8; 8] = key.get(1..).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?;
@@ -1496,6 +1547,12 @@ mod tests {
         state.apply(Some(&Command::Appends(appends)), b"meta").unwrap()
     }
 
+    /// Counts every event as released, so that only the file's size decides whether a
+    /// compaction is due.
+    fn as_if_all_released(state: &EventState) {
+        state.released_since_compaction.store(u64::MAX / 2, Ordering::Release);
+    }
+
     /// Runs compaction steps until idle or switched; whether it switched.
     fn compact(state: &EventState, min_bytes: u64, grace: Duration) -> bool {
         loop {
@@ -1520,6 +1577,8 @@ mod tests {
         apply(&state, vec![append("a", ExpectedVersion::Exact(1), &[4])]);
         let before = observed(&state);
         assert!(dir.path().join("state-0").is_dir(), "a fresh data dir starts with generation 0");
+        assert!(!compact(&state, 0, Duration::ZERO), "not due while nothing was released");
+        as_if_all_released(&state);
         assert!(!compact(&state, u64::MAX, Duration::ZERO), "not due below the threshold");
         assert!(compact(&state, 0, Duration::from_secs(3600)));
         assert_eq!(observed(&state), before);
@@ -1531,6 +1590,7 @@ mod tests {
         apply(&state, vec![append("a", ExpectedVersion::Exact(2), &[5])]);
         let after = observed(&state);
         assert_eq!(after.2, 5);
+        as_if_all_released(&state);
         assert!(!compact(&state, 0, Duration::ZERO), "not due until the file outgrows the live state");
         state.compacted_bytes.store(0, Ordering::Release);
         assert!(compact(&state, 0, Duration::ZERO));
@@ -1547,6 +1607,7 @@ mod tests {
     fn writes_made_while_a_compaction_copies_are_in_the_fresh_generation() {
         let (dir, state) = state();
         apply(&state, vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        as_if_all_released(&state);
         assert_eq!(state.compact_step_over(0, Duration::ZERO).unwrap(), CompactStep::Copying, "started, nothing copied yet");
         apply(&state, vec![append("a", ExpectedVersion::Exact(1), &[3])]);
         assert_eq!(state.compact_step_over(0, Duration::ZERO).unwrap(), CompactStep::Copying, "all copied");
@@ -1573,6 +1634,7 @@ mod tests {
         assert!(!dir.path().join("state-0").exists(), "the legacy tree is used where it is");
         apply(&state, vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
         let before = observed(&state);
+        as_if_all_released(&state);
         assert!(compact(&state, 0, Duration::ZERO));
         assert_eq!(observed(&state), before);
         assert!(dir.path().join("state-0").is_dir());
@@ -1782,7 +1844,7 @@ mod tests {
     fn release_drops_whole_chunks_below_the_watermark_and_keeps_heads() {
         let (dir, state) = tiered_state(3);
         assert_eq!(state.tier_state().unwrap().watermark, 3);
-        assert_eq!(state.release_below(3, usize::MAX).unwrap(), 3, "chunks [0,2) and [2,3) are below 3");
+        assert_eq!(state.release_below(3).unwrap(), 3, "chunks [0,2) and [2,3) are below 3");
         assert_eq!(state.floor(), 3);
         assert!(state.event_at(1).unwrap().is_none(), "released history is not local any more");
         assert_eq!(state.event_at(3).unwrap().unwrap().stream, "a");
@@ -1828,7 +1890,7 @@ mod tests {
         let (_dir, state) = tiered_state(3);
         let original = state.event_at(0).unwrap().unwrap();
         let second = state.event_at(1).unwrap().unwrap();
-        state.release_below(3, usize::MAX).unwrap();
+        state.release_below(3).unwrap();
         let retry = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
         let cold: ColdEvents = [(original.id, original.clone()), (second.id, second.clone())].into_iter().collect();
         let out = state.apply_entries(&[Some(&retry)], b"m", &cold).unwrap();
@@ -1856,7 +1918,7 @@ mod tests {
     #[test]
     fn a_snapshot_of_a_released_state_carries_only_the_hot_part() {
         let (dir, state) = tiered_state(3);
-        state.release_below(3, usize::MAX).unwrap();
+        state.release_below(3).unwrap();
         let file = dir.path().join("snap");
         let summary = state.export_snapshot(&file, 6).unwrap();
         assert_eq!((summary.floor_position, summary.events), (3, 3));
@@ -1872,6 +1934,41 @@ mod tests {
         assert_eq!(out[0].as_ref().unwrap().first_position, 6);
     }
 
+
+    #[test]
+    fn released_records_stay_dead_until_a_compaction_leaves_them_behind() {
+        let (dir, state) = tiered_state(4);
+        let count = |state: &EventState, prefix: u8| state.tree().scan_prefix([prefix]).count();
+        let before = (count(&state, keys::EVENT), count(&state, keys::STREAM_INDEX), count(&state, keys::EVENT_ID));
+        assert_eq!(before, (4, 4, 6), "chunks [0,2) [2,3) [3,4) [4,6); one index entry per chunk, one id per event");
+        assert_eq!(state.release_below(4).unwrap(), 4);
+        assert_eq!(state.release_below(4).unwrap(), 0, "nothing more below the watermark");
+        let event_count = count(&state, keys::EVENT);
+        assert_eq!(event_count, 4, "releasing writes only the floor");
+        // Dead records read as absent everywhere: reads, backward reads, id lookups.
+        assert!(state.event_at(3).unwrap().is_none());
+        let (a, _) = state.read_stream_local("a", 0, false, 10).unwrap();
+        assert!(a.is_empty(), "stream a's events are all below the floor");
+        let (back, _) = state.read_stream_local("c", u64::MAX, true, 10).unwrap();
+        assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 0]);
+        let options = ReadAllOptions { from_position: 5, backwards: true, limit: 10, scan_limit: 10, filter: &|_| true };
+        let (events, next, floor) = state.read_all_local(&options).unwrap();
+        assert_eq!((events.iter().map(|e| e.position).collect::<Vec<_>>(), next, floor), (vec![5, 4], Some(3), 4));
+        let retry = Command::Appends(vec![append("a", ExpectedVersion::Any, &[4])]);
+        assert_eq!(state.ids_to_resolve(&[Some(&retry)]).unwrap(), vec![[4u8; 16]], "a released id is the tier's to answer");
+        // A compaction is due only once the dead outnumber the live enough.
+        assert_eq!(state.released_since_compaction.load(Ordering::Acquire), 4);
+        assert!(!compact(&state, 0, Duration::ZERO), "4 dead events do not make a compaction worth it beside 2 live ones");
+        state.released_since_compaction.store(2 * STATE_COMPACT_DEAD_PER_LIVE, Ordering::Release);
+        let seen = observed(&state);
+        assert!(compact(&state, 0, Duration::ZERO));
+        assert_eq!(observed(&state), seen);
+        assert_eq!((count(&state, keys::EVENT), count(&state, keys::STREAM_INDEX), count(&state, keys::EVENT_ID)), (1, 1, 2), "only [4,6) is left");
+        assert_eq!(state.ids_to_resolve(&[Some(&retry)]).unwrap(), vec![[4u8; 16]]);
+        drop(state);
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
+        assert_eq!((reopened.floor(), reopened.released_since_compaction.load(Ordering::Acquire)), (4, 4), "after a restart, all below the floor may be dead");
+    }
 
     #[test]
     fn deleting_a_stream_soft_then_hard() {

@@ -33,6 +33,11 @@ pub const STATE_SLED_CACHE_BYTES: u64 = 192 * 1024 * 1024;
 pub const STATE_COMPACT_MIN_BYTES: u64 = 256 * 1024 * 1024;
 /// ...and to this many times the live state measured at the last compaction.
 pub const STATE_COMPACT_GROWTH: u64 = 4;
+/// ...and once this many times as many events were released (are dead in the file) as
+/// are held: a compaction copies the held events, about as costly as applying them, so
+/// copying stays near an eighth of applying. (A compaction per 256 MiB cost appends
+/// during uploads more than deleting each released record had.)
+pub const STATE_COMPACT_DEAD_PER_LIVE: u64 = 8;
 /// Compactions copy the live state with applies held off, so only a state this small (in
 /// events held locally) is compacted: with tiering it is the hot window.
 pub const STATE_COMPACT_EVENTS_MAX: u64 = 1_000_000;
