@@ -463,12 +463,12 @@ impl EventState {
                     compaction.next_key = Some(key.to_vec());
                     break;
                 }
-                if key.first() == Some(&keys::EVENT) && decode_chunk_key(&key)? < floor {
-                    // Released chunks, the bulk of the dead records, are skipped whole.
-                    compaction.next_key = Some(keys::event(floor).to_vec());
-                    break;
-                }
                 if is_released_record(&key, &value, floor)? {
+                    if key.first() == Some(&keys::EVENT) {
+                        // Released chunks, the bulk of the dead records, are skipped whole.
+                        compaction.next_key = Some(keys::event(floor).to_vec());
+                        break;
+                    }
                     continue;
                 }
                 compaction.copied_bytes += (key.len() + value.len()) as u64;
