@@ -1,0 +1,236 @@
+//! Connections of the gRPC port, both ways: the server's incoming stream (TLS or plain,
+//! at most [`ConnectionLimits::max`] at once) and the client's TLS connector for tonic.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::{ClientTls, NodeTls, carries_name};
+
+/// Longest a TLS handshake may take before the connection is dropped: a client that
+/// opens a socket and says nothing holds a connection slot only this long.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Accepted connections waiting for the gRPC server to take them.
+const ACCEPTED_QUEUE_MAX: usize = 64;
+/// Pause after `accept` fails (out of file descriptors): retrying at once would spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Caps on the connections of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open connections (TLS handshakes included). Past it, new connections are closed
+    /// at once: a flood of sockets cannot take the node's memory or descriptors.
+    pub max: usize,
+}
+
+/// What the listener turned away, for metrics.
+#[derive(Debug, Default)]
+pub struct ConnectionCounters {
+    pub accepted: AtomicU64,
+    pub refused_over_cap: AtomicU64,
+    pub tls_failures: AtomicU64,
+    pub open: AtomicU64,
+}
+
+/// Who is at the other end of a server connection; tonic puts it in every request's
+/// extensions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// The connection is TLS.
+    pub tls: bool,
+    /// The peer presented a certificate from the cluster CA that carries the node name.
+    pub node: bool,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// One accepted connection. Holding it holds a slot of the connection cap.
+pub struct ServerConn {
+    stream: Stream,
+    info: PeerInfo,
+    _slot: OwnedSemaphorePermit,
+    counters: Arc<ConnectionCounters>,
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl tonic::transport::server::Connected for ServerConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for ServerConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The connections of `listener` for `tonic::transport::Server::serve_with_incoming*`:
+/// TLS-terminated when `tls` is set, at most `limits.max` open at once.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<NodeTls>>,
+    limits: ConnectionLimits,
+    counters: Arc<ConnectionCounters>,
+) -> ReceiverStream<Result<ServerConn, io::Error>> {
+    let (sender, receiver) = mpsc::channel(ACCEPTED_QUEUE_MAX);
+    let slots = Arc::new(Semaphore::new(limits.max));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                },
+                _ = sender.closed() => return,
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Closing at once tells the client now, instead of after a timeout.
+                if counters.refused_over_cap.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                    tracing::warn!(%remote, max = limits.max, "connection refused: the node is at its connection cap");
+                }
+                drop(tcp);
+                continue;
+            };
+            counters.accepted.fetch_add(1, Ordering::Relaxed);
+            counters.open.fetch_add(1, Ordering::Relaxed);
+            let _ = tcp.set_nodelay(true);
+            let info = PeerInfo { remote_addr: Some(remote), tls: tls.is_some(), node: false };
+            match &tls {
+                None => {
+                    let conn = ServerConn { stream: Stream::Plain(tcp), info, _slot: slot, counters: counters.clone() };
+                    if sender.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(tls) => {
+                    // Handshakes run beside the accept loop: a slow client does not hold up others.
+                    let (tls, sender, counters) = (tls.clone(), sender.clone(), counters.clone());
+                    tokio::spawn(async move {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                        let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                        let stream = match handshake {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+                                counters.open.fetch_sub(1, Ordering::Relaxed);
+                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+                                counters.open.fetch_sub(1, Ordering::Relaxed);
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let node = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .is_some_and(|leaf| carries_name(leaf, tls.node_name()));
+                        let info = PeerInfo { node, ..info };
+                        let conn = ServerConn { stream: Stream::Tls(Box::new(stream)), info, _slot: slot, counters: counters.clone() };
+                        let _ = sender.send(Ok(conn)).await;
+                    });
+                }
+            }
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
+/// A lazily connecting channel to `endpoint` that speaks TLS with `tls`, its
+/// connections made from `source_ip` when set. The endpoint's HTTP/2 settings and
+/// connect timeout apply as usual.
+pub fn tls_channel(endpoint: Endpoint, tls: ClientTls, source_ip: Option<IpAddr>) -> Channel {
+    let connector = tower::service_fn(move |uri: http::Uri| {
+        let tls = tls.clone();
+        async move { connect_tls(uri, tls, source_ip).await.map(TokioIo::new) }
+    });
+    endpoint.connect_with_connector_lazy(connector)
+}
+
+async fn connect_tls(uri: http::Uri, tls: ClientTls, source_ip: Option<IpAddr>) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
+    let port = uri.port_u16().unwrap_or(443);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let address = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address")))?;
+    let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    if let Some(ip) = source_ip {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let tcp = socket.connect(address).await?;
+    tcp.set_nodelay(true)?;
+    tokio_rustls::TlsConnector::from(tls.config()).connect(tls.server_name(), tcp).await
+}
