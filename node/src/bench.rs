@@ -109,7 +109,9 @@ pub struct BenchArgs {
 
 /// Runs the grid and prints the results; fails if any pair failed its read-back count,
 /// its OCC probe, or could not run at all.
-pub async fn run(args: BenchArgs) -> Result<()> {
+pub async fn run(args: BenchArgs, tls: Option<strata_security::ClientTls>) -> Result<()> {
+    // Every channel of the run uses the same TLS set-up (or none): set once, here.
+    let _ = CLIENT_TLS.set(tls);
     if args.read_all_only {
         let first = args.endpoints.split(',').next().unwrap_or_default().trim();
         let endpoint = if first.contains("://") { first.to_string() } else { format!("http://{first}") };
@@ -327,19 +329,22 @@ fn server_ticks(pids: &[u32]) -> Option<u64> {
     })
 }
 
+/// The run's TLS set-up (`--ca`), None for plaintext.
+static CLIENT_TLS: std::sync::OnceLock<Option<strata_security::ClientTls>> = std::sync::OnceLock::new();
+
 async fn connect(endpoint: &str) -> Result<StreamsClient<Channel>> {
     Ok(StreamsClient::new(channel(endpoint).await?).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
 }
 
 /// A channel to one of the plan's endpoints, with the server's HTTP/2 windows.
 async fn channel(endpoint: &str) -> Result<Channel> {
-    Endpoint::from_shared(endpoint.to_string())
+    let target = Endpoint::from_shared(endpoint.to_string())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(strata_raft::HTTP2_STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(strata_raft::HTTP2_CONNECTION_WINDOW_BYTES))
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
+        .connect_timeout(CONNECT_TIMEOUT);
+    strata_security::connect(target, CLIENT_TLS.get().and_then(Option::as_ref))
         .await
         .with_context(|| format!("connecting to {endpoint}"))
 }

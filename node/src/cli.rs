@@ -35,6 +35,35 @@ pub struct ClientOptions {
     /// Print machine-readable JSON (one object, or one line per event).
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: ClientTlsOptions,
+}
+
+/// How clients reach a node with TLS on.
+#[derive(Args, Debug, Clone)]
+pub struct ClientTlsOptions {
+    /// The cluster CA (PEM): connect with TLS and verify the node against it. Without
+    /// it, plaintext (a node started with `--insecure`).
+    #[arg(long = "ca", env = "STRATA_TLS_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// The name the node's certificate must carry (every node certificate carries the
+    /// reserved node name).
+    #[arg(long = "tls-name", env = "STRATA_TLS_SERVER_NAME", default_value = strata_security::NODE_NAME_DEFAULT, global = true)]
+    pub server_name: String,
+}
+
+impl ClientTlsOptions {
+    /// The TLS set-up these options name, or None for plaintext.
+    pub fn client_tls(&self) -> Result<Option<strata_security::ClientTls>, CliError> {
+        let Some(ca) = &self.ca else { return Ok(None) };
+        strata_security::install_crypto_provider();
+        strata_security::ClientTls::for_client(ca, &self.server_name).map(Some).map_err(|e| CliError::Usage(e.to_string()))
+    }
+}
+
+/// `host:port` as a URL (already-URL endpoints stay as they are).
+pub fn endpoint_url(endpoint: &str) -> String {
+    if endpoint.starts_with("http") { endpoint.to_string() } else { format!("http://{endpoint}") }
 }
 
 /// A failed client command, with its exit status.
@@ -87,22 +116,26 @@ impl From<tonic::Status> for CliError {
             (tonic::Code::Unavailable, None) if status.message().contains("connect") => {
                 CliError::Connection(status.message().to_string())
             }
+            // What a plaintext client gets from a node that serves TLS.
+            (tonic::Code::Unknown, None) if status.message().contains("transport error") => CliError::Connection(format!(
+                "{} (if the cluster serves TLS, pass --ca <cluster CA> or set STRATA_TLS_CA)",
+                status.message()
+            )),
             (code, _) => CliError::Server { code, message: status.message().to_string() },
         }
     }
 }
 
-/// Connects to the first endpoint that answers.
-pub async fn connect(endpoints: &[String]) -> Result<Channel, CliError> {
+/// Connects to the first of `options.endpoints` that answers.
+pub async fn connect(options: &ClientOptions) -> Result<Channel, CliError> {
+    let tls = options.tls.client_tls()?;
     let mut failures = Vec::new();
-    for endpoint in endpoints {
-        let url = if endpoint.starts_with("http") { endpoint.clone() } else { format!("http://{endpoint}") };
-        let attempt = Endpoint::from_shared(url)
+    for endpoint in &options.endpoints {
+        let target = Endpoint::from_shared(endpoint_url(endpoint))
             .map_err(|e| CliError::Usage(format!("bad endpoint `{endpoint}`: {e}")))?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .tcp_nodelay(true)
-            .connect()
-            .await;
+            .tcp_nodelay(true);
+        let attempt = strata_security::connect(target, tls.as_ref()).await;
         match attempt {
             Ok(channel) => return Ok(channel),
             Err(e) => failures.push(format!("{endpoint}: {e}")),
@@ -369,7 +402,7 @@ pub async fn append(options: &ClientOptions, args: AppendArgs) -> Result<(), Cli
     };
     let (kind, version) = args.expected_version;
     let request = AppendRequest { stream: args.stream.clone(), expected_kind: kind as i32, expected_version: version, events };
-    let response = streams_client(connect(&options.endpoints).await?).append(request).await?.into_inner();
+    let response = streams_client(connect(options).await?).append(request).await?.into_inner();
     if options.json {
         println!(
             "{}",
@@ -443,7 +476,7 @@ pub async fn read(options: &ClientOptions, args: ReadArgs) -> Result<(), CliErro
         consistency: args.consistency as i32,
         session_token: args.session_token,
     };
-    let stream = streams_client(connect(&options.endpoints).await?).read_stream(request).await?.into_inner();
+    let stream = streams_client(connect(options).await?).read_stream(request).await?.into_inner();
     print_events(stream, options.json).await
 }
 
@@ -457,7 +490,7 @@ pub async fn read_all(options: &ClientOptions, args: ReadAllArgs) -> Result<(), 
         consistency: args.consistency as i32,
         session_token: args.session_token,
     };
-    let stream = streams_client(connect(&options.endpoints).await?).read_all(request).await?.into_inner();
+    let stream = streams_client(connect(options).await?).read_all(request).await?.into_inner();
     print_events(stream, options.json).await
 }
 
@@ -474,7 +507,7 @@ pub async fn subscribe(options: &ClientOptions, args: SubscribeArgs) -> Result<(
         filter: Some(args.filter.to_proto()),
         follow_leader: args.follow_leader,
     };
-    let channel = connect(&options.endpoints).await?;
+    let channel = connect(options).await?;
     let mut client = strata_proto::v1::subscriptions_client::SubscriptionsClient::new(channel).max_decoding_message_size(CLIENT_DECODE_BYTES_MAX);
     let mut stream = client.subscribe(request).await?.into_inner();
     while let Some(message) = stream.message().await? {
@@ -500,7 +533,7 @@ async fn print_events(mut stream: tonic::Streaming<strata_proto::v1::ReadRespons
 }
 
 pub async fn streams(options: &ClientOptions, args: StreamsArgs) -> Result<(), CliError> {
-    let mut client = streams_client(connect(&options.endpoints).await?);
+    let mut client = streams_client(connect(options).await?);
     let mut page_token = String::new();
     let mut listed = 0u32;
     while listed < args.limit {
@@ -530,7 +563,7 @@ pub async fn streams(options: &ClientOptions, args: StreamsArgs) -> Result<(), C
 
 pub async fn stream_info(options: &ClientOptions, args: StreamInfoArgs) -> Result<(), CliError> {
     let request = StreamInfoRequest { stream: args.stream, consistency: Consistency::Linearizable as i32, session_token: String::new() };
-    let info = streams_client(connect(&options.endpoints).await?).stream_info(request).await?.into_inner();
+    let info = streams_client(connect(options).await?).stream_info(request).await?.into_inner();
     if options.json {
         println!(
             "{}",
@@ -565,7 +598,7 @@ pub async fn stream_info(options: &ClientOptions, args: StreamInfoArgs) -> Resul
 pub async fn delete(options: &ClientOptions, args: DeleteArgs) -> Result<(), CliError> {
     let (kind, version) = parse_expected_version(&args.expected).map_err(CliError::Usage)?;
     let request = DeleteStreamRequest { stream: args.stream, expected_kind: kind as i32, expected_version: version, hard: args.hard };
-    let reply = streams_client(connect(&options.endpoints).await?).delete_stream(request).await?.into_inner();
+    let reply = streams_client(connect(options).await?).delete_stream(request).await?.into_inner();
     if options.json {
         println!(
             "{}",
@@ -584,7 +617,7 @@ pub async fn retention(options: &ClientOptions, args: RetentionArgs) -> Result<(
         max_age_ms: args.max_age.map(|d| d.as_millis() as u64),
         max_count: args.max_count,
     };
-    let reply = streams_client(connect(&options.endpoints).await?).set_stream_metadata(request).await?.into_inner();
+    let reply = streams_client(connect(options).await?).set_stream_metadata(request).await?.into_inner();
     if options.json {
         println!("{}", json!({"stream": reply.stream, "commit_token": reply.commit_token}));
     } else {

@@ -167,7 +167,7 @@ fn print_info(info: &GroupInfo, as_json: bool) {
 }
 
 pub async fn group(options: &ClientOptions, command: GroupCommand) -> Result<(), CliError> {
-    let mut client = PersistentSubscriptionsClient::new(connect(&options.endpoints).await?).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = PersistentSubscriptionsClient::new(connect(options).await?).max_decoding_message_size(64 * 1024 * 1024);
     match command {
         GroupCommand::Create { group, source, from, settings } => {
             let (from, from_revision) = parse_from(&from)?;

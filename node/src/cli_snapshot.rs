@@ -49,7 +49,7 @@ fn snapshot_json(snapshot: &StoredSnapshot) -> serde_json::Value {
 }
 
 pub async fn snapshot(options: &ClientOptions, command: SnapshotCommand) -> Result<(), CliError> {
-    let mut client = SnapshotsClient::new(connect(&options.endpoints).await?).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = SnapshotsClient::new(connect(options).await?).max_decoding_message_size(64 * 1024 * 1024);
     match command {
         SnapshotCommand::Save { stream, version, data, content_type } => {
             let state = read_data_argument(&data)?;

@@ -113,6 +113,54 @@ pub struct NodeConfig {
     /// its own copy and the leader from the tier (`90s`, `15m`, `1h`, or seconds).
     #[arg(long, env = "STRATA_SCAVENGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub scavenge_interval: std::time::Duration,
+    /// This node's TLS settings (or `--insecure`).
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// Open client and peer connections the gRPC port takes at once; past it new
+    /// connections are closed at once.
+    #[arg(long, env = "STRATA_MAX_CONNECTIONS", default_value_t = crate::limits::GRPC_CONNECTIONS_MAX_DEFAULT)]
+    pub max_connections: usize,
+}
+
+/// A node's TLS: its certificate and key, and the cluster CA. Plaintext needs
+/// `--insecure`, said out loud.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// This node's certificate chain (PEM). It must carry the node name
+    /// (`--tls-node-name`) and chain to `--tls-ca`: `strata cert node` creates one.
+    #[arg(long, env = "STRATA_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "STRATA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers must present a certificate from it.
+    #[arg(long, env = "STRATA_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name every node certificate carries; a peer without it cannot replicate or vote.
+    #[arg(long, env = "STRATA_TLS_NODE_NAME", default_value = strata_security::NODE_NAME_DEFAULT)]
+    pub tls_node_name: String,
+    /// Serve plaintext gRPC without TLS: for development only (`strata dev` uses it).
+    #[arg(long, env = "STRATA_INSECURE", conflicts_with = "tls_cert")]
+    pub insecure: bool,
+}
+
+impl ServerTlsArgs {
+    /// The node's TLS set-up, or None under `--insecure`; an error if neither is given.
+    pub fn load(&self) -> Result<Option<std::sync::Arc<strata_security::NodeTls>>, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid { flag: "--tls-cert", reason };
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = strata_security::TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() };
+                strata_security::NodeTls::load(files, &self.tls_node_name).map(Some).map_err(|e| invalid(e.to_string()))
+            }
+            _ if self.insecure => Ok(None),
+            _ => Err(invalid(
+                "TLS is required: give --tls-cert, --tls-key and --tls-ca (`strata cert` creates a CA and node certificates), \
+                 or --insecure to serve plaintext for development"
+                    .into(),
+            )),
+        }
+    }
 }
 
 /// Default bound of the tiering backlog: about 1 GiB of 256-byte events beyond the window.

@@ -92,7 +92,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .args(["--source-ip", &format!("127.0.0.{}", DEV_SOURCE_IP_BASE + i)])
             .arg("--cluster-secret-file")
             .arg(&secret_file)
-            .args(["--object-store", &object_store]);
+            .args(["--object-store", &object_store])
+            // A laptop cluster on loopback, no certificates to make first; said out loud below.
+            .arg("--insecure");
         if let Some(events) = args.hot_window_events {
             command.args(["--hot-window-events", &events.to_string()]);
         }
@@ -102,6 +104,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         nodes.push(DevNode { id: i, grpc: grpc_of(i), http, log, child });
     }
     println!("strata dev: {} nodes on 127.0.0.1, data in {}, tier {object_store}", args.nodes, data_dir.display());
+    println!("WARNING: strata dev runs the nodes with --insecure: plaintext gRPC, no TLS. For development on this machine only; `strata cert` makes certificates for a real cluster.");
     for node in &nodes {
         println!("  node {}  grpc {}  http http://{}/metrics  log {}", node.id, node.grpc, node.http, node.log.display());
     }

@@ -17,6 +17,7 @@ pub mod bench;
 pub mod bootstrap;
 pub mod chaos;
 pub mod cli;
+pub mod cli_cert;
 pub mod cli_group;
 pub mod cli_snapshot;
 pub mod clock;

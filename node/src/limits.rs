@@ -30,6 +30,9 @@ pub const GRPC_DECODE_BYTES_MAX: usize = APPEND_REQUEST_BYTES_MAX + 1024 * 1024;
 pub const GRPC_ENCODE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// HTTP/2 streams per client connection: bounds per-connection concurrency.
 pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1024;
+/// Default cap on open gRPC connections (clients and peers): each holds buffers and a
+/// descriptor, so a flood of sockets must meet a wall before memory or `ulimit -n` does.
+pub const GRPC_CONNECTIONS_MAX_DEFAULT: usize = 4096;
 
 /// Appends waiting for the batcher. Beyond it: RESOURCE_EXHAUSTED with a retry-after; a
 /// bounded queue keeps latency bounded instead of letting it grow without limit.

@@ -59,6 +59,9 @@ enum Command {
     Cluster(ClusterCommand),
     /// Benchmark the append/read workload of the peer harness against any endpoints.
     Bench(BenchArgs),
+    /// Create a cluster CA and node certificates (TLS): ca, node, dev.
+    #[command(subcommand)]
+    Cert(strata_node::cli_cert::CertCommand),
     /// Check a node's HTTP health endpoint (exit 0 when healthy): the health check of
     /// images that have no shell or curl.
     Health(HealthArgs),
@@ -105,7 +108,11 @@ fn main() {
                 strata_node::server::serve(config).await.map_err(|e| cli::CliError::Usage(format!("{e:#}")))
             }
             Command::Dev(args) => strata_node::dev::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
-            Command::Bench(args) => strata_node::bench::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
+            Command::Bench(args) => {
+                let tls = options.tls.client_tls()?;
+                strata_node::bench::run(args, tls).await.map_err(|e| cli::CliError::Usage(format!("{e:#}")))
+            }
+            Command::Cert(command) => strata_node::cli_cert::cert(command),
             Command::Health(args) => {
                 // A listen address of 0.0.0.0 (containers) is checked on loopback.
                 let addr = args.http_addr.replace("0.0.0.0", "127.0.0.1");
@@ -132,7 +139,7 @@ fn main() {
                     Command::Group(command) => strata_node::cli_group::group(&options, command).await,
                     Command::Snapshot(command) => strata_node::cli_snapshot::snapshot(&options, command).await,
                     Command::Cluster(command) => manager::cluster(&options, command).await,
-                    Command::Serve(_) | Command::Dev(_) | Command::Bench(_) | Command::Health(_) => unreachable!("handled above"),
+                    Command::Serve(_) | Command::Dev(_) | Command::Bench(_) | Command::Cert(_) | Command::Health(_) => unreachable!("handled above"),
                 }
             }
         }

@@ -106,10 +106,10 @@ pub enum ComposeCommand {
 pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result<(), CliError> {
     let command = match command {
         ClusterCommand::Chaos(args) => return crate::chaos::run(args, options.json).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
-        ClusterCommand::Compose(args) => return compose(args, options.json).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
+        ClusterCommand::Compose(args) => return compose(args, options).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
         other => other,
     };
-    let mut client = ClusterClient::new(connect(&options.endpoints).await?);
+    let mut client = ClusterClient::new(connect(options).await?);
     let membership = match command {
         ClusterCommand::Status { watch } => {
             loop {
@@ -317,7 +317,7 @@ fn write_scale_file(args: &ComposeArgs, nodes: u16) -> anyhow::Result<()> {
     let mut text = String::from("# Written by `strata cluster compose scale`: the nodes beyond the base three.\nversion: \"3.7\"\nservices:\n");
     for node in COMPOSE_BASE_NODES..nodes {
         text.push_str(&format!(
-            "  strata-{node}:\n    image: strata:${{STRATA_VERSION:-0.1.0}}\n    command: [\"serve\", \"--node-id-from-hostname\"]\n    hostname: strata-{node}\n    environment:\n      STRATA_SEEDS: strata-0:7791,strata-1:7791,strata-2:7791\n      STRATA_CLUSTER_NAME: strata-compose\n      STRATA_CLUSTER_SECRET: ${{STRATA_CLUSTER_SECRET:-compose-dev-secret-change-me}}\n      STRATA_ADVERTISE_HOST: strata-{node}\n      STRATA_OBJECT_STORE: ${{STRATA_OBJECT_STORE:-file:///tier}}\n    healthcheck:\n      test: [\"CMD\", \"/usr/local/bin/strata\", \"health\"]\n      interval: 2s\n      timeout: 3s\n      retries: 60\n    volumes:\n      - strata-{node}-data:/data\n      - strata-tier:/tier\n"
+            "  strata-{node}:\n    image: strata:${{STRATA_VERSION:-0.1.0}}\n    command: [\"serve\", \"--node-id-from-hostname\"]\n    hostname: strata-{node}\n    environment:\n      STRATA_SEEDS: strata-0:7791,strata-1:7791,strata-2:7791\n      STRATA_CLUSTER_NAME: strata-compose\n      STRATA_CLUSTER_SECRET: ${{STRATA_CLUSTER_SECRET:-compose-dev-secret-change-me}}\n      STRATA_ADVERTISE_HOST: strata-{node}\n      STRATA_OBJECT_STORE: ${{STRATA_OBJECT_STORE:-file:///tier}}\n      STRATA_INSECURE: \"true\"\n    healthcheck:\n      test: [\"CMD\", \"/usr/local/bin/strata\", \"health\"]\n      interval: 2s\n      timeout: 3s\n      retries: 60\n    volumes:\n      - strata-{node}-data:/data\n      - strata-tier:/tier\n"
         ));
     }
     text.push_str("volumes:\n");
@@ -328,7 +328,8 @@ fn write_scale_file(args: &ComposeArgs, nodes: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn compose(args: ComposeArgs, json: bool) -> anyhow::Result<()> {
+async fn compose(args: ComposeArgs, options: &ClientOptions) -> anyhow::Result<()> {
+    let json = options.json;
     match &args.command {
         ComposeCommand::Up => {
             docker_compose(&args, &["up", "-d"])?;
@@ -360,7 +361,7 @@ async fn compose(args: ComposeArgs, json: bool) -> anyhow::Result<()> {
             let current = compose_nodes(&args);
             if nodes < current {
                 // Leave the membership first, then stop: a voter must not just vanish.
-                let mut client = ClusterClient::new(connect(&["127.0.0.1:7711".to_string()]).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+                let mut client = ClusterClient::new(connect(&ClientOptions { endpoints: vec!["127.0.0.1:7711".to_string()], ..options.clone() }).await.map_err(|e| anyhow::anyhow!("{e}"))?);
                 for node in (nodes..current).rev() {
                     match client.remove(NodeRequest { node_id: u64::from(node) + 1 }).await {
                         Ok(_) => println!("node {} removed from the membership", node + 1),

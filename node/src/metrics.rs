@@ -24,6 +24,10 @@ pub struct Metrics {
     pub raft_leader_changes_total: IntCounter,
     pub events_head_position: IntGauge,
     pub gossip_datagrams_total: IntCounterVec,
+    pub grpc_connections_total: IntCounterVec,
+    pub grpc_connections_open: IntGauge,
+    /// The gRPC listener's counters (atomics it owns), brought in on render.
+    pub connections: std::sync::Arc<strata_security::ConnectionCounters>,
     pub group_checkpoint: IntGaugeVec,
     pub group_lag: IntGaugeVec,
     pub group_in_flight: IntGaugeVec,
@@ -82,6 +86,12 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let grpc_connections_total = IntCounterVec::new(
+            Opts::new("grpc_connections_total", "gRPC connections: accepted, refused_over_cap (the connection cap), tls_failed (handshake)"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let grpc_connections_open = IntGauge::new("grpc_connections_open", "gRPC connections open now").expect("valid metric");
         let group_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["group"]).expect("valid metric");
         let group_checkpoint = group_gauge("group_checkpoint", "persistent group: replicated checkpoint (cursor below which all is settled), on the leader");
         let group_lag = group_gauge("group_lag", "persistent group: source head minus checkpoint, on the leader");
@@ -133,6 +143,9 @@ impl Metrics {
             raft_leader_changes_total,
             events_head_position,
             gossip_datagrams_total,
+            grpc_connections_total,
+            grpc_connections_open,
+            connections: Default::default(),
             group_checkpoint,
             group_lag,
             group_in_flight,
@@ -171,6 +184,8 @@ impl Metrics {
             Box::new(metrics.raft_leader_changes_total.clone()),
             Box::new(metrics.events_head_position.clone()),
             Box::new(metrics.gossip_datagrams_total.clone()),
+            Box::new(metrics.grpc_connections_total.clone()),
+            Box::new(metrics.grpc_connections_open.clone()),
             Box::new(metrics.group_checkpoint.clone()),
             Box::new(metrics.group_lag.clone()),
             Box::new(metrics.group_in_flight.clone()),
@@ -226,9 +241,25 @@ impl Metrics {
         }
     }
 
+    /// Brings the gRPC listener's counters into the registry.
+    fn sync_connections(&self) {
+        use std::sync::atomic::Ordering;
+        let c = &self.connections;
+        for (outcome, value) in [
+            ("accepted", c.accepted.load(Ordering::Relaxed)),
+            ("refused_over_cap", c.refused_over_cap.load(Ordering::Relaxed)),
+            ("tls_failed", c.tls_failures.load(Ordering::Relaxed)),
+        ] {
+            let counter = self.grpc_connections_total.with_label_values(&[outcome]);
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+        self.grpc_connections_open.set(c.open.load(Ordering::Relaxed) as i64);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.sync_gossip();
+        self.sync_connections();
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");
         String::from_utf8(out).expect("prometheus text is utf-8")

@@ -37,13 +37,21 @@ pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Local address every peer connection is made from (None: the kernel picks).
     source_ip: Option<std::net::IpAddr>,
+    /// mTLS towards peers (None: plaintext, `--insecure`).
+    tls: Option<strata_security::ClientTls>,
 }
 
 impl PeerChannels {
     /// Channels whose connections all start from `source_ip`, so that this node's outgoing
     /// traffic can be told apart (and cut off, by `strata cluster chaos partition`).
     pub fn with_source_ip(source_ip: Option<std::net::IpAddr>) -> Self {
-        Self { channels: Arc::default(), source_ip }
+        Self { channels: Arc::default(), source_ip, tls: None }
+    }
+
+    /// These channels, speaking TLS with `tls` (the node's certificate, peers verified
+    /// under the node name).
+    pub fn with_tls(self, tls: Option<strata_security::ClientTls>) -> Self {
+        Self { tls, ..self }
     }
 
     /// The channel to `addr` (host:port), created on first use; reconnects by itself.
@@ -52,15 +60,18 @@ impl PeerChannels {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(crate::HTTP2_STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(crate::HTTP2_CONNECTION_WINDOW_BYTES))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .local_address(self.source_ip)
-            .connect_lazy();
+            .local_address(self.source_ip);
+        let channel = match &self.tls {
+            Some(tls) => strata_security::tls_channel(endpoint, tls.clone(), self.source_ip),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

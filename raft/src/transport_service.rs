@@ -38,6 +38,20 @@ impl RaftTransportService {
     }
 }
 
+/// Interceptor of the Raft transport when TLS is on: only a peer that presented a node
+/// certificate (cluster CA, node name) may replicate, vote or send a snapshot. A client
+/// certificate, or none, gets PERMISSION_DENIED.
+pub fn node_peers_only(request: Request<()>) -> Result<Request<()>, Status> {
+    match request.extensions().get::<strata_security::PeerInfo>() {
+        Some(peer) if peer.node => Ok(request),
+        peer => {
+            let from = peer.and_then(|p| p.remote_addr).map_or_else(|| "unknown".to_string(), |a| a.to_string());
+            tracing::warn!(from, "raft rpc refused: the peer presented no node certificate");
+            Err(Status::permission_denied("raft rpcs are for cluster nodes: present a node certificate from the cluster CA"))
+        }
+    }
+}
+
 fn bad_request(e: std::io::Error) -> Status {
     Status::invalid_argument(e.to_string())
 }

@@ -11,4 +11,4 @@ pub mod tls;
 pub mod transport;
 
 pub use tls::{ClientTls, NODE_NAME_DEFAULT, NodeTls, TlsError, TlsFiles, install_crypto_provider};
-pub use transport::{ConnectionCounters, ConnectionLimits, PeerInfo, incoming, tls_channel};
+pub use transport::{ConnectionCounters, ConnectionLimits, PeerInfo, connect, incoming, tls_channel};

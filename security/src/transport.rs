@@ -218,6 +218,20 @@ pub fn tls_channel(endpoint: Endpoint, tls: ClientTls, source_ip: Option<IpAddr>
     endpoint.connect_with_connector_lazy(connector)
 }
 
+/// A channel to `endpoint`, over TLS when `tls` is set, connected before it is returned
+/// (so that "cannot reach" shows here, not on first use).
+pub async fn connect(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
+    match tls {
+        None => endpoint.connect().await,
+        Some(tls) => {
+            let channel = tls_channel(endpoint, tls.clone(), None);
+            let mut ready = tower::ServiceExt::ready_oneshot(channel.clone());
+            std::future::poll_fn(|cx| std::future::Future::poll(Pin::new(&mut ready), cx)).await?;
+            Ok(channel)
+        }
+    }
+}
+
 async fn connect_tls(uri: http::Uri, tls: ClientTls, source_ip: Option<IpAddr>) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
     let port = uri.port_u16().unwrap_or(443);

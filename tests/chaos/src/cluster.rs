@@ -69,6 +69,8 @@ pub struct TestCluster {
     pub keep: bool,
     children: Vec<Option<Child>>,
     launches: Vec<NodeLaunch>,
+    /// How the test talks to the nodes when they serve TLS (None: plaintext).
+    pub client_tls: Option<strata_security::ClientTls>,
 }
 
 impl TestCluster {
@@ -110,7 +112,7 @@ impl TestCluster {
 
     /// A cluster with no node started yet.
     pub fn new(subnet: u8, formation: Formation) -> Self {
-        Self { subnet, size: 0, formation, dir: tempfile::tempdir().expect("temp dir"), keep: false, children: Vec::new(), launches: Vec::new() }
+        Self { subnet, size: 0, formation, dir: tempfile::tempdir().expect("temp dir"), keep: false, children: Vec::new(), launches: Vec::new(), client_tls: None }
     }
 
     /// Ids of the nodes running now.
@@ -184,6 +186,10 @@ impl TestCluster {
             .args(["--http-addr", &self.http_addr(id)])
             .args(["--gossip-addr", &self.gossip_addr(id)])
             .args(["--source-ip", &self.ip(id)]);
+        // Plaintext unless the test gives the node its certificates.
+        if !extra.contains(&"--tls-cert") {
+            command.arg("--insecure");
+        }
         match self.formation {
             Formation::Static => {
                 let peers: Vec<String> = (1..=self.size).map(|i| format!("{i}={}", self.addr(i))).collect();
@@ -251,7 +257,7 @@ impl TestCluster {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id))).expect("endpoint");
-            match endpoint.connect_timeout(Duration::from_millis(300)).connect().await {
+            match strata_security::connect(endpoint.connect_timeout(Duration::from_millis(300)), self.client_tls.as_ref()).await {
                 Ok(channel) => return channel,
                 Err(e) if Instant::now() > deadline => panic!("node {id} unreachable: {e}; log {}", self.log_path(id).display()),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -264,7 +270,7 @@ impl TestCluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        status_at(&self.addr(id)).await
+        status_via(&self.addr(id), self.client_tls.as_ref()).await
     }
 
     /// Waits until a live node reports itself leader; returns its id.
@@ -277,7 +283,7 @@ impl TestCluster {
 
     /// The live node that reports itself leader, if one does within `timeout`.
     pub async fn leader_within(&self, timeout: Duration) -> Option<u64> {
-        leader_among(&self.running_addrs(), timeout).await
+        leader_among_via(&self.running_addrs(), timeout, self.client_tls.as_ref()).await
     }
 
     /// (id, gRPC address) of every running node.
@@ -292,7 +298,7 @@ impl TestCluster {
     pub async fn wait_converged(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         self.wait_leader(timeout).await;
-        if let Err(applied) = converged_within(&self.running_addrs(), deadline.saturating_duration_since(Instant::now())).await {
+        if let Err(applied) = converged_within_via(&self.running_addrs(), deadline.saturating_duration_since(Instant::now()), self.client_tls.as_ref()).await {
             panic!("nodes did not converge ({applied:?}); logs in {}", self.dir.path().display());
         }
     }
@@ -306,10 +312,15 @@ impl TestCluster {
 /// The id of the node among `nodes` (id, gRPC address) that reports itself leader, if one
 /// does within `timeout`.
 pub async fn leader_among(nodes: &[(u64, String)], timeout: Duration) -> Option<u64> {
+    leader_among_via(nodes, timeout, None).await
+}
+
+/// [`leader_among`], over TLS when `tls` is set.
+pub async fn leader_among_via(nodes: &[(u64, String)], timeout: Duration, tls: Option<&strata_security::ClientTls>) -> Option<u64> {
     let deadline = Instant::now() + timeout;
     loop {
         for (id, addr) in nodes {
-            if status_at(addr).await.is_some_and(|status| status.role == "leader") {
+            if status_via(addr, tls).await.is_some_and(|status| status.role == "leader") {
                 return Some(*id);
             }
         }
@@ -323,11 +334,20 @@ pub async fn leader_among(nodes: &[(u64, String)], timeout: Duration) -> Option<
 /// Waits until every node of `nodes` answers and has applied as much as the most advanced
 /// one; on timeout, the applied indexes last seen.
 pub async fn converged_within(nodes: &[(u64, String)], timeout: Duration) -> Result<(), Vec<Option<u64>>> {
+    converged_within_via(nodes, timeout, None).await
+}
+
+/// [`converged_within`], over TLS when `tls` is set.
+pub async fn converged_within_via(
+    nodes: &[(u64, String)],
+    timeout: Duration,
+    tls: Option<&strata_security::ClientTls>,
+) -> Result<(), Vec<Option<u64>>> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut applied = Vec::new();
         for (_, addr) in nodes {
-            applied.push(status_at(addr).await.map(|s| s.applied_index));
+            applied.push(status_via(addr, tls).await.map(|s| s.applied_index));
         }
         let target = applied.iter().flatten().max().copied().unwrap_or(0);
         if applied.iter().all(|a| *a == Some(target)) {
@@ -342,8 +362,13 @@ pub async fn converged_within(nodes: &[(u64, String)], timeout: Duration) -> Res
 
 /// The node at `addr`'s own status (`None` when it does not answer within a second).
 pub async fn status_at(addr: &str) -> Option<StatusResponse> {
+    status_via(addr, None).await
+}
+
+/// [`status_at`], over TLS when `tls` is set.
+pub async fn status_via(addr: &str, tls: Option<&strata_security::ClientTls>) -> Option<StatusResponse> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
+    let channel = strata_security::connect(endpoint.connect_timeout(Duration::from_millis(300)), tls).await.ok()?;
     let mut request = tonic::Request::new(StatusRequest { local_only: true });
     request.set_timeout(Duration::from_millis(500));
     ClusterClient::new(channel).status(request).await.ok().map(|r| r.into_inner())
