@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Serve(NodeConfig),
+    Serve(Box<NodeConfig>),
     /// Run a local cluster of N nodes on 127.0.0.1 until Ctrl-C.
     Dev(DevArgs),
     /// Append events to a stream.
@@ -105,7 +105,7 @@ fn main() {
         match cli.command {
             Command::Serve(config) => {
                 init_tracing(config.log_format == "json", "info,openraft=warn,sled=warn");
-                strata_node::server::serve(config).await.map_err(|e| cli::CliError::Usage(format!("{e:#}")))
+                strata_node::server::serve(*config).await.map_err(|e| cli::CliError::Usage(format!("{e:#}")))
             }
             Command::Dev(args) => strata_node::dev::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
             Command::Bench(args) => {

@@ -152,7 +152,7 @@ pub fn incoming(
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 // Closing at once tells the client now, instead of after a timeout.
-                if counters.refused_over_cap.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                if counters.refused_over_cap.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
                     tracing::warn!(%remote, max = limits.max, "connection refused: the node is at its connection cap");
                 }
                 drop(tcp);
