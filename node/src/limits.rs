@@ -33,6 +33,17 @@ pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1024;
 /// Default cap on open gRPC connections (clients and peers): each holds buffers and a
 /// descriptor, so a flood of sockets must meet a wall before memory or `ulimit -n` does.
 pub const GRPC_CONNECTIONS_MAX_DEFAULT: usize = 4096;
+/// HTTP/2 pings on an idle client connection, and how long the answer may take before the
+/// connection is closed: a client that vanished (no FIN) stops holding a connection slot
+/// and its subscriptions within half a minute.
+pub const GRPC_KEEPALIVE_INTERVAL_SECS: u64 = 10;
+pub const GRPC_KEEPALIVE_TIMEOUT_SECS: u64 = 20;
+/// Streams a client may reset before the server has accepted them, per connection: bounds
+/// the HTTP/2 "rapid reset" attack (CVE-2023-44487), which opens and cancels streams to
+/// make the server start work it never finishes.
+pub const GRPC_PENDING_RESETS_MAX: usize = 50;
+/// Request headers per call (the bearer token included).
+pub const GRPC_HEADER_LIST_BYTES_MAX: u32 = 64 * 1024;
 
 /// Appends waiting for the batcher. Beyond it: RESOURCE_EXHAUSTED with a retry-after; a
 /// bounded queue keeps latency bounded instead of letting it grow without limit.

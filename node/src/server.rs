@@ -174,6 +174,10 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         .initial_stream_window_size(Some(strata_raft::HTTP2_STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(strata_raft::HTTP2_CONNECTION_WINDOW_BYTES))
         .max_concurrent_streams(Some(GRPC_CONCURRENT_STREAMS_MAX))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(GRPC_KEEPALIVE_INTERVAL_SECS)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(GRPC_KEEPALIVE_TIMEOUT_SECS)))
+        .http2_max_pending_accept_reset_streams(Some(GRPC_PENDING_RESETS_MAX))
+        .http2_max_header_list_size(GRPC_HEADER_LIST_BYTES_MAX)
         .add_service(health_service)
         .add_service(
             StreamsServer::new(StreamsService::new(ctx.clone()))
