@@ -5,7 +5,9 @@
 //! - [`transport`]: the gRPC port's incoming connections (TLS or plain, capped) and the
 //!   client-side TLS connector for tonic channels.
 //! - [`certs`]: a development CA and node certificates (`strata cert`).
+//! - [`auth`]: password hashes, signed expiring tokens, roles and per-stream rules.
 
+pub mod auth;
 pub mod certs;
 pub mod tls;
 pub mod transport;
