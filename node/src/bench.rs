@@ -114,7 +114,7 @@ pub async fn run(args: BenchArgs, tls: Option<strata_security::ClientTls>) -> Re
     let _ = CLIENT_TLS.set(tls);
     if args.read_all_only {
         let first = args.endpoints.split(',').next().unwrap_or_default().trim();
-        let endpoint = if first.contains("://") { first.to_string() } else { format!("http://{first}") };
+        let endpoint = crate::cli::endpoint_url(first);
         let mut client = connect(&endpoint).await?;
         let started = Instant::now();
         let stats = read_back(&mut client, "", 0).await?;
@@ -210,13 +210,7 @@ impl Plan {
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|s| {
-                if s.contains("://") {
-                    s.to_string()
-                } else {
-                    format!("http://{s}")
-                }
-            })
+            .map(crate::cli::endpoint_url)
             .collect();
         if endpoints.is_empty() {
             bail!("--endpoints is empty");

@@ -56,14 +56,13 @@ impl ClientTlsOptions {
     /// The TLS set-up these options name, or None for plaintext.
     pub fn client_tls(&self) -> Result<Option<strata_security::ClientTls>, CliError> {
         let Some(ca) = &self.ca else { return Ok(None) };
-        strata_security::install_crypto_provider();
         strata_security::ClientTls::for_client(ca, &self.server_name).map(Some).map_err(|e| CliError::Usage(e.to_string()))
     }
 }
 
 /// `host:port` as a URL (already-URL endpoints stay as they are).
 pub fn endpoint_url(endpoint: &str) -> String {
-    if endpoint.starts_with("http") { endpoint.to_string() } else { format!("http://{endpoint}") }
+    if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") }
 }
 
 /// A failed client command, with its exit status.

@@ -99,6 +99,8 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // Once for the process: rustls users without a provider of their own take this one.
+    strata_security::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
     let options = cli.client.clone();
     let result: Result<(), cli::CliError> = runtime.block_on(async move {

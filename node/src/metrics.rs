@@ -236,8 +236,7 @@ impl Metrics {
             values.push((format!("dropped_{}", reason.label()), counters.dropped(reason)));
         }
         for (outcome, value) in values {
-            let counter = self.gossip_datagrams_total.with_label_values(&[outcome.as_str()]);
-            counter.inc_by(value.saturating_sub(counter.get()));
+            catch_up(&self.gossip_datagrams_total, &outcome, value);
         }
     }
 
@@ -250,8 +249,7 @@ impl Metrics {
             ("refused_over_cap", c.refused_over_cap.load(Ordering::Relaxed)),
             ("tls_failed", c.tls_failures.load(Ordering::Relaxed)),
         ] {
-            let counter = self.grpc_connections_total.with_label_values(&[outcome]);
-            counter.inc_by(value.saturating_sub(counter.get()));
+            catch_up(&self.grpc_connections_total, outcome, value);
         }
         self.grpc_connections_open.set(c.open.load(Ordering::Relaxed) as i64);
     }
@@ -277,4 +275,10 @@ impl Metrics {
             *previous_leader = raft.current_leader;
         }
     }
+}
+
+/// Moves a counter up to `value`, a total kept by atomics outside the registry.
+fn catch_up(counters: &IntCounterVec, label: &str, value: u64) {
+    let counter = counters.with_label_values(&[label]);
+    counter.inc_by(value.saturating_sub(counter.get()));
 }

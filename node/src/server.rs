@@ -78,7 +78,6 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     let peers = config.parsed_peers()?;
     tracing::info!(?config, "effective configuration");
     let node_id = config.node_id;
-    strata_security::install_crypto_provider();
     let tls = config.tls.load()?;
     match &tls {
         Some(tls) => tracing::info!(node_id, cert = %tls.files().cert.display(), ca = %tls.files().ca.display(), node_name = tls.node_name(), "TLS on: clients verified against the cluster CA, peers must present a node certificate"),

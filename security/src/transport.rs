@@ -59,18 +59,32 @@ enum Stream {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// A place under the connection cap, counted open from accept (handshake included)
+/// until dropped, whichever way the connection ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    counters: Arc<ConnectionCounters>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, counters: Arc<ConnectionCounters>) -> Self {
+        counters.accepted.fetch_add(1, Ordering::Relaxed);
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        Self { _permit: permit, counters }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One accepted connection. Holding it holds a slot of the connection cap.
 pub struct ServerConn {
     stream: Stream,
     info: PeerInfo,
-    _slot: OwnedSemaphorePermit,
-    counters: Arc<ConnectionCounters>,
-}
-
-impl Drop for ServerConn {
-    fn drop(&mut self) {
-        self.counters.open.fetch_sub(1, Ordering::Relaxed);
-    }
+    _slot: Slot,
 }
 
 impl tonic::transport::server::Connected for ServerConn {
@@ -150,7 +164,7 @@ pub fn incoming(
                 },
                 _ = sender.closed() => return,
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
                 // Closing at once tells the client now, instead of after a timeout.
                 if counters.refused_over_cap.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
                     tracing::warn!(%remote, max = limits.max, "connection refused: the node is at its connection cap");
@@ -158,13 +172,12 @@ pub fn incoming(
                 drop(tcp);
                 continue;
             };
-            counters.accepted.fetch_add(1, Ordering::Relaxed);
-            counters.open.fetch_add(1, Ordering::Relaxed);
+            let slot = Slot::new(permit, counters.clone());
             let _ = tcp.set_nodelay(true);
             let info = PeerInfo { remote_addr: Some(remote), tls: tls.is_some(), node: false };
             match &tls {
                 None => {
-                    let conn = ServerConn { stream: Stream::Plain(tcp), info, _slot: slot, counters: counters.clone() };
+                    let conn = ServerConn { stream: Stream::Plain(tcp), info, _slot: slot };
                     if sender.send(Ok(conn)).await.is_err() {
                         return;
                     }
@@ -174,19 +187,15 @@ pub fn incoming(
                     let (tls, sender, counters) = (tls.clone(), sender.clone(), counters.clone());
                     tokio::spawn(async move {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-                        let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                        let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
                         let stream = match handshake {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
+                            Ok(stream) => stream,
+                            Err(e) => {
+                                // Dropping the slot closes the socket and frees its place.
                                 counters.tls_failures.fetch_add(1, Ordering::Relaxed);
-                                counters.open.fetch_sub(1, Ordering::Relaxed);
                                 tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                counters.tls_failures.fetch_add(1, Ordering::Relaxed);
-                                counters.open.fetch_sub(1, Ordering::Relaxed);
-                                tracing::debug!(%remote, "TLS handshake timed out");
                                 return;
                             }
                         };
@@ -197,7 +206,7 @@ pub fn incoming(
                             .and_then(|chain| chain.first())
                             .is_some_and(|leaf| carries_name(leaf, tls.node_name()));
                         let info = PeerInfo { node, ..info };
-                        let conn = ServerConn { stream: Stream::Tls(Box::new(stream)), info, _slot: slot, counters: counters.clone() };
+                        let conn = ServerConn { stream: Stream::Tls(Box::new(stream)), info, _slot: slot };
                         let _ = sender.send(Ok(conn)).await;
                     });
                 }

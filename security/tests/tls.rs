@@ -40,6 +40,15 @@ async fn connect(addr: std::net::SocketAddr, tls: &ClientTls) -> std::io::Result
     Ok(stream)
 }
 
+/// A temp dir holding a CA in `<dir>/ca`.
+fn test_ca() -> (tempfile::TempDir, std::path::PathBuf) {
+    strata_security::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    create_ca(&ca, "test CA").unwrap();
+    (dir, ca)
+}
+
 async fn next_conn(listener: &mut Listener) -> Option<strata_security::transport::ServerConn> {
     match tokio::time::timeout(Duration::from_millis(1500), listener.conns.next()).await {
         Ok(Some(Ok(conn))) => Some(conn),
@@ -54,10 +63,7 @@ async fn next_info(listener: &mut Listener) -> Option<PeerInfo> {
 
 #[tokio::test]
 async fn nodes_are_told_from_clients_and_strangers_are_refused() {
-    strata_security::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    create_ca(&ca, "test CA").unwrap();
+    let (dir, ca) = test_ca();
     let other_ca = dir.path().join("other-ca");
     create_ca(&other_ca, "another CA").unwrap();
     let server = NodeTls::load(node_files(dir.path(), &ca, "node-1"), NODE_NAME_DEFAULT).unwrap();
@@ -115,10 +121,7 @@ async fn nodes_are_told_from_clients_and_strangers_are_refused() {
 
 #[tokio::test]
 async fn an_expired_server_certificate_is_refused_by_clients() {
-    strata_security::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    create_ca(&ca, "test CA").unwrap();
+    let (dir, ca) = test_ca();
     let spec = LeafSpec { valid_from_secs: -7200, valid_until_secs: -3600, ..LeafSpec::node("old", NODE_NAME_DEFAULT, &[], &[], 1) };
     create_leaf(&ca, dir.path(), &spec).unwrap();
     let files = TlsFiles { cert: dir.path().join("old.pem"), key: dir.path().join("old.key"), ca: ca.join("ca.pem") };
@@ -131,10 +134,7 @@ async fn an_expired_server_certificate_is_refused_by_clients() {
 
 #[tokio::test]
 async fn a_replaced_certificate_is_used_for_new_connections_and_a_broken_one_is_not() {
-    strata_security::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    create_ca(&ca, "test CA").unwrap();
+    let (dir, ca) = test_ca();
     let files = node_files(dir.path(), &ca, "node");
     let tls = NodeTls::load(files.clone(), NODE_NAME_DEFAULT).unwrap();
     assert!(!tls.reload_if_changed().unwrap(), "nothing changed");
@@ -176,10 +176,7 @@ async fn connections_past_the_cap_are_closed_at_once() {
 
 #[tokio::test]
 async fn grpc_runs_over_the_tls_channel() {
-    strata_security::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    create_ca(&ca, "test CA").unwrap();
+    let (dir, ca) = test_ca();
     let server_tls = NodeTls::load(node_files(dir.path(), &ca, "server"), NODE_NAME_DEFAULT).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
