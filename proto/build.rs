@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "strata/v1/persistent.proto",
         "strata/v1/cluster.proto",
         "strata/v1/raft.proto",
+        "strata/v1/auth.proto",
     ];
     tonic_prost_build::configure().compile_protos(&protos, &["."])?;
     for proto in protos {

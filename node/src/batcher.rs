@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use strata_raft::Raft;
 use strata_storage::{AppendCommand, AppendOutcome, Command};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 use crate::limits::*;
@@ -28,19 +28,27 @@ struct Pending {
     command: AppendCommand,
     bytes: usize,
     reply: oneshot::Sender<Result<Applied, ApiError>>,
+    /// This append's share of `PROPOSAL_QUEUE_BYTES_MAX`, given back when the batcher
+    /// takes it into an entry.
+    _queued_bytes: OwnedSemaphorePermit,
 }
 
 /// The handle API services use to propose appends.
 #[derive(Clone)]
 pub struct Batcher {
     queue: mpsc::Sender<Pending>,
+    queue_appends: usize,
+    queue_bytes: Arc<Semaphore>,
 }
 
 impl Batcher {
-    pub fn start(raft: Raft, metrics: Arc<Metrics>) -> Self {
-        let (queue, pending) = mpsc::channel(PROPOSAL_QUEUE_APPENDS_MAX);
+    /// Starts the batcher with room for `queue_appends` waiting appends
+    /// (`--proposal-queue-appends`, `PROPOSAL_QUEUE_APPENDS_MAX` by default).
+    pub fn start(raft: Raft, metrics: Arc<Metrics>, queue_appends: usize) -> Self {
+        let queue_appends = queue_appends.max(BATCH_APPENDS_MAX);
+        let (queue, pending) = mpsc::channel(queue_appends);
         tokio::spawn(run(raft, pending, metrics));
-        Self { queue }
+        Self { queue, queue_appends, queue_bytes: Arc::new(Semaphore::new(PROPOSAL_QUEUE_BYTES_MAX)) }
     }
 
     /// Proposes one append and waits for its apply result. Errors before the append was
@@ -48,10 +56,16 @@ impl Batcher {
     pub async fn append(&self, command: AppendCommand) -> Result<Applied, ApiError> {
         let bytes = command.payload_bytes();
         let (reply, answer) = oneshot::channel();
-        self.queue.try_send(Pending { command, bytes, reply }).map_err(|e| match e {
+        let permits = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+        let queued_bytes = self.queue_bytes.clone().try_acquire_many_owned(permits).map_err(|_| ApiError::Overloaded {
+            limit_name: "PROPOSAL_QUEUE_BYTES_MAX",
+            limit_value: PROPOSAL_QUEUE_BYTES_MAX as u64,
+            retry_after_ms: OVERLOAD_RETRY_AFTER_MS,
+        })?;
+        self.queue.try_send(Pending { command, bytes, reply, _queued_bytes: queued_bytes }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::Overloaded {
                 limit_name: "PROPOSAL_QUEUE_APPENDS_MAX",
-                limit_value: PROPOSAL_QUEUE_APPENDS_MAX as u64,
+                limit_value: self.queue_appends as u64,
                 retry_after_ms: OVERLOAD_RETRY_AFTER_MS,
             },
             mpsc::error::TrySendError::Closed(_) => {

@@ -34,7 +34,8 @@ use strata_proto::v1::{
     AppendRequest, Consistency, Direction, ExpectedVersionKind, ProposedEvent, ReadAllRequest,
     ReadFilter,
 };
-use tonic::transport::{Channel, Endpoint};
+use strata_security::AuthChannel;
+use tonic::transport::Endpoint;
 
 /// Largest gRPC message the client accepts: a ReadAll chunk carries many events, and the
 /// server may size its chunks well above tonic's 4 MiB default.
@@ -109,7 +110,8 @@ pub struct BenchArgs {
 
 /// Runs the grid and prints the results; fails if any pair failed its read-back count,
 /// its OCC probe, or could not run at all.
-pub async fn run(args: BenchArgs, tls: Option<strata_security::ClientTls>) -> Result<()> {
+pub async fn run(args: BenchArgs, tls: Option<strata_security::ClientTls>, token: strata_security::BearerToken) -> Result<()> {
+    let _ = CLIENT_TOKEN.set(token);
     // Every channel of the run uses the same TLS set-up (or none): set once, here.
     let _ = CLIENT_TLS.set(tls);
     if args.read_all_only {
@@ -325,22 +327,25 @@ fn server_ticks(pids: &[u32]) -> Option<u64> {
 
 /// The run's TLS set-up (`--ca`), None for plaintext.
 static CLIENT_TLS: std::sync::OnceLock<Option<strata_security::ClientTls>> = std::sync::OnceLock::new();
+/// The run's token (`--token` or the token file), sent on every call.
+static CLIENT_TOKEN: std::sync::OnceLock<strata_security::BearerToken> = std::sync::OnceLock::new();
 
-async fn connect(endpoint: &str) -> Result<StreamsClient<Channel>> {
+async fn connect(endpoint: &str) -> Result<StreamsClient<AuthChannel>> {
     Ok(StreamsClient::new(channel(endpoint).await?).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
 }
 
 /// A channel to one of the plan's endpoints, with the server's HTTP/2 windows.
-async fn channel(endpoint: &str) -> Result<Channel> {
+async fn channel(endpoint: &str) -> Result<AuthChannel> {
     let target = Endpoint::from_shared(endpoint.to_string())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(strata_raft::HTTP2_STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(strata_raft::HTTP2_CONNECTION_WINDOW_BYTES))
         .connect_timeout(CONNECT_TIMEOUT);
-    strata_security::connect(target, CLIENT_TLS.get().and_then(Option::as_ref))
+    let channel = strata_security::connect(target, CLIENT_TLS.get().and_then(Option::as_ref))
         .await
-        .with_context(|| format!("connecting to {endpoint}"))
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    Ok(CLIENT_TOKEN.get().cloned().unwrap_or_default().on(channel))
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -360,7 +365,7 @@ struct Slot {
 
 /// What one writer task needs; everything is owned so the task can be spawned.
 struct WriterJob {
-    client: StreamsClient<Channel>,
+    client: StreamsClient<AuthChannel>,
     streams: Vec<Slot>,
     batch: Vec<ProposedEvent>,
     deadline: Instant,
@@ -481,7 +486,7 @@ async fn writer_task(job: WriterJob) -> WriterResult {
 
 /// Sends a stale append to the first stream that has events; it must be refused.
 async fn occ_probe(
-    client: &mut StreamsClient<Channel>,
+    client: &mut StreamsClient<AuthChannel>,
     results: &[WriterResult],
     payload: Vec<u8>,
     timeout: Duration,
@@ -514,7 +519,7 @@ struct ReadStats {
 
 /// Reads every event of the pair's namespace from `$all`, starting at the pair's first
 /// position, and counts events and payload bytes. Bounded by READ_BACK_TIMEOUT as a whole.
-async fn read_back(client: &mut StreamsClient<Channel>, prefix: &str, from_position: u64) -> Result<ReadStats> {
+async fn read_back(client: &mut StreamsClient<AuthChannel>, prefix: &str, from_position: u64) -> Result<ReadStats> {
     let req = ReadAllRequest {
         from_position,
         from_end: false,

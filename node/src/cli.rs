@@ -16,7 +16,8 @@ use strata_proto::v1::{
     AppendRequest, Consistency, Direction, ExpectedVersionKind, ListStreamsRequest, ProposedEvent, ReadAllRequest, ReadFilter,
     ReadStreamRequest, RecordedEvent, StreamInfoRequest, DeleteStreamRequest, SetStreamMetadataRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use strata_security::AuthChannel;
+use tonic::transport::Endpoint;
 
 use crate::error::detail_of;
 use crate::limits::GRPC_DECODE_BYTES_MAX;
@@ -37,6 +38,48 @@ pub struct ClientOptions {
     pub json: bool,
     #[command(flatten)]
     pub tls: ClientTlsOptions,
+    #[command(flatten)]
+    pub auth: ClientAuthOptions,
+}
+
+/// Who the client says it is: a token from `strata login`.
+#[derive(Args, Debug, Clone)]
+pub struct ClientAuthOptions {
+    /// A bearer token (from `strata login --print`). Without it, the token file's.
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<crate::config::Secret>,
+    /// Where `strata login` saves the token and other commands read it
+    /// (default: ~/.strata/token).
+    #[arg(long, env = "STRATA_TOKEN_FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl ClientAuthOptions {
+    /// The token file: `--token-file`, else ~/.strata/token.
+    pub fn token_path(&self) -> std::path::PathBuf {
+        self.token_file.clone().unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".strata").join("token")
+        })
+    }
+
+    /// The token to send: `--token`, else the token file's when it exists, else none.
+    pub fn token(&self) -> Result<Option<String>, CliError> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.0.trim().to_string()));
+        }
+        let path = self.token_path();
+        match std::fs::read_to_string(&path) {
+            Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_string())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.token_file.is_none() => Ok(None),
+            Err(e) => Err(CliError::Usage(format!("cannot read the token file {}: {e}", path.display()))),
+        }
+    }
+
+    /// What every call carries.
+    pub fn bearer(&self) -> Result<strata_security::BearerToken, CliError> {
+        strata_security::BearerToken::new(self.token()?.as_deref()).map_err(|_| CliError::Usage("the token is not a valid header value".into()))
+    }
 }
 
 /// How clients reach a node with TLS on.
@@ -50,13 +93,30 @@ pub struct ClientTlsOptions {
     /// reserved node name).
     #[arg(long = "tls-name", env = "STRATA_TLS_SERVER_NAME", default_value = strata_security::NODE_NAME_DEFAULT, global = true)]
     pub server_name: String,
+    /// A client certificate to present (with `--key`): a node certificate makes the
+    /// caller the cluster's own (admin, no token needed), as in a pod's preStop hook.
+    /// The same variables as `strata serve`'s, so the CLI inside a node's container
+    /// presents the node's certificate.
+    #[arg(long = "cert", env = "STRATA_TLS_CERT", global = true, requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    #[arg(long = "key", env = "STRATA_TLS_KEY", global = true)]
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl ClientTlsOptions {
     /// The TLS set-up these options name, or None for plaintext.
     pub fn client_tls(&self) -> Result<Option<strata_security::ClientTls>, CliError> {
         let Some(ca) = &self.ca else { return Ok(None) };
-        strata_security::ClientTls::for_client(ca, &self.server_name).map(Some).map_err(|e| CliError::Usage(e.to_string()))
+        let tls = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let files = strata_security::TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() };
+                strata_security::NodeTls::load(files, &self.server_name)
+                    .and_then(strata_security::ClientTls::for_node)
+                    .map(|tls| tls.with_server_name(&self.server_name))
+            }
+            _ => strata_security::ClientTls::for_client(ca, &self.server_name),
+        };
+        tls.map(Some).map_err(|e| CliError::Usage(e.to_string()))
     }
 }
 
@@ -112,6 +172,10 @@ impl From<tonic::Status> for CliError {
                 actual: d.actual_version.map_or_else(|| "no_stream".to_string(), |v| v.to_string()),
             },
             (tonic::Code::NotFound, _) => CliError::NotFound(status.message().to_string()),
+            (tonic::Code::Unauthenticated, _) => CliError::Server {
+                code: tonic::Code::Unauthenticated,
+                message: format!("{} (log in with `strata login --user <name>`, or pass --token)", status.message()),
+            },
             (tonic::Code::Unavailable, None) if status.message().contains("connect") => {
                 CliError::Connection(status.message().to_string())
             }
@@ -126,8 +190,9 @@ impl From<tonic::Status> for CliError {
 }
 
 /// Connects to the first of `options.endpoints` that answers.
-pub async fn connect(options: &ClientOptions) -> Result<Channel, CliError> {
+pub async fn connect(options: &ClientOptions) -> Result<AuthChannel, CliError> {
     let tls = options.tls.client_tls()?;
+    let bearer = options.auth.bearer()?;
     let mut failures = Vec::new();
     for endpoint in &options.endpoints {
         let target = Endpoint::from_shared(endpoint_url(endpoint))
@@ -136,14 +201,14 @@ pub async fn connect(options: &ClientOptions) -> Result<Channel, CliError> {
             .tcp_nodelay(true);
         let attempt = strata_security::connect(target, tls.as_ref()).await;
         match attempt {
-            Ok(channel) => return Ok(channel),
+            Ok(channel) => return Ok(bearer.on(channel)),
             Err(e) => failures.push(format!("{endpoint}: {e}")),
         }
     }
     Err(CliError::Connection(failures.join("; ")))
 }
 
-pub fn streams_client(channel: Channel) -> StreamsClient<Channel> {
+pub fn streams_client(channel: AuthChannel) -> StreamsClient<AuthChannel> {
     StreamsClient::new(channel)
         .max_decoding_message_size(CLIENT_DECODE_BYTES_MAX)
         .max_encoding_message_size(GRPC_DECODE_BYTES_MAX)

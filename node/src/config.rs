@@ -120,6 +120,30 @@ pub struct NodeConfig {
     /// connections are closed at once.
     #[arg(long, env = "STRATA_MAX_CONNECTIONS", default_value_t = crate::limits::GRPC_CONNECTIONS_MAX_DEFAULT)]
     pub max_connections: usize,
+    /// Appends a leader queues for its batcher; past it appends get RESOURCE_EXHAUSTED
+    /// with a retry-after hint (`PROPOSAL_QUEUE_APPENDS_MAX`).
+    #[arg(long, env = "STRATA_PROPOSAL_QUEUE_APPENDS", default_value_t = crate::limits::PROPOSAL_QUEUE_APPENDS_MAX)]
+    pub proposal_queue_appends: usize,
+    /// Client calls this node handles at once, over all connections; past it a call is
+    /// refused with RESOURCE_EXHAUSTED before its body is decoded (Raft traffic is exempt).
+    #[arg(long, env = "STRATA_MAX_CALLS_IN_FLIGHT", default_value_t = crate::limits::GRPC_CALLS_IN_FLIGHT_MAX_DEFAULT)]
+    pub max_calls_in_flight: usize,
+    /// Live subscriptions this node serves at once; past it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "STRATA_MAX_SUBSCRIPTIONS", default_value_t = crate::limits::SUBSCRIPTIONS_MAX_DEFAULT)]
+    pub max_subscriptions: usize,
+    /// How long a token from `strata login` is valid, in seconds (at most a week).
+    #[arg(long, env = "STRATA_TOKEN_TTL_SECS", default_value_t = crate::limits::TOKEN_TTL_SECS_DEFAULT)]
+    pub token_ttl_secs: u64,
+    /// File holding the password of the first admin (user `admin`), created by the leader
+    /// while the cluster has no users; later restarts with it change nothing. Without it
+    /// (and without STRATA_ADMIN_PASSWORD) a TLS cluster starts with no users: only node
+    /// certificates can act until an admin is added.
+    #[arg(long, env = "STRATA_ADMIN_PASSWORD_FILE", conflicts_with = "admin_password")]
+    pub admin_password_file: Option<PathBuf>,
+    /// The first admin's password itself (an environment variable from a Secret; on the
+    /// command line it would show in `ps`).
+    #[arg(long, env = "STRATA_ADMIN_PASSWORD", hide = true)]
+    pub admin_password: Option<Secret>,
 }
 
 /// A node's TLS: its certificate and key, and the cluster CA. Plaintext needs
@@ -285,6 +309,22 @@ impl NodeConfig {
                 _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
             }
         }
+    }
+
+    /// The first admin's password from `--admin-password-file` or STRATA_ADMIN_PASSWORD.
+    pub fn first_admin_password(&self) -> Result<Option<String>, ConfigError> {
+        let password = match (&self.admin_password, &self.admin_password_file) {
+            (Some(secret), _) => secret.0.trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Invalid { flag: "--admin-password-file", reason: format!("cannot read {}: {e}", path.display()) })?
+                .trim()
+                .to_string(),
+            (None, None) => return Ok(None),
+        };
+        if password.is_empty() {
+            return Err(ConfigError::Invalid { flag: "--admin-password-file", reason: "the password is empty".into() });
+        }
+        Ok(Some(password))
     }
 
     /// The gossip secret from `--cluster-secret` or `--cluster-secret-file`, if any.

@@ -19,6 +19,9 @@ const STOP_GRACE_SECS: u64 = 10;
 const DEV_SOURCE_IP_BASE: u16 = 10;
 /// Most nodes `strata dev` starts: it is a laptop cluster.
 const DEV_NODES_MAX: u16 = 9;
+/// The first admin's password in a dev cluster: the only default password, and only
+/// under `--insecure` on loopback (a `serve` without `--admin-password-file` has none).
+pub const DEV_ADMIN_PASSWORD: &str = "changeit";
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
@@ -94,7 +97,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg(&secret_file)
             .args(["--object-store", &object_store])
             // A laptop cluster on loopback, no certificates to make first; said out loud below.
-            .arg("--insecure");
+            .arg("--insecure")
+            // The one default password there is: dev mode only, printed below.
+            .env("STRATA_ADMIN_PASSWORD", DEV_ADMIN_PASSWORD);
         if let Some(events) = args.hot_window_events {
             command.args(["--hot-window-events", &events.to_string()]);
         }
@@ -104,7 +109,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         nodes.push(DevNode { id: i, grpc: grpc_of(i), http, log, child });
     }
     println!("strata dev: {} nodes on 127.0.0.1, data in {}, tier {object_store}", args.nodes, data_dir.display());
-    println!("WARNING: strata dev runs the nodes with --insecure: plaintext gRPC, no TLS. For development on this machine only; `strata cert` makes certificates for a real cluster.");
+    println!("WARNING: strata dev runs the nodes with --insecure: plaintext gRPC, no TLS, and calls without a token act as admin (user `admin`, password `{DEV_ADMIN_PASSWORD}`, for trying `strata login`). For development on this machine only; `strata cert` makes certificates for a real cluster.");
     for node in &nodes {
         println!("  node {}  grpc {}  http http://{}/metrics  log {}", node.id, node.grpc, node.http, node.log.display());
     }

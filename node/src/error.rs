@@ -60,6 +60,18 @@ pub enum ApiError {
     /// The call needs something this cluster was not started with (an object store).
     #[error("not configured: {what}")]
     NotConfigured { what: String },
+    /// No valid credentials (SPEC §4): missing, malformed, forged or expired token, wrong
+    /// password, a removed user.
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated { reason: String },
+    /// The caller is known but may not do this.
+    #[error("permission denied: {reason}")]
+    PermissionDenied { reason: String },
+    /// A user or a stream rule that does not exist.
+    #[error("not found: {what}")]
+    AccessRecordNotFound { what: String },
+    #[error("already exists: {what}")]
+    AccessRecordExists { what: String },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }
@@ -84,6 +96,10 @@ impl ApiError {
             ApiError::GroupExists { .. } => Code::AlreadyExists,
             ApiError::LimitReached { .. } => Code::ResourceExhausted,
             ApiError::TierWatermarkMoved { .. } | ApiError::NotConfigured { .. } => Code::FailedPrecondition,
+            ApiError::Unauthenticated { .. } => Code::Unauthenticated,
+            ApiError::PermissionDenied { .. } => Code::PermissionDenied,
+            ApiError::AccessRecordNotFound { .. } => Code::NotFound,
+            ApiError::AccessRecordExists { .. } => Code::AlreadyExists,
             ApiError::Internal { .. } => Code::Internal,
         }
     }
@@ -109,6 +125,10 @@ impl ApiError {
             ApiError::LimitReached { .. } => "limit_reached",
             ApiError::TierWatermarkMoved { .. } => "tier_watermark_moved",
             ApiError::NotConfigured { .. } => "not_configured",
+            ApiError::Unauthenticated { .. } => "unauthenticated",
+            ApiError::PermissionDenied { .. } => "permission_denied",
+            ApiError::AccessRecordNotFound { .. } => "not_found",
+            ApiError::AccessRecordExists { .. } => "already_exists",
             ApiError::Internal { .. } => "internal",
         }
     }
@@ -154,6 +174,10 @@ impl ApiError {
             ApiError::MembershipRefused { .. }
             | ApiError::NodeNotFound { .. }
             | ApiError::NotConfigured { .. }
+            | ApiError::Unauthenticated { .. }
+            | ApiError::PermissionDenied { .. }
+            | ApiError::AccessRecordNotFound { .. }
+            | ApiError::AccessRecordExists { .. }
             | ApiError::Internal { .. } => {}
         }
         detail
@@ -175,6 +199,21 @@ impl From<strata_storage::StorageError> for ApiError {
     fn from(e: strata_storage::StorageError) -> Self {
         tracing::error!(error = %e, "storage error while serving a request");
         ApiError::Internal { reason: e.to_string() }
+    }
+}
+
+impl From<strata_security::auth::AuthError> for ApiError {
+    fn from(e: strata_security::auth::AuthError) -> Self {
+        match e {
+            strata_security::auth::AuthError::Invalid { what, reason } => ApiError::InvalidArgument { field: what.into(), reason },
+            e => ApiError::Unauthenticated { reason: e.to_string() },
+        }
+    }
+}
+
+impl From<strata_security::auth::Denied> for ApiError {
+    fn from(e: strata_security::auth::Denied) -> Self {
+        ApiError::PermissionDenied { reason: e.to_string() }
     }
 }
 
@@ -212,6 +251,19 @@ impl From<strata_storage::ControlFailure> for ApiError {
             ControlFailure::WrongExpectedVersion { stream, expected, actual } => {
                 ApiError::WrongExpectedVersion { stream, expected: expected.to_string(), actual }
             }
+            ControlFailure::UserExists { name } => ApiError::AccessRecordExists { what: format!("user `{name}`") },
+            ControlFailure::UserNotFound { name } => ApiError::AccessRecordNotFound { what: format!("user `{name}`") },
+            ControlFailure::RuleNotFound { pattern } => ApiError::AccessRecordNotFound { what: format!("stream rule `{pattern}`") },
+            ControlFailure::UsersFull => ApiError::LimitReached {
+                what: "users in the cluster".into(),
+                limit_name: "USERS_MAX",
+                limit_value: strata_storage::access::USERS_MAX as u64,
+            },
+            ControlFailure::RulesFull => ApiError::LimitReached {
+                what: "stream rules in the cluster".into(),
+                limit_name: "RULES_MAX",
+                limit_value: strata_storage::access::RULES_MAX as u64,
+            },
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`cli`], [`manager`], [`dev`], [`bench`]: the client commands, the cluster manager, the
 //!   local dev cluster, the benchmark.
 
+pub mod access;
 pub mod api;
 pub mod batcher;
 pub mod bench;
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod cli_cert;
 pub mod cli_group;
 pub mod cli_snapshot;
+pub mod cli_user;
 pub mod clock;
 pub mod config;
 pub mod control;

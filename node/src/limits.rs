@@ -42,12 +42,31 @@ pub const GRPC_KEEPALIVE_TIMEOUT_SECS: u64 = 20;
 /// the HTTP/2 "rapid reset" attack (CVE-2023-44487), which opens and cancels streams to
 /// make the server start work it never finishes.
 pub const GRPC_PENDING_RESETS_MAX: usize = 50;
+/// Client calls a node handles at once (`--max-calls-in-flight`), over all connections:
+/// each holds its decoded request, HTTP/2 stream state and a task (~8 KiB measured under
+/// a flood, plus its payload). Above the proposal queue plus the appends in flight, so
+/// that the queue's own RESOURCE_EXHAUSTED is what a write burst meets first.
+pub const GRPC_CALLS_IN_FLIGHT_MAX_DEFAULT: usize = 32_768;
+const _: () = assert!(GRPC_CALLS_IN_FLIGHT_MAX_DEFAULT >= PROPOSAL_QUEUE_APPENDS_MAX + PROPOSALS_IN_FLIGHT_MAX * BATCH_APPENDS_MAX);
+/// How long any gRPC handler but the Raft transport's may take before the call is
+/// answered DEADLINE_EXCEEDED (indeterminate): above every wait inside (appends 10 s,
+/// membership changes 30 s, a forced tier upload's own timeout), a backstop against a
+/// call holding its resources for ever. Clients set shorter deadlines with grpc-timeout.
+pub const GRPC_HANDLER_TIMEOUT_SECS: u64 = 600;
 /// Request headers per call (the bearer token included).
 pub const GRPC_HEADER_LIST_BYTES_MAX: u32 = 64 * 1024;
 
 /// Appends waiting for the batcher. Beyond it: RESOURCE_EXHAUSTED with a retry-after; a
 /// bounded queue keeps latency bounded instead of letting it grow without limit.
 pub const PROPOSAL_QUEUE_APPENDS_MAX: usize = 16_384;
+/// Payload bytes of the appends waiting for the batcher: with the count above, what a
+/// burst of large appends can hold in memory before it is turned away.
+pub const PROPOSAL_QUEUE_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Live subscriptions a node serves at once (`--max-subscriptions`): each holds a task
+/// and a bounded buffer, and HTTP/2 lets a client open a thousand per connection.
+pub const SUBSCRIPTIONS_MAX_DEFAULT: usize = 10_000;
+/// The retry-after hint of a subscription turned away: subscribers reconnect slowly.
+pub const SUBSCRIPTION_RETRY_AFTER_MS: u64 = 1_000;
 /// Appends in one Raft entry, and the bytes of their events: bounds one entry.
 pub const BATCH_APPENDS_MAX: usize = 4096;
 pub const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
@@ -90,6 +109,7 @@ const _: () = assert!(APPEND_REQUEST_BYTES_MAX < GRPC_DECODE_BYTES_MAX);
 const _: () = assert!(BATCH_BYTES_MAX <= strata_raft::RAFT_RPC_MESSAGE_BYTES_MAX);
 const _: () = assert!(READ_PAGE_BYTES_MAX + EVENT_BYTES_MAX_CEILING < GRPC_ENCODE_BYTES_MAX);
 const _: () = assert!(BATCH_APPENDS_MAX <= PROPOSAL_QUEUE_APPENDS_MAX);
+const _: () = assert!(APPEND_REQUEST_BYTES_MAX <= PROPOSAL_QUEUE_BYTES_MAX && PROPOSAL_QUEUE_BYTES_MAX <= u32::MAX as usize);
 
 /// Shortest gossip secret accepted (a short one is guessable offline from one datagram).
 pub const CLUSTER_SECRET_BYTES_MIN: usize = 16;
@@ -157,3 +177,12 @@ pub const GROUP_TIMEOUT_MS_MAX: u64 = 24 * 3600 * 1000;
 pub const GROUP_RETRY_COUNT_MAX: u32 = 10_000;
 /// How long the leader waits before appending a parked event again after a failure.
 pub const GROUP_PARK_RETRY_MS: u64 = 1_000;
+
+/// Password checks and hashes (logins, `user add`) running at once on a node: argon2id
+/// takes ~19 MiB and tens of ms of CPU each, so a login flood meets this wall first.
+pub const LOGINS_CONCURRENT_MAX: usize = 4;
+/// How long a login waits for a free check slot before RESOURCE_EXHAUSTED.
+pub const LOGIN_QUEUE_WAIT_MS: u64 = 2_000;
+/// How long a token from `strata login` is valid by default (`--token-ttl-secs`), and at most.
+pub const TOKEN_TTL_SECS_DEFAULT: u64 = 3_600;
+pub const TOKEN_TTL_SECS_MAX: u64 = 7 * 24 * 3_600;

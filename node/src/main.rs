@@ -57,6 +57,16 @@ enum Command {
     /// Cluster manager.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Log in: get a token for a user and save it for the other commands.
+    Login(strata_node::cli_user::LoginArgs),
+    /// Show who the node takes you for.
+    Whoami,
+    /// Users (admin only): add, list, remove.
+    #[command(subcommand)]
+    User(strata_node::cli_user::UserCommand),
+    /// Per-stream read and write rules (admin only): set, list, remove.
+    #[command(subcommand)]
+    Acl(strata_node::cli_user::AclCommand),
     /// Benchmark the append/read workload of the peer harness against any endpoints.
     Bench(BenchArgs),
     /// Create a cluster CA and node certificates (TLS): ca, node, dev.
@@ -112,7 +122,8 @@ fn main() {
             Command::Dev(args) => strata_node::dev::run(args).await.map_err(|e| cli::CliError::Usage(format!("{e:#}"))),
             Command::Bench(args) => {
                 let tls = options.tls.client_tls()?;
-                strata_node::bench::run(args, tls).await.map_err(|e| cli::CliError::Usage(format!("{e:#}")))
+                let token = options.auth.bearer()?;
+                strata_node::bench::run(args, tls, token).await.map_err(|e| cli::CliError::Usage(format!("{e:#}")))
             }
             Command::Cert(command) => strata_node::cli_cert::cert(command),
             Command::Health(args) => {
@@ -141,6 +152,10 @@ fn main() {
                     Command::Group(command) => strata_node::cli_group::group(&options, command).await,
                     Command::Snapshot(command) => strata_node::cli_snapshot::snapshot(&options, command).await,
                     Command::Cluster(command) => manager::cluster(&options, command).await,
+                    Command::Login(args) => strata_node::cli_user::login(&options, args).await,
+                    Command::Whoami => strata_node::cli_user::whoami(&options).await,
+                    Command::User(command) => strata_node::cli_user::user(&options, command).await,
+                    Command::Acl(command) => strata_node::cli_user::acl(&options, command).await,
                     Command::Serve(_) | Command::Dev(_) | Command::Bench(_) | Command::Cert(_) | Command::Health(_) => unreachable!("handled above"),
                 }
             }

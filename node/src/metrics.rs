@@ -26,6 +26,7 @@ pub struct Metrics {
     pub gossip_datagrams_total: IntCounterVec,
     pub grpc_connections_total: IntCounterVec,
     pub grpc_connections_open: IntGauge,
+    pub auth_refusals_total: IntCounterVec,
     /// The gRPC listener's counters (atomics it owns), brought in on render.
     pub connections: std::sync::Arc<strata_security::ConnectionCounters>,
     pub group_checkpoint: IntGaugeVec,
@@ -91,6 +92,11 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let auth_refusals_total = IntCounterVec::new(
+            Opts::new("auth_refusals_total", "client calls refused in front of the services: unauthenticated, permission_denied, overloaded (--max-calls-in-flight)"),
+            &["kind"],
+        )
+        .expect("valid metric");
         let grpc_connections_open = IntGauge::new("grpc_connections_open", "gRPC connections open now").expect("valid metric");
         let group_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["group"]).expect("valid metric");
         let group_checkpoint = group_gauge("group_checkpoint", "persistent group: replicated checkpoint (cursor below which all is settled), on the leader");
@@ -145,6 +151,7 @@ impl Metrics {
             gossip_datagrams_total,
             grpc_connections_total,
             grpc_connections_open,
+            auth_refusals_total,
             connections: Default::default(),
             group_checkpoint,
             group_lag,
@@ -186,6 +193,7 @@ impl Metrics {
             Box::new(metrics.gossip_datagrams_total.clone()),
             Box::new(metrics.grpc_connections_total.clone()),
             Box::new(metrics.grpc_connections_open.clone()),
+            Box::new(metrics.auth_refusals_total.clone()),
             Box::new(metrics.group_checkpoint.clone()),
             Box::new(metrics.group_lag.clone()),
             Box::new(metrics.group_in_flight.clone()),

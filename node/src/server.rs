@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use openraft::storage::RaftLogStorage;
 use openraft::async_runtime::WatchReceiver;
+use strata_proto::v1::auth_server::AuthServer;
 use strata_proto::v1::cluster_server::ClusterServer;
 use strata_proto::v1::raft::raft_transport_server::RaftTransportServer;
 use strata_proto::v1::persistent_subscriptions_server::PersistentSubscriptionsServer;
@@ -17,6 +18,8 @@ use strata_gossip::{Gossip, GossipConfig};
 use strata_storage::{open_database, EventState, RaftLogStore};
 use tokio::sync::watch;
 
+use crate::access::{run_access_keeper, Access, AdmissionLayer};
+use crate::api::auth::AuthService;
 use crate::api::cluster::{role_name, ClusterService};
 use crate::api::persistent::PersistentService;
 use crate::api::snapshots::SnapshotsService;
@@ -139,7 +142,14 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let batcher = Batcher::start(raft.clone(), metrics.clone());
+    let batcher = Batcher::start(raft.clone(), metrics.clone(), config.proposal_queue_appends);
+    let access = Arc::new(Access::new(events.clone(), tls.is_some(), config.token_ttl_secs));
+    let first_admin_password = config.first_admin_password()?;
+    match (&tls, &first_admin_password) {
+        (Some(_), Some(_)) => tracing::info!(node_id, "authentication on: every call needs a token (strata login); the first admin comes from the admin password"),
+        (Some(_), None) => tracing::info!(node_id, "authentication on: every call needs a token (strata login) or a node certificate"),
+        (None, _) => tracing::warn!(node_id, "INSECURE: calls without a token act as admin (--insecure); tokens, when sent, are still checked"),
+    }
     let ctx = Arc::new(NodeContext {
         router: Router { node_id, raft: raft.clone(), applied, channels: channels.clone() },
         events: events.clone(),
@@ -153,6 +163,9 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         http_addr: http_advertised.clone(),
         gossip: gossip.clone(),
         groups: Default::default(),
+        access: access.clone(),
+        subscription_slots: Arc::new(tokio::sync::Semaphore::new(config.max_subscriptions)),
+        max_subscriptions: config.max_subscriptions,
     });
 
     let (shutdown_sender, shutdown) = watch::channel(false);
@@ -177,7 +190,10 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(GRPC_KEEPALIVE_TIMEOUT_SECS)))
         .http2_max_pending_accept_reset_streams(Some(GRPC_PENDING_RESETS_MAX))
         .http2_max_header_list_size(GRPC_HEADER_LIST_BYTES_MAX)
+        // One check of who calls, in front of every service (see `access`).
+        .layer(AdmissionLayer::new(access.clone(), metrics.clone(), config.max_calls_in_flight))
         .add_service(health_service)
+        .add_service(AuthServer::new(AuthService::new(ctx.clone())))
         .add_service(
             StreamsServer::new(StreamsService::new(ctx.clone()))
                 .max_decoding_message_size(GRPC_DECODE_BYTES_MAX)
@@ -224,6 +240,7 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
     }
     tokio::spawn(crate::scavenge::run_scavenger(ctx.router.clone(), ctx.reader.clone(), metrics.clone(), config.scavenge_interval, shutdown.clone()));
     tokio::spawn(watch_raft(raft.clone(), metrics));
+    tokio::spawn(run_access_keeper(ctx.router.clone(), events.clone(), access, first_admin_password));
     if resync.is_resyncing() {
         let ctx = ctx.clone();
         tokio::spawn(async move { ctx.router.resync_from_leader(&resync).await });

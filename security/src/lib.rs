@@ -12,5 +12,6 @@ pub mod certs;
 pub mod tls;
 pub mod transport;
 
+pub use auth::{Principal, Role, StreamAccess, StreamRule, ClusterAccess};
 pub use tls::{ClientTls, NODE_NAME_DEFAULT, NodeTls, TlsError, TlsFiles, install_crypto_provider};
-pub use transport::{ConnectionCounters, ConnectionLimits, PeerInfo, connect, incoming, tls_channel};
+pub use transport::{AuthChannel, BearerToken, ConnectionCounters, ConnectionLimits, PeerInfo, connect, incoming, tls_channel};

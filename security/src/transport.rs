@@ -257,3 +257,41 @@ async fn connect_tls(uri: http::Uri, tls: ClientTls, source_ip: Option<IpAddr>) 
     tcp.set_nodelay(true)?;
     tokio_rustls::TlsConnector::from(tls.config()).connect(tls.server_name(), tcp).await
 }
+
+/// Adds `authorization: Bearer <token>` to every call of a client; without a token, calls
+/// go without (a node under `--insecure` takes them). The token never shows in `Debug`.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+/// A client channel that carries the caller's token.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, BearerToken>;
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        let value = token.map(|token| format!("Bearer {}", token.trim()).parse()).transpose()?;
+        Ok(Self(value.map(|mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii>| {
+            v.set_sensitive(true);
+            v
+        })))
+    }
+
+    /// `channel` with this token on every call.
+    pub fn on(self, channel: Channel) -> AuthChannel {
+        tonic::service::interceptor::InterceptedService::new(channel, self)
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "BearerToken(<redacted>)" } else { "BearerToken(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}

@@ -10,10 +10,15 @@
 //! - `k` counter name                 → u64 BE (the next group id)
 //! - `t` "tier"                         → [`TierState`] (the tier watermark)
 //! - `r` stream                         → [`StreamMeta`] (retention, deletion; `retention`)
+//! - `u`, `a`, `x`                      → users, stream rules, the token key (`access`)
 
 use serde::{Deserialize, Serialize};
 
+use strata_security::StreamRule;
+
+use crate::access::{SecretBytes, UserRecord, AUTH_KEY, RULE, RULES_MAX, USER, USERS_MAX};
 use crate::command::ExpectedVersion;
+use crate::access;
 use crate::keys;
 use crate::record;
 use crate::retention::{stream_meta_key, StreamMeta, STREAM_META};
@@ -118,6 +123,16 @@ pub enum ControlCommand {
     /// it for versions its retention or deletion already hides); every node then drops
     /// their payloads from its own copy, and the leader from the tier. Never moves back.
     Scavenge { stream: String, before: u64 },
+    /// Sets the key tokens are signed with, unless one is set (the first leader's wins).
+    SetTokenKey { key: SecretBytes },
+    /// Adds a user, or (`replace`) replaces one: new password hash and roles.
+    PutUser { user: UserRecord, replace: bool },
+    /// The first admin: applied only while the cluster has no users.
+    SeedAdmin { user: UserRecord },
+    RemoveUser { name: String },
+    /// Adds or replaces the rule for its pattern.
+    SetStreamRule(StreamRule),
+    RemoveStreamRule { pattern: String },
 }
 
 impl ControlCommand {
@@ -135,6 +150,12 @@ impl ControlCommand {
             ControlCommand::SetStreamMetadata { .. } => "set_stream_metadata",
             ControlCommand::DeleteStream { .. } => "delete_stream",
             ControlCommand::Scavenge { .. } => "scavenge",
+            ControlCommand::SetTokenKey { .. } => "set_token_key",
+            ControlCommand::PutUser { .. } => "put_user",
+            ControlCommand::SeedAdmin { .. } => "seed_admin",
+            ControlCommand::RemoveUser { .. } => "remove_user",
+            ControlCommand::SetStreamRule(_) => "set_stream_rule",
+            ControlCommand::RemoveStreamRule { .. } => "remove_stream_rule",
         }
     }
 }
@@ -173,6 +194,16 @@ pub enum ControlFailure {
     StreamNotFound { stream: String },
     #[error("wrong expected version: stream=`{stream}` expected=`{expected}` actual=`{}`", actual.map_or("no_stream".to_string(), |v| v.to_string()))]
     WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual: Option<u64> },
+    #[error("user already exists: user=`{name}`")]
+    UserExists { name: String },
+    #[error("user not found: user=`{name}`")]
+    UserNotFound { name: String },
+    #[error("too many users: USERS_MAX={USERS_MAX}")]
+    UsersFull,
+    #[error("stream rule not found: pattern=`{pattern}`")]
+    RuleNotFound { pattern: String },
+    #[error("too many stream rules: RULES_MAX={RULES_MAX}")]
+    RulesFull,
 }
 
 pub type ControlOutcome = Result<ControlSuccess, ControlFailure>;
@@ -183,7 +214,7 @@ pub const COUNTER: u8 = b'k';
 pub const TIER: u8 = b't';
 /// Key prefixes of the control state: what a Raft snapshot carries beside the events
 /// (and the stream heads, which outlive their tiered events).
-pub const CONTROL_PREFIXES: [u8; 5] = [SNAPSHOT, GROUP, COUNTER, TIER, STREAM_META];
+pub const CONTROL_PREFIXES: [u8; 8] = [SNAPSHOT, GROUP, COUNTER, TIER, STREAM_META, USER, RULE, AUTH_KEY];
 
 /// A stream's metadata record in `store`.
 pub(crate) fn stream_meta(store: &dyn ControlStore, stream: &str) -> Result<Option<StreamMeta>, StorageError> {
@@ -195,11 +226,7 @@ pub(crate) fn stream_meta(store: &dyn ControlStore, stream: &str) -> Result<Opti
 }
 
 pub(crate) fn read_stream_meta(tree: &sled::Tree, stream: &str) -> Result<Option<StreamMeta>, StorageError> {
-    let key = stream_meta_key(stream);
-    match tree.get(&key)? {
-        None => Ok(None),
-        Some(value) => Ok(Some(record::open_value("stream metadata", &key, &value)?)),
-    }
+    record::read_value("stream metadata", tree, &stream_meta_key(stream))
 }
 
 fn put_stream_meta(store: &mut dyn ControlStore, stream: &str, meta: &StreamMeta) -> Result<(), StorageError> {
@@ -222,11 +249,7 @@ pub(crate) fn tier_state(store: &dyn ControlStore) -> Result<TierState, StorageE
 }
 
 pub(crate) fn read_tier_state(tree: &sled::Tree) -> Result<TierState, StorageError> {
-    let key = tier_key();
-    match tree.get(&key)? {
-        None => Ok(TierState::default()),
-        Some(value) => record::open_value("tier state", &key, &value),
-    }
+    Ok(record::read_value("tier state", tree, &tier_key())?.unwrap_or_default())
 }
 
 /// The counter that numbers groups.
@@ -414,6 +437,12 @@ pub(crate) fn apply_control(store: &mut dyn ControlStore, command: &ControlComma
             put_stream_meta(store, stream, &meta)?;
             Ok(Ok(ControlSuccess::Stream(meta)))
         }
+        ControlCommand::SetTokenKey { key } => access::set_token_key(store, key),
+        ControlCommand::PutUser { user, replace } => access::put_user(store, user, *replace),
+        ControlCommand::SeedAdmin { user } => access::seed_admin(store, user),
+        ControlCommand::RemoveUser { name } => access::remove_user(store, name),
+        ControlCommand::SetStreamRule(rule) => access::set_rule(store, rule),
+        ControlCommand::RemoveStreamRule { pattern } => access::remove_rule(store, pattern),
     }
 }
 
@@ -438,30 +467,16 @@ fn update_group(
 
 /// Reads of the control state from a tree.
 pub(crate) fn read_group(tree: &sled::Tree, name: &str) -> Result<Option<GroupRecord>, StorageError> {
-    let key = group_key(name);
-    match tree.get(&key)? {
-        None => Ok(None),
-        Some(value) => Ok(Some(record::open_value("group", &key, &value)?)),
-    }
+    record::read_value("group", tree, &group_key(name))
 }
 
 pub(crate) fn list_groups(tree: &sled::Tree) -> Result<Vec<GroupRecord>, StorageError> {
-    let mut out = Vec::new();
-    for item in tree.scan_prefix([GROUP]) {
-        let (key, value) = item?;
-        out.push(record::open_value("group", &key, &value)?);
-    }
-    Ok(out)
+    record::scan_values("group", tree, &[GROUP])
 }
 
 /// A stream's snapshots, lowest version first.
 pub(crate) fn list_snapshots(tree: &sled::Tree, stream: &str) -> Result<Vec<AggregateSnapshot>, StorageError> {
-    let mut out = Vec::new();
-    for item in tree.scan_prefix(snapshot_prefix(stream)) {
-        let (key, value) = item?;
-        out.push(record::open_value("aggregate snapshot", &key, &value)?);
-    }
-    Ok(out)
+    record::scan_values("aggregate snapshot", tree, &snapshot_prefix(stream))
 }
 
 /// The snapshot with the highest version ≤ `max_version` (any version when None).
@@ -485,6 +500,19 @@ pub(crate) fn is_control_key(key: &[u8]) -> bool {
 const _: () = assert!(keys::EVENT != SNAPSHOT && keys::STREAM_INDEX != SNAPSHOT && keys::HEAD != SNAPSHOT);
 const _: () = assert!(keys::EVENT != GROUP && keys::STREAM_INDEX != GROUP && keys::HEAD != GROUP && keys::META != GROUP);
 const _: () = assert!(keys::EVENT_ID != GROUP && keys::EVENT_ID != SNAPSHOT && keys::META != SNAPSHOT);
+const _: () = {
+    let mut i = 0;
+    while i < CONTROL_PREFIXES.len() {
+        let p = CONTROL_PREFIXES[i];
+        assert!(p != keys::EVENT && p != keys::STREAM_INDEX && p != keys::EVENT_ID && p != keys::HEAD && p != keys::META);
+        let mut j = i + 1;
+        while j < CONTROL_PREFIXES.len() {
+            assert!(p != CONTROL_PREFIXES[j]);
+            j += 1;
+        }
+        i += 1;
+    }
+};
 const _: () = assert!(keys::EVENT != COUNTER && keys::STREAM_INDEX != COUNTER && keys::HEAD != COUNTER && keys::META != COUNTER && keys::EVENT_ID != COUNTER);
 
 #[cfg(test)]

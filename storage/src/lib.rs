@@ -18,6 +18,7 @@
 //! Every stored value is a [`record`]: a CRC32C over key and payload, verified on every
 //! read; a mismatch is [`StorageError::Corrupt`], never a silently wrong answer.
 
+pub mod access;
 mod chunk;
 mod command;
 mod control;

@@ -56,6 +56,19 @@ pub fn open_value<T: serde::de::DeserializeOwned>(
     bincode::deserialize(payload).map_err(|_| StorageError::Corrupt { what, key: printable_key(key) })
 }
 
+/// The record at `key` in `tree`, opened and decoded; None when there is none.
+pub fn read_value<T: serde::de::DeserializeOwned>(what: &'static str, tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StorageError> {
+    tree.get(key)?.map(|value| open_value(what, key, &value)).transpose()
+}
+
+/// Every record under `prefix` in `tree`, in key order, opened and decoded.
+pub fn scan_values<T: serde::de::DeserializeOwned>(what: &'static str, tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<T>, StorageError> {
+    tree.scan_prefix(prefix).map(|item| {
+        let (key, value) = item?;
+        open_value(what, &key, &value)
+    }).collect()
+}
+
 /// Opens a sealed record and bincode-decodes a view that borrows from it.
 pub fn open_view<'a, T: serde::Deserialize<'a>>(what: &'static str, key: &[u8], record: &'a [u8]) -> Result<T, StorageError> {
     decode_view(what, key, open(what, key, record)?)

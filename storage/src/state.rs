@@ -834,6 +834,26 @@ impl EventState {
         control::list_groups(&self.tree())
     }
 
+    /// A user, if it exists.
+    pub fn user(&self, name: &str) -> Result<Option<crate::access::UserRecord>, StorageError> {
+        crate::access::read_user(&self.tree(), name)
+    }
+
+    /// Every user, by name.
+    pub fn users(&self) -> Result<Vec<crate::access::UserRecord>, StorageError> {
+        crate::access::list_users(&self.tree())
+    }
+
+    /// Every per-stream rule, by pattern.
+    pub fn stream_rules(&self) -> Result<Vec<strata_security::StreamRule>, StorageError> {
+        crate::access::list_rules(&self.tree())
+    }
+
+    /// The key tokens are signed with, once the first leader has set it.
+    pub fn token_key(&self) -> Result<Option<crate::access::SecretBytes>, StorageError> {
+        crate::access::read_token_key(&self.tree())
+    }
+
     /// A stream's aggregate snapshots, lowest version first.
     pub fn snapshots(&self, stream: &str) -> Result<Vec<AggregateSnapshot>, StorageError> {
         control::list_snapshots(&self.tree(), stream)
@@ -1527,12 +1547,13 @@ fn read_u64_meta(tree: &sled::Tree, name: &str) -> Result<Option<u64>, StorageEr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::command::ExpectedVersion;
     use std::time::Duration;
 
-    fn state() -> (tempfile::TempDir, EventState) {
+    /// A fresh applied state in a temporary directory (shared by the storage tests).
+    pub(crate) fn state() -> (tempfile::TempDir, EventState) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::open_database(dir.path()).unwrap();
         let state = EventState::open(&db, dir.path()).unwrap();

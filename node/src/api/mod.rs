@@ -1,5 +1,6 @@
 //! The public gRPC services.
 
+pub mod auth;
 pub mod cluster;
 pub mod filter;
 pub mod persistent;
@@ -34,4 +35,20 @@ pub struct NodeContext {
     pub groups: crate::groups::Groups,
     /// Gossip, when this node runs it (a cluster secret was given).
     pub gossip: Option<Arc<strata_gossip::Gossip>>,
+    /// Who may do what: users, rules, tokens.
+    pub access: Arc<crate::access::Access>,
+    /// One permit per live subscription (`--max-subscriptions`).
+    pub subscription_slots: Arc<tokio::sync::Semaphore>,
+    pub max_subscriptions: usize,
+}
+
+/// Reads of every stream (`ReadAll`, `ListStreams`, `$all` subscriptions and groups) are
+/// checked as reads of this name: admin-only unless a rule opens it.
+pub const ALL_STREAMS: &str = "$all";
+
+impl NodeContext {
+    /// Whether the request's caller may `access` `stream` (PERMISSION_DENIED if not).
+    pub fn allow<T>(&self, request: &tonic::Request<T>, access: strata_security::StreamAccess, stream: &str) -> Result<(), crate::error::ApiError> {
+        self.access.stream(&crate::access::caller(request)?, access, stream)
+    }
 }

@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::NodeContext;
+use crate::access::caller;
 use crate::clock::now_unix_ms;
 use crate::control::propose;
 use crate::error::ApiError;
@@ -89,15 +90,23 @@ impl PersistentService {
     }
 }
 
+/// Whether `caller` may read a group's source (None: `$all`).
+fn allow_group_source(ctx: &NodeContext, caller: &crate::access::Caller, source_stream: Option<&str>) -> Result<(), ApiError> {
+    ctx.access.stream(caller, strata_security::StreamAccess::Read, source_stream.unwrap_or(super::ALL_STREAMS))
+}
+
 type ConnectOut = Pin<Box<dyn Stream<Item = Result<ConnectResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl PersistentSubscriptions for PersistentService {
     async fn create(&self, request: Request<CreateGroupRequest>) -> Result<Response<GroupInfo>, Status> {
         let forwarded = is_forwarded(&request);
+        let caller = caller(&request)?;
         let request = request.into_inner();
         group_name(&request.group)?;
         let (settings, source_stream) = effective(request.settings.clone().unwrap_or_default())?;
+        // Creating a group is operating (the admission layer) on a source the caller may read.
+        allow_group_source(&self.ctx, &caller, source_stream.as_deref())?;
         let ctx = &self.ctx;
         let remote = request.clone();
         ctx.router
@@ -210,12 +219,22 @@ impl PersistentSubscriptions for PersistentService {
 
     async fn connect_consumer(&self, request: Request<Streaming<ConnectRequest>>) -> Result<Response<Self::ConnectConsumerStream>, Status> {
         let forwarded = is_forwarded(&request);
+        let caller = caller(&request)?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::cancelled("the consumer left before ConnectStart"))?;
         let Some(InKind::Start(start)) = first.kind.clone() else {
             return Err(ApiError::InvalidArgument { field: "start".into(), reason: "the first request must be ConnectStart".into() }.into());
         };
         group_name(&start.group)?;
+        // Consuming a group is reading its source: checked here, before a follower
+        // forwards (the leader takes a forwarded call as the node's).
+        if !caller.principal.has(strata_security::Role::Admin) {
+            if self.ctx.events.group(&start.group).map_err(ApiError::from)?.is_none() {
+                self.ctx.router.linearize().await?;
+            }
+            let record = self.ctx.events.group(&start.group).map_err(ApiError::from)?.ok_or_else(|| ApiError::GroupNotFound { group: start.group.clone() })?;
+            allow_group_source(&self.ctx, &caller, record.source_stream.as_deref())?;
+        }
         match self.ctx.router.route_write(forwarded).await? {
             Route::Local => Ok(Response::new(self.connect_local(start, inbound).await?)),
             Route::Leader { channel, .. } => {

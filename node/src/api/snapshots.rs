@@ -17,6 +17,7 @@ use strata_storage::{AggregateSnapshot, ControlCommand, ControlSuccess};
 use tonic::{Request, Response, Status};
 
 use super::validate;
+use strata_security::StreamAccess;
 use super::NodeContext;
 use crate::clock::now_unix_ms;
 use crate::control::propose;
@@ -61,6 +62,7 @@ fn snapshot_of(request: SaveSnapshotRequest, max_state_bytes: usize) -> Result<A
 #[tonic::async_trait]
 impl Snapshots for SnapshotsService {
     async fn save(&self, request: Request<SaveSnapshotRequest>) -> Result<Response<SaveSnapshotResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Write, &request.get_ref().stream)?;
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
         // Bad input is answered here, before routing, also while there is no leader.
@@ -80,6 +82,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn load(&self, request: Request<LoadSnapshotRequest>) -> Result<Response<LoadSnapshotResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Read, &request.get_ref().stream)?;
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;
@@ -102,6 +105,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn list(&self, request: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Read, &request.get_ref().stream)?;
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;
@@ -121,6 +125,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn delete(&self, request: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Write, &request.get_ref().stream)?;
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;

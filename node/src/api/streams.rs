@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::validate;
+use super::{validate, ALL_STREAMS};
+use strata_security::StreamAccess;
 use super::NodeContext;
 use crate::clock::now_unix_ms;
 use crate::error::{detail_of, ApiError};
@@ -132,6 +133,7 @@ fn limit_of(max_count: u64) -> u64 {
 #[tonic::async_trait]
 impl Streams for StreamsService {
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Write, &request.get_ref().stream)?;
         let started = Instant::now();
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
@@ -205,6 +207,7 @@ impl Streams for StreamsService {
     type ReadStreamStream = ReadStreamOut;
 
     async fn read_stream(&self, request: Request<ReadStreamRequest>) -> Result<Response<Self::ReadStreamStream>, Status> {
+        self.ctx.allow(&request, StreamAccess::Read, &request.get_ref().stream)?;
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;
         self.ctx.metrics.reads_total.with_label_values(&["stream"]).inc();
@@ -247,6 +250,7 @@ impl Streams for StreamsService {
     type ReadAllStream = ReadStreamOut;
 
     async fn read_all(&self, request: Request<ReadAllRequest>) -> Result<Response<Self::ReadAllStream>, Status> {
+        self.ctx.allow(&request, StreamAccess::Read, ALL_STREAMS)?;
         let request = request.into_inner();
         let filter = Arc::new(EventFilter::from_read(request.filter)?);
         self.ctx.metrics.reads_total.with_label_values(&["all"]).inc();
@@ -289,6 +293,7 @@ impl Streams for StreamsService {
     }
 
     async fn delete_stream(&self, request: Request<DeleteStreamRequest>) -> Result<Response<DeleteStreamResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Write, &request.get_ref().stream)?;
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;
@@ -320,6 +325,7 @@ impl Streams for StreamsService {
     }
 
     async fn set_stream_metadata(&self, request: Request<SetStreamMetadataRequest>) -> Result<Response<SetStreamMetadataResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Write, &request.get_ref().stream)?;
         let forwarded = is_forwarded(&request);
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;
@@ -342,6 +348,7 @@ impl Streams for StreamsService {
     }
 
     async fn stream_info(&self, request: Request<StreamInfoRequest>) -> Result<Response<StreamInfoResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Read, &request.get_ref().stream)?;
         let request = request.into_inner();
         validate::stream_name_shape("stream", &request.stream)?;
         let token = self.ctx.router.prepare_read(request.consistency, &request.session_token).await?;
@@ -373,6 +380,7 @@ impl Streams for StreamsService {
     }
 
     async fn list_streams(&self, request: Request<ListStreamsRequest>) -> Result<Response<ListStreamsResponse>, Status> {
+        self.ctx.allow(&request, StreamAccess::Read, ALL_STREAMS)?;
         let request = request.into_inner();
         let limit = match request.limit as usize {
             0 => LIST_STREAMS_PAGE_DEFAULT,

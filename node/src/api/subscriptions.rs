@@ -31,7 +31,7 @@ use crate::api::streams::recorded_event;
 use crate::api::validate;
 use crate::api::NodeContext;
 use crate::error::ApiError;
-use crate::limits::{
+use crate::limits::{SUBSCRIPTION_RETRY_AFTER_MS, 
     READ_PAGE_EVENTS_MAX, READ_SCAN_EVENTS_MAX, SUBSCRIPTION_BUFFER_MESSAGES, SUBSCRIPTION_CHECKPOINT_INTERVAL_MS, SUBSCRIPTION_FELL_BEHIND_EVENTS, SUBSCRIPTION_MESSAGE_BYTES_MAX,
 };
 
@@ -56,6 +56,11 @@ impl Subscriptions for SubscriptionsService {
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let forwarded = crate::routing::is_forwarded(&request);
+        let source = match request.get_ref().stream.as_str() {
+            "" => super::ALL_STREAMS,
+            stream => stream,
+        };
+        self.ctx.allow(&request, strata_security::StreamAccess::Read, source)?;
         let request = request.into_inner();
         if request.follow_leader
             && let crate::routing::Route::Leader { channel, .. } = self.ctx.router.route_write(forwarded).await?
@@ -84,6 +89,11 @@ impl Subscriptions for SubscriptionsService {
                 events.stream_head(stream).map_err(ApiError::from)?.map_or(0, |head| head.last_version + 1)
             }
         };
+        let slot = self.ctx.subscription_slots.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded {
+            limit_name: "SUBSCRIPTIONS_MAX",
+            limit_value: self.ctx.max_subscriptions as u64,
+            retry_after_ms: SUBSCRIPTION_RETRY_AFTER_MS,
+        })?;
         self.ctx.metrics.subscriptions_active.inc();
         let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER_MESSAGES);
         let subscription = Subscription {
@@ -100,6 +110,7 @@ impl Subscriptions for SubscriptionsService {
         tokio::spawn(async move {
             subscription.run().await;
             metrics.subscriptions_active.dec();
+            drop(slot);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
