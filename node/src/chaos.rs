@@ -49,7 +49,7 @@ pub struct ChaosArgs {
     #[arg(long, default_value = "./strata-data")]
     pub dev_dir: PathBuf,
     /// The compose project name (`strata cluster compose` uses this one).
-    #[arg(long, env = "COMPOSE_PROJECT_NAME", default_value = crate::manager::COMPOSE_PROJECT_DEFAULT)]
+    #[arg(long, env = "COMPOSE_PROJECT_NAME", default_value = crate::compose::COMPOSE_PROJECT_DEFAULT)]
     pub project: String,
 }
 

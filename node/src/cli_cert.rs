@@ -51,8 +51,25 @@ pub enum CertCommand {
         /// More DNS names of the nodes (comma-separated), e.g. compose service names.
         #[arg(long, value_delimiter = ',')]
         dns: Vec<String>,
+        /// Also write a random first-admin password to `<out>/admin.password` (owner-only),
+        /// for `strata serve --admin-password-file`.
+        #[arg(long)]
+        admin_password: bool,
+        /// Also write a random gossip secret to `<out>/cluster.secret` (owner-only), for
+        /// `strata serve --cluster-secret-file`.
+        #[arg(long)]
+        cluster_secret: bool,
+        /// Succeed without touching anything when `<out>` already holds the set (the
+        /// compose file's one-shot `certs` service runs on every `up`).
+        #[arg(long)]
+        if_missing: bool,
     },
 }
+
+/// The file `strata cert dev --admin-password` writes the first admin's password to.
+pub const ADMIN_PASSWORD_FILE: &str = "admin.password";
+/// The file `strata cert dev --cluster-secret` writes the gossip secret to.
+pub const CLUSTER_SECRET_FILE: &str = "cluster.secret";
 
 pub fn cert(command: CertCommand) -> Result<(), CliError> {
     let failed = |e: strata_security::TlsError| CliError::Usage(e.to_string());
@@ -65,7 +82,16 @@ pub fn cert(command: CertCommand) -> Result<(), CliError> {
             let path = certs::create_leaf(&ca_dir, &out, &LeafSpec::node(&name, &node_name, &dns, &ip, days)).map_err(failed)?;
             println!("node certificate {} (key {})", path.display(), path.with_extension("key").display());
         }
-        CertCommand::Dev { out, dns } => {
+        CertCommand::Dev { out, dns, admin_password, cluster_secret, if_missing } => {
+            let password_path = out.join(ADMIN_PASSWORD_FILE);
+            let secret_path = out.join(CLUSTER_SECRET_FILE);
+            let complete = [certs::CA_CERT_FILE, "node.pem", "node.key"].iter().all(|file| out.join(file).exists())
+                && (!admin_password || password_path.exists())
+                && (!cluster_secret || secret_path.exists());
+            if if_missing && complete {
+                println!("{} already holds the CA, the node certificate and the secrets asked for: kept", out.display());
+                return Ok(());
+            }
             let ca = certs::create_ca(&out, "Strata dev CA").map_err(failed)?;
             let node = certs::create_leaf(
                 &out,
@@ -81,6 +107,14 @@ pub fn cert(command: CertCommand) -> Result<(), CliError> {
                 ca.display()
             );
             println!("clients:    strata --ca {} ...", ca.display());
+            if admin_password {
+                let path = certs::create_secret_file(&password_path).map_err(failed)?;
+                println!("first admin: --admin-password-file {} (then: strata login --user admin --password-file {})", path.display(), path.display());
+            }
+            if cluster_secret {
+                let path = certs::create_secret_file(&secret_path).map_err(failed)?;
+                println!("gossip:      --cluster-secret-file {}", path.display());
+            }
         }
     }
     Ok(())

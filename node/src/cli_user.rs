@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use strata_proto::v1::auth_client::AuthClient;
 use strata_proto::v1::{
-    AddUserRequest, ListStreamRulesRequest, ListUsersRequest, LoginRequest, RemoveStreamRuleRequest, RemoveUserRequest, StreamRule,
+    AddUserRequest, ListStreamRulesRequest, ListUsersRequest, LoginRequest, LoginResponse, RemoveStreamRuleRequest, RemoveUserRequest, StreamRule,
     WhoAmIRequest,
 };
 
@@ -104,13 +104,27 @@ fn save_token(path: &Path, token: &str) -> Result<(), CliError> {
     file.write_all(token.as_bytes()).map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display())))
 }
 
-pub async fn login(options: &ClientOptions, args: LoginArgs) -> Result<(), CliError> {
-    let password = password_from(args.password_file.as_deref(), "STRATA_PASSWORD")?;
+/// Logs `user` in with the password in `password_file` (or STRATA_PASSWORD) and returns
+/// the node's answer (the token and when it expires).
+pub async fn request_token(options: &ClientOptions, user: &str, password_file: Option<&Path>) -> Result<LoginResponse, CliError> {
+    let password = password_from(password_file, "STRATA_PASSWORD")?;
     // Logging in needs no token: a stale one in the file must not get in the way.
     let mut anonymous = options.clone();
     anonymous.auth.token = None;
     anonymous.auth.token_file = Some(PathBuf::from("/dev/null"));
-    let reply = AuthClient::new(connect(&anonymous).await?).login(LoginRequest { user: args.user.clone(), password }).await?.into_inner();
+    Ok(AuthClient::new(connect(&anonymous).await?).login(LoginRequest { user: user.to_string(), password }).await?.into_inner())
+}
+
+/// Logs in and saves the token to the options' token file; returns that file.
+pub async fn login_to_token_file(options: &ClientOptions, user: &str, password_file: Option<&Path>) -> Result<PathBuf, CliError> {
+    let reply = request_token(options, user, password_file).await?;
+    let path = options.auth.token_path();
+    save_token(&path, &reply.token)?;
+    Ok(path)
+}
+
+pub async fn login(options: &ClientOptions, args: LoginArgs) -> Result<(), CliError> {
+    let reply = request_token(options, &args.user, args.password_file.as_deref()).await?;
     let expires = format_unix_ms(reply.expires_unix_secs as i64 * 1000);
     if args.print {
         println!("{}", reply.token);

@@ -23,6 +23,7 @@ pub mod cli_group;
 pub mod cli_snapshot;
 pub mod cli_user;
 pub mod clock;
+pub mod compose;
 pub mod config;
 pub mod control;
 pub mod dev;

@@ -1,7 +1,7 @@
 //! The cluster manager (`strata cluster …`, SPEC §5): status (optionally watched),
 //! members, and the membership changes, all against any node (the server forwards
 //! membership calls to the leader); fault injection ([`crate::chaos`]); and the compose
-//! cluster's life cycle (`compose up|down|logs|scale`). `--json` prints one object per answer.
+//! cluster's life cycle ([`crate::compose`]). `--json` prints one object per answer.
 
 use std::time::Duration;
 
@@ -17,14 +17,6 @@ use crate::cli::{connect, CliError, ClientOptions};
 
 /// Time between refreshes of `cluster status --watch`.
 const WATCH_INTERVAL_MS: u64 = 1_000;
-/// The compose project `strata cluster compose` and `chaos --compose` use by default.
-pub const COMPOSE_PROJECT_DEFAULT: &str = "strata";
-/// Nodes in the compose file itself; `compose scale` adds or removes nodes beyond them.
-const COMPOSE_BASE_NODES: u16 = 3;
-/// Most nodes `compose scale` runs.
-const COMPOSE_NODES_MAX: u16 = 9;
-/// How long `compose up` and `compose scale` wait for the containers to be healthy.
-const COMPOSE_READY_TIMEOUT_SECS: u64 = 120;
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
@@ -66,47 +58,13 @@ pub enum ClusterCommand {
     /// Inject a fault into one node of the dev or compose cluster.
     Chaos(crate::chaos::ChaosArgs),
     /// Drive the compose cluster of dev-env/docker-compose.yml.
-    Compose(ComposeArgs),
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ComposeArgs {
-    #[command(subcommand)]
-    pub command: ComposeCommand,
-    /// The compose file.
-    #[arg(long, default_value = "dev-env/docker-compose.yml", global = true)]
-    pub file: std::path::PathBuf,
-    /// The compose project name.
-    #[arg(long, env = "COMPOSE_PROJECT_NAME", default_value = COMPOSE_PROJECT_DEFAULT, global = true)]
-    pub project: String,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum ComposeCommand {
-    /// Start the cluster (the image must exist: scripts/build-image) and wait until healthy.
-    Up,
-    /// Stop and remove the containers and network (and the data volumes with --volumes).
-    Down {
-        #[arg(long)]
-        volumes: bool,
-    },
-    /// Show the nodes' logs.
-    Logs {
-        #[arg(long)]
-        follow: bool,
-        /// Lines per node.
-        #[arg(long, default_value_t = 100)]
-        tail: u32,
-    },
-    /// Run this many nodes (3..=9): added nodes join and are promoted; removed ones leave
-    /// the membership before their containers go.
-    Scale { nodes: u16 },
+    Compose(crate::compose::ComposeArgs),
 }
 
 pub async fn cluster(options: &ClientOptions, command: ClusterCommand) -> Result<(), CliError> {
     let command = match command {
         ClusterCommand::Chaos(args) => return crate::chaos::run(args, options.json).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
-        ClusterCommand::Compose(args) => return compose(args, options).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
+        ClusterCommand::Compose(args) => return crate::compose::compose(args, options).await.map_err(|e| CliError::Usage(format!("{e:#}"))),
         other => other,
     };
     let mut client = ClusterClient::new(connect(options).await?);
@@ -272,114 +230,3 @@ fn print_membership(json_output: bool, membership: &MembershipResponse) {
     }
 }
 
-/// The override file `compose scale` writes beside the compose file for nodes beyond the
-/// base three.
-fn scale_file(file: &std::path::Path) -> std::path::PathBuf {
-    file.with_file_name("docker-compose.scale.yml")
-}
-
-fn docker_compose(args: &ComposeArgs, extra: &[&str]) -> anyhow::Result<()> {
-    let mut command = std::process::Command::new("docker-compose");
-    command.arg("-f").arg(&args.file);
-    let scale = scale_file(&args.file);
-    if scale.exists() {
-        command.arg("-f").arg(&scale);
-    }
-    let status = command.args(["-p", &args.project]).args(extra).status().map_err(|e| anyhow::anyhow!("cannot run docker-compose: {e}"))?;
-    anyhow::ensure!(status.success(), "docker-compose {} failed", extra.join(" "));
-    Ok(())
-}
-
-async fn wait_healthy(project: &str, nodes: u16) -> anyhow::Result<Duration> {
-    let started = std::time::Instant::now();
-    let deadline = started + Duration::from_secs(COMPOSE_READY_TIMEOUT_SECS);
-    loop {
-        if (0..nodes).all(|node| crate::chaos::container_health(&crate::chaos::compose_container(project, u64::from(node))) == "healthy") {
-            return Ok(started.elapsed());
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "containers not healthy within {COMPOSE_READY_TIMEOUT_SECS} s");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// The nodes now in the compose project: the base three plus those of the scale file.
-fn compose_nodes(args: &ComposeArgs) -> u16 {
-    let extra = std::fs::read_to_string(scale_file(&args.file)).map_or(0, |text| text.matches("hostname: strata-").count() as u16);
-    COMPOSE_BASE_NODES + extra
-}
-
-fn write_scale_file(args: &ComposeArgs, nodes: u16) -> anyhow::Result<()> {
-    let path = scale_file(&args.file);
-    if nodes <= COMPOSE_BASE_NODES {
-        let _ = std::fs::remove_file(&path);
-        return Ok(());
-    }
-    let mut text = String::from("# Written by `strata cluster compose scale`: the nodes beyond the base three.\nversion: \"3.7\"\nservices:\n");
-    for node in COMPOSE_BASE_NODES..nodes {
-        text.push_str(&format!(
-            "  strata-{node}:\n    image: strata:${{STRATA_VERSION:-0.1.0}}\n    command: [\"serve\", \"--node-id-from-hostname\"]\n    hostname: strata-{node}\n    environment:\n      STRATA_SEEDS: strata-0:7791,strata-1:7791,strata-2:7791\n      STRATA_CLUSTER_NAME: strata-compose\n      STRATA_CLUSTER_SECRET: ${{STRATA_CLUSTER_SECRET:-compose-dev-secret-change-me}}\n      STRATA_ADVERTISE_HOST: strata-{node}\n      STRATA_OBJECT_STORE: ${{STRATA_OBJECT_STORE:-file:///tier}}\n      STRATA_INSECURE: \"true\"\n    healthcheck:\n      test: [\"CMD\", \"/usr/local/bin/strata\", \"health\"]\n      interval: 2s\n      timeout: 3s\n      retries: 60\n    volumes:\n      - strata-{node}-data:/data\n      - strata-tier:/tier\n"
-        ));
-    }
-    text.push_str("volumes:\n");
-    for node in COMPOSE_BASE_NODES..nodes {
-        text.push_str(&format!("  strata-{node}-data:\n"));
-    }
-    std::fs::write(&path, text)?;
-    Ok(())
-}
-
-async fn compose(args: ComposeArgs, options: &ClientOptions) -> anyhow::Result<()> {
-    let json = options.json;
-    match &args.command {
-        ComposeCommand::Up => {
-            docker_compose(&args, &["up", "-d"])?;
-            let nodes = compose_nodes(&args);
-            let took = wait_healthy(&args.project, nodes).await?;
-            if json {
-                println!("{}", json!({"project": args.project, "nodes": nodes, "ready_secs": took.as_secs_f64()}));
-            } else {
-                println!("compose cluster {} ready: {nodes} nodes healthy in {:.1} s; try: strata cluster status --endpoints 127.0.0.1:7711", args.project, took.as_secs_f64());
-            }
-        }
-        ComposeCommand::Down { volumes } => {
-            docker_compose(&args, if *volumes { &["down", "--volumes"] } else { &["down"] })?;
-            if json {
-                println!("{}", json!({"project": args.project, "down": true, "volumes_removed": volumes}));
-            }
-        }
-        ComposeCommand::Logs { follow, tail } => {
-            let tail = format!("--tail={tail}");
-            let mut extra = vec!["logs", "--no-color", tail.as_str()];
-            if *follow {
-                extra.push("--follow");
-            }
-            docker_compose(&args, &extra)?;
-        }
-        ComposeCommand::Scale { nodes } => {
-            let nodes = *nodes;
-            anyhow::ensure!((COMPOSE_BASE_NODES..=COMPOSE_NODES_MAX).contains(&nodes), "nodes must be {COMPOSE_BASE_NODES}..={COMPOSE_NODES_MAX}");
-            let current = compose_nodes(&args);
-            if nodes < current {
-                // Leave the membership first, then stop: a voter must not just vanish.
-                let mut client = ClusterClient::new(connect(&ClientOptions { endpoints: vec!["127.0.0.1:7711".to_string()], ..options.clone() }).await.map_err(|e| anyhow::anyhow!("{e}"))?);
-                for node in (nodes..current).rev() {
-                    match client.remove(NodeRequest { node_id: u64::from(node) + 1 }).await {
-                        Ok(_) => println!("node {} removed from the membership", node + 1),
-                        Err(status) if status.code() == tonic::Code::NotFound => {}
-                        Err(status) => anyhow::bail!("removing node {}: {}", node + 1, status.message()),
-                    }
-                    docker_compose(&args, &["rm", "--stop", "--force", &crate::chaos::compose_service(u64::from(node))])?;
-                }
-            }
-            write_scale_file(&args, nodes)?;
-            docker_compose(&args, &["up", "-d", "--remove-orphans"])?;
-            let took = wait_healthy(&args.project, nodes).await?;
-            if json {
-                println!("{}", json!({"project": args.project, "nodes": nodes, "ready_secs": took.as_secs_f64()}));
-            } else {
-                println!("compose cluster {} runs {nodes} nodes ({:.1} s to healthy)", args.project, took.as_secs_f64());
-            }
-        }
-    }
-    Ok(())
-}

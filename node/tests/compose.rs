@@ -1,23 +1,37 @@
-//! The compose tier (issue 4 §8): the real image, three real containers from
-//! dev-env/docker-compose.yml. 1,000 events through one node, `docker kill` of the leader,
-//! 1,000 more through another, the killed node back, and every node ends with the same
-//! 2,000 events in the same order. Only this test's compose project is torn down.
+//! The compose tier (issue 4 §8, issue 8 §1): the real image, three real containers from
+//! dev-env/docker-compose.yml, with TLS on. `strata cluster compose up` starts it (its
+//! one-shot `certs` service makes the CA, the node certificate and the secrets), copies
+//! the CA and the admin password out and logs in: `strata whoami` through its env file
+//! says admin, and a plaintext client gets nowhere. Then 1,000 events through one node,
+//! `docker kill` of the leader, 1,000 more through another, the killed node back, and
+//! every node ends with the same 2,000 events in the same order. Only this test's compose
+//! project is torn down.
 //!
 //! Skipped, with a visible line, where docker or docker-compose is missing.
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use strata_chaos::cluster::{read_all_local_at, status_at};
+use strata_chaos::cluster::{read_all_local_at, status_at, status_via, strata_binary};
 use strata_chaos::compose::{compose_available, ComposeProject};
 use strata_node::chaos::{compose_container, container_health};
 use strata_proto::v1::streams_client::StreamsClient;
 use strata_proto::v1::{AppendRequest, ExpectedVersionKind, ProposedEvent, RecordedEvent, StatusResponse};
+use strata_security::ClientTls;
 use tonic::transport::Channel;
 
 const GRPC_PORT_BASE: u16 = 27711;
 const HTTP_PORT_BASE: u16 = 27781;
+
+/// The harness's TLS (the node certificate from the project's `certs` volume), set once
+/// the project is up.
+static TLS: OnceLock<ClientTls> = OnceLock::new();
+
+fn tls() -> &'static ClientTls {
+    TLS.get().expect("the project's TLS is loaded")
+}
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
@@ -39,11 +53,26 @@ fn addr(node: u16) -> String {
 
 async fn channel(node: u16) -> Option<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", addr(node))).ok()?;
-    endpoint.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(10)).connect().await.ok()
+    strata_security::connect(endpoint.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(10)), Some(tls())).await.ok()
 }
 
 async fn status(node: u16) -> Option<StatusResponse> {
-    status_at(&addr(node)).await
+    status_via(&addr(node), Some(tls())).await
+}
+
+/// `strata <args>` as a user on the host who ran `strata cluster compose up` with `home`
+/// as their home, with `env` (the variables of the env file it wrote) set.
+fn strata_cli(home: &std::path::Path, env: &[(String, String)], project: &ComposeProject, args: &[&str]) -> String {
+    let output = Command::new(strata_binary())
+        .args(args)
+        .env("HOME", home)
+        .envs(env.iter().cloned())
+        .envs(project.port_env())
+        .current_dir(workspace_root())
+        .output()
+        .expect("run strata");
+    assert!(output.status.success(), "strata {args:?}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).to_string()
 }
 
 /// Appends `count` single-event appends through `node`, retrying an unavailable or unknown
@@ -124,11 +153,30 @@ async fn compose_cluster_keeps_every_event_through_a_killed_leader() {
     image_holds_the_ca_bundle();
 
     let project = ComposeProject::new(&workspace_root(), &format!("stratatest{}", std::process::id()), GRPC_PORT_BASE, HTTP_PORT_BASE);
+    let home = project.dir.path().join("home");
+    let project_arg = ["--project", project.name.as_str(), "--file", "dev-env/docker-compose.yml"];
     let started = Instant::now();
-    let up = project.compose(&["up", "-d"]);
-    assert!(up.status.success(), "compose up: {}", String::from_utf8_lossy(&up.stderr));
-    wait_for("all three containers healthy", Duration::from_secs(90), async || healthy(&project).then_some(())).await;
-    eprintln!("compose: docker-compose up to a ready cluster in {:.1} s", started.elapsed().as_secs_f64());
+    let up = strata_cli(&home, &[], &project, &[&["cluster", "compose", "up"][..], &project_arg].concat());
+    eprintln!("compose: `strata cluster compose up` to a ready cluster, logged in, in {:.1} s:\n{}", started.elapsed().as_secs_f64(), up.trim());
+    assert!(healthy(&project), "compose up returns once every container is healthy");
+
+    // The user's path: the env file points the CLI at the cluster, with TLS and a token.
+    let env_file = home.join(".strata/compose").join(&project.name).join("env");
+    let env: Vec<(String, String)> = std::fs::read_to_string(&env_file)
+        .expect("compose up writes an env file")
+        .lines()
+        .filter_map(|line| line.strip_prefix("export ")?.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    assert!(env.iter().any(|(k, _)| k == "STRATA_TLS_CA"), "{env:?}");
+    let whoami = strata_cli(&home, &env, &project, &["whoami"]);
+    assert!(whoami.starts_with("admin (admin) via token"), "whoami: {whoami}");
+    // And a second `up` keeps the certificates and the password: the token still works.
+    strata_cli(&home, &[], &project, &[&["cluster", "compose", "up"][..], &project_arg].concat());
+    assert!(strata_cli(&home, &env, &project, &["whoami"]).starts_with("admin"), "the same CA and admin after a second up");
+
+    TLS.set(project.node_tls()).expect("set once");
+    assert!(status_at(&addr(0)).await.is_none(), "a plaintext client gets no answer from a TLS node");
+    assert!(status(0).await.is_some(), "a client presenting the node certificate does");
 
     let mut acknowledged = append_through(0, 0, 1_000).await;
     let leader = wait_for("a leader", Duration::from_secs(30), async || status(0).await.filter(|s| s.leader_id != 0).map(|s| s.leader_id)).await;

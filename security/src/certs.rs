@@ -41,6 +41,22 @@ fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
     file.sync_all().map_err(failed)
 }
 
+/// Writes a fresh random secret (32 URL-safe characters, 192 bits) to `path`, readable by
+/// its owner only: a first admin's password (`strata serve --admin-password-file`) or a
+/// gossip secret (`--cluster-secret-file`); refuses to overwrite one.
+pub fn create_secret_file(path: &Path) -> Result<PathBuf, TlsError> {
+    use base64::Engine;
+    if path.exists() {
+        return Err(TlsError::Generate(format!("{} exists; not replacing a secret", path.display())));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(generate)?;
+    }
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>());
+    write(path, &format!("{secret}\n"), true)?;
+    Ok(path.to_path_buf())
+}
+
 /// Creates a CA in `dir` (`ca.pem`, `ca.key`); refuses to overwrite one.
 pub fn create_ca(dir: &Path, common_name: &str) -> Result<PathBuf, TlsError> {
     std::fs::create_dir_all(dir).map_err(generate)?;

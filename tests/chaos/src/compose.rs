@@ -8,15 +8,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::streams_client::StreamsClient;
 
-use crate::cluster::{converged_within, leader_among, read_all_local_at, strata_binary};
+use crate::cluster::{converged_within_via, leader_among_via, read_all_local_at, strata_binary};
 use crate::history::{FaultRecord, FinalEvent};
 use crate::scenario::{drain_group, finish, start_workload, write_lines, Outcome, RunConfig};
-use crate::workload::Rng;
+use crate::workload::{Rng, Targets};
 
 /// Host ports the chaos scenario's project publishes: node `n` (1-based) gets `base + n - 1`.
 pub const COMPOSE_GRPC_PORT_BASE: u16 = 29711;
@@ -51,15 +50,47 @@ impl ComposeProject {
         }
     }
 
+    /// The variables that move the compose file's published ports to this project's bases.
+    pub fn port_env(&self) -> Vec<(String, String)> {
+        (0..3u16)
+            .flat_map(|ordinal| {
+                [
+                    (format!("STRATA_{ordinal}_GRPC_PORT"), (self.grpc_port_base + ordinal).to_string()),
+                    (format!("STRATA_{ordinal}_HTTP_PORT"), (self.http_port_base + ordinal).to_string()),
+                ]
+            })
+            .collect()
+    }
+
+    /// The compose file this project runs.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
     /// `docker-compose -f dev-env/docker-compose.yml -p <name> <args>` with the port bases.
     pub fn compose(&self, args: &[&str]) -> std::process::Output {
         let mut command = Command::new("docker-compose");
-        command.arg("-f").arg(&self.file).args(["-p", &self.name]).args(args);
-        for ordinal in 0..3u16 {
-            command.env(format!("STRATA_{ordinal}_GRPC_PORT"), (self.grpc_port_base + ordinal).to_string());
-            command.env(format!("STRATA_{ordinal}_HTTP_PORT"), (self.http_port_base + ordinal).to_string());
-        }
+        command.arg("-f").arg(&self.file).args(["-p", &self.name]).args(args).envs(self.port_env());
         command.output().expect("run docker-compose")
+    }
+
+    /// The harness's TLS for this TLS-on cluster: the CA and the node certificate copied
+    /// out of the one-shot `certs` service's container (docker-compose 1.29 names it
+    /// `<project>_certs_1`) into the run's dir. The harness is the cluster's own operator,
+    /// admin through the node certificate, as a pod's preStop hook is.
+    pub fn node_tls(&self) -> strata_security::ClientTls {
+        let certs = self.dir.path().join("certs");
+        std::fs::create_dir_all(&certs).expect("certs dir");
+        let copied = Command::new("docker")
+            .args(["cp", &format!("{}_certs_1:/certs/.", self.name)])
+            .arg(&certs)
+            .output()
+            .expect("run docker cp");
+        assert!(copied.status.success(), "docker cp of the certs volume: {}", String::from_utf8_lossy(&copied.stderr));
+        let files = strata_security::TlsFiles { cert: certs.join("node.pem"), key: certs.join("node.key"), ca: certs.join("ca.pem") };
+        strata_security::NodeTls::load(files, strata_security::NODE_NAME_DEFAULT)
+            .and_then(strata_security::ClientTls::for_node)
+            .expect("the compose cluster's node certificate loads")
     }
 
     /// The host address of node `node` (1-based: node 1 is container strata-0).
@@ -95,9 +126,9 @@ impl Drop for ComposeProject {
     }
 }
 
-async fn read_all_local(addr: &str) -> Vec<FinalEvent> {
+async fn read_all_local(addr: &str, tls: &strata_security::ClientTls) -> Vec<FinalEvent> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint");
-    let channel = endpoint.connect_timeout(Duration::from_secs(2)).connect().await.expect("node reachable after healing");
+    let channel = strata_security::connect(endpoint.connect_timeout(Duration::from_secs(2)), Some(tls)).await.expect("node reachable after healing");
     let events = read_all_local_at(StreamsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)).await;
     events.into_iter().map(FinalEvent::from).collect()
 }
@@ -113,16 +144,17 @@ pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
     let _ = project.compose(&["down", "-v", "--timeout", "1"]);
     let up = project.compose(&["up", "-d"]);
     assert!(up.status.success(), "docker-compose up: {}", String::from_utf8_lossy(&up.stderr));
-    leader_among(&project.nodes(), Duration::from_secs(60)).await.expect("the compose cluster elects a leader");
-    eprintln!("chaos: compose project {} up", project.name);
+    let tls = project.node_tls();
+    leader_among_via(&project.nodes(), Duration::from_secs(60), Some(&tls)).await.expect("the compose cluster elects a leader");
+    eprintln!("chaos: compose project {} up (TLS on)", project.name);
 
-    let addrs = Arc::new(project.nodes().into_iter().map(|(_, addr)| addr).collect::<Vec<_>>());
+    let addrs = Targets::new(project.nodes().into_iter().map(|(_, addr)| addr).collect(), Some(tls.clone()));
     let (recorder, started, until, tasks) = start_workload(addrs.clone(), config).await;
     let mut rng = Rng::new(config.seed, 8_888);
     let mut faults: Vec<FaultRecord> = Vec::new();
     tokio::time::sleep(Duration::from_secs(3)).await;
     while Instant::now() + Duration::from_secs(3) < until {
-        let leader = leader_among(&project.nodes(), Duration::from_secs(10)).await.unwrap_or(1);
+        let leader = leader_among_via(&project.nodes(), Duration::from_secs(10), Some(&tls)).await.unwrap_or(1);
         let follower = (1..=3).filter(|n| *n != leader).nth(rng.below(2) as usize).expect("two followers");
         let (action, undo, hold) = match rng.below(3) {
             0 => ("kill", "start", rng.millis(1_000, 4_000)),
@@ -157,13 +189,13 @@ pub async fn run(workspace: &Path, config: &RunConfig) -> Option<Outcome> {
     write_lines(&dir.join("faults.jsonl"), &faults);
 
     // Drain: every node answers and has applied as much as the most advanced one.
-    if let Err(applied) = converged_within(&project.nodes(), Duration::from_secs(90)).await {
+    if let Err(applied) = converged_within_via(&project.nodes(), Duration::from_secs(90), Some(&tls)).await {
         panic!("the compose nodes did not converge: {applied:?}");
     }
     drain_group(addrs, &recorder, config, &mut ops, &dir).await;
     let mut finals = BTreeMap::new();
     for (node, addr) in project.nodes() {
-        finals.insert(node, read_all_local(&addr).await);
+        finals.insert(node, read_all_local(&addr, &tls).await);
     }
     let outcome = finish("compose", config.seed, &ops, &finals, &faults, Vec::new(), dir);
     project.keep = outcome.report.anomalies() > 0 || config.keep;

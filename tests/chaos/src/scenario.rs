@@ -18,7 +18,7 @@ use crate::cluster::{NodeLaunch, TestCluster};
 use crate::figures::Figures;
 use crate::history::{write_jsonl, FaultRecord, FinalEvent, Op};
 use crate::nemesis::{FaultKind, Nemesis};
-use crate::workload::{client, create_group, group_consumer, subscriber, Addrs, Recorder, Rng};
+use crate::workload::{client, create_group, group_consumer, subscriber, Addrs, Recorder, Rng, Targets};
 
 /// The server's failpoint that makes a `kill -9` lose every Raft log write that was not
 /// fsynced, as a power cut loses the page cache.
@@ -189,7 +189,7 @@ pub async fn run(scenario: &Scenario, config: &RunConfig) -> Outcome {
     crate::cluster::wait_voters(&cluster, &[1, 2, 3], Duration::from_secs(30)).await;
     eprintln!("chaos: cluster up in {}", cluster.dir.path().display());
 
-    let addrs = Arc::new((1..=3).map(|id| cluster.addr(id)).collect::<Vec<_>>());
+    let addrs = Targets::new((1..=3).map(|id| cluster.addr(id)).collect(), cluster.client_tls.clone());
     let (recorder, started, until, tasks) = start_workload(addrs.clone(), config).await;
 
     let mut nemesis = Nemesis::new(&cluster, started);

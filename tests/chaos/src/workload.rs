@@ -94,18 +94,37 @@ impl Recorder {
     }
 }
 
-/// Where the clients connect: node `i + 1` is `addrs[i]`. Fixed for the run: nodes keep
-/// their addresses across restarts.
-pub type Addrs = Arc<Vec<String>>;
-
-/// A channel to a node, or `None` when it does not accept one within 300 ms.
-async fn channel(addr: &str) -> Option<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()
+/// Where the clients connect: node `i + 1` is `addrs[i]`, fixed for the run (nodes keep
+/// their addresses across restarts), and how: plaintext, or TLS when the cluster serves it.
+pub struct Targets {
+    addrs: Vec<String>,
+    tls: Option<strata_security::ClientTls>,
 }
 
-async fn connect(addr: &str) -> Option<StreamsClient<Channel>> {
-    Some(StreamsClient::new(channel(addr).await?).max_decoding_message_size(64 * 1024 * 1024))
+pub type Addrs = Arc<Targets>;
+
+impl Targets {
+    pub fn new(addrs: Vec<String>, tls: Option<strata_security::ClientTls>) -> Addrs {
+        Arc::new(Self { addrs, tls })
+    }
+
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+
+    /// A channel to node `index + 1`, or `None` when it does not accept one within 300 ms.
+    async fn channel(&self, index: u64) -> Option<Channel> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addrs[index as usize])).ok()?;
+        strata_security::connect(endpoint.connect_timeout(Duration::from_millis(300)), self.tls.as_ref()).await.ok()
+    }
+
+    async fn connect(&self, index: u64) -> Option<StreamsClient<Channel>> {
+        Some(StreamsClient::new(self.channel(index).await?).max_decoding_message_size(64 * 1024 * 1024))
+    }
 }
 
 pub fn append_request(stream: &str, expected: Expected, ids: &[String]) -> AppendRequest {
@@ -155,7 +174,7 @@ pub async fn client(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, client_id: u32
     while Instant::now() < until {
         let node = rng.below(addrs.len() as u64);
         let stream = format!("chaos-{}", rng.below(STREAMS));
-        let Some(mut streams) = connect(&addrs[node as usize]).await else {
+        let Some(mut streams) = addrs.connect(node).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -211,7 +230,7 @@ pub async fn client(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, client_id: u32
             // Retry through another node: the one asked may be the one that is down.
             loop {
                 node = rng.below(addrs.len() as u64);
-                if let Some(client) = connect(&addrs[node as usize]).await {
+                if let Some(client) = addrs.connect(node).await {
                     streams = client;
                     break;
                 }
@@ -251,7 +270,7 @@ pub async fn subscriber(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, subscripti
     let mut epoch = 0u32;
     while Instant::now() < until {
         let node = rng.below(addrs.len() as u64);
-        let Some(channel) = channel(&addrs[node as usize]).await else {
+        let Some(channel) = addrs.channel(node).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -324,8 +343,8 @@ pub async fn create_group(addrs: &Addrs) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = String::new();
     while Instant::now() < deadline {
-        for addr in addrs.iter() {
-            let Some(channel) = channel(addr).await else { continue };
+        for node in 0..addrs.len() as u64 {
+            let Some(channel) = addrs.channel(node).await else { continue };
             match group_client(channel).create(CreateGroupRequest { group: GROUP.into(), settings: Some(settings.clone()) }).await {
                 Ok(_) => return Ok(()),
                 Err(status) if status.code() == tonic::Code::AlreadyExists => return Ok(()),
@@ -339,8 +358,8 @@ pub async fn create_group(addrs: &Addrs) -> Result<(), String> {
 
 /// The group's replicated checkpoint and whether it is settled (checkpoint at the head,
 /// nothing in flight), through `node`.
-async fn group_state(addr: &str) -> Option<(u64, bool)> {
-    let channel = channel(addr).await?;
+async fn group_state(addrs: &Targets, node: u64) -> Option<(u64, bool)> {
+    let channel = addrs.channel(node).await?;
     let mut request = tonic::Request::new(GroupInfoRequest { group: GROUP.into() });
     request.set_timeout(CALL_TIMEOUT);
     let info = group_client(channel).info(request).await.ok()?.into_inner();
@@ -363,12 +382,11 @@ pub async fn group_consumer(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, consum
             return;
         }
         let node = rng.below(addrs.len() as u64);
-        let addr = &addrs[node as usize];
-        let checkpoint_before = group_state(addr).await.map(|(checkpoint, _)| checkpoint);
+        let checkpoint_before = group_state(&addrs, node).await.map(|(checkpoint, _)| checkpoint);
         let invoke_ms = recorder.lock().unwrap().now();
         let epoch_ends = if drain { drain_deadline } else { (Instant::now() + rng.millis(1_000, 5_000)).min(until) };
         let mut deliveries = Vec::new();
-        let ended = match channel(addr).await {
+        let ended = match addrs.channel(node).await {
             None => "dropped: no connection".to_string(),
             Some(channel) => {
                 let (requests, outbound) = tokio::sync::mpsc::channel(256);
@@ -383,7 +401,7 @@ pub async fn group_consumer(addrs: Addrs, recorder: Arc<Mutex<Recorder>>, consum
                             let next = tokio::time::timeout_at(epoch_ends.min(Instant::now() + wait).into(), messages.message()).await;
                             let message = match next {
                                 Err(_) if !drain || Instant::now() >= epoch_ends => break "stopped".to_string(),
-                                Err(_) => match group_state(addr).await {
+                                Err(_) => match group_state(&addrs, node).await {
                                     Some((_, true)) => break "drained".to_string(),
                                     _ => continue,
                                 },
