@@ -257,6 +257,19 @@ pub enum ConfigError {
     Invalid { flag: &'static str, reason: String },
 }
 
+
+/// A secret given as a value (an environment variable) or in a file (a mounted Secret),
+/// surrounding whitespace ignored; `file_flag` names the file's flag in errors.
+fn secret_value(value: Option<&Secret>, file: Option<&std::path::Path>, file_flag: &'static str) -> Result<Option<String>, ConfigError> {
+    match (value, file) {
+        (Some(secret), _) => Ok(Some(secret.0.trim().to_string())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|text| Some(text.trim().to_string()))
+            .map_err(|e| ConfigError::Invalid { flag: file_flag, reason: format!("cannot read {}: {e}", path.display()) }),
+        (None, None) => Ok(None),
+    }
+}
+
 impl NodeConfig {
     /// The address other nodes and clients use to reach this node's gRPC server.
     pub fn advertised_grpc_addr(&self) -> String {
@@ -313,13 +326,8 @@ impl NodeConfig {
 
     /// The first admin's password from `--admin-password-file` or STRATA_ADMIN_PASSWORD.
     pub fn first_admin_password(&self) -> Result<Option<String>, ConfigError> {
-        let password = match (&self.admin_password, &self.admin_password_file) {
-            (Some(secret), _) => secret.0.trim().to_string(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::Invalid { flag: "--admin-password-file", reason: format!("cannot read {}: {e}", path.display()) })?
-                .trim()
-                .to_string(),
-            (None, None) => return Ok(None),
+        let Some(password) = secret_value(self.admin_password.as_ref(), self.admin_password_file.as_deref(), "--admin-password-file")? else {
+            return Ok(None);
         };
         if password.is_empty() {
             return Err(ConfigError::Invalid { flag: "--admin-password-file", reason: "the password is empty".into() });
@@ -329,13 +337,8 @@ impl NodeConfig {
 
     /// The gossip secret from `--cluster-secret` or `--cluster-secret-file`, if any.
     pub fn gossip_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
-        let secret = match (&self.cluster_secret, &self.cluster_secret_file) {
-            (Some(secret), _) => secret.0.trim().to_string(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::Invalid { flag: "--cluster-secret-file", reason: format!("cannot read {}: {e}", path.display()) })?
-                .trim()
-                .to_string(),
-            (None, None) => return Ok(None),
+        let Some(secret) = secret_value(self.cluster_secret.as_ref(), self.cluster_secret_file.as_deref(), "--cluster-secret-file")? else {
+            return Ok(None);
         };
         if secret.len() < CLUSTER_SECRET_BYTES_MIN {
             return Err(ConfigError::Invalid {

@@ -177,6 +177,16 @@ async fn compose_cluster_keeps_every_event_through_a_killed_leader() {
     TLS.set(project.node_tls()).expect("set once");
     assert!(status_at(&addr(0)).await.is_none(), "a plaintext client gets no answer from a TLS node");
     assert!(status(0).await.is_some(), "a client presenting the node certificate does");
+    // S12: the secrets are file-mounted and never logged, by any container of the project.
+    let certs = project.dir.path().join("certs");
+    let logs = project.compose(&["logs", "--no-color"]);
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("TLS on"), "the nodes' logs are read");
+    for secret in ["admin.password", "cluster.secret", "node.key"] {
+        let text = std::fs::read_to_string(certs.join(secret)).expect("a secret copied from the volume");
+        let material = text.lines().find(|line| !line.starts_with("-----") && line.len() > 16).expect("secret material");
+        assert!(!logs.contains(material), "{secret} appears in the compose logs");
+    }
 
     let mut acknowledged = append_through(0, 0, 1_000).await;
     let leader = wait_for("a leader", Duration::from_secs(30), async || status(0).await.filter(|s| s.leader_id != 0).map(|s| s.leader_id)).await;
