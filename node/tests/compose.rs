@@ -135,7 +135,7 @@ fn image_holds_the_ca_bundle() {
     assert!(created.status.success(), "docker create: {}", String::from_utf8_lossy(&created.stderr));
     let container = String::from_utf8_lossy(&created.stdout).trim().to_string();
     let copied = Command::new("docker").args(["cp", &format!("{container}:/etc/ssl/certs/ca-certificates.crt"), "-"]).output().expect("docker cp");
-    docker(&["rm", &container]);
+    docker(&["rm", "-v", &container]); // -v: and the anonymous /data volume the image declares
     assert!(copied.status.success(), "the image holds /etc/ssl/certs/ca-certificates.crt: {}", String::from_utf8_lossy(&copied.stderr));
     let certificates = String::from_utf8_lossy(&copied.stdout).matches("BEGIN CERTIFICATE").count();
     assert!(certificates > 10, "the image's CA bundle holds the system roots ({certificates} certificates)");
