@@ -186,9 +186,14 @@ pub fn compose_service(ordinal: u64) -> String {
     format!("strata-{ordinal}")
 }
 
-/// The container docker-compose 1.29 names for that service in `project`.
+/// The container docker-compose 1.29 names for that node's service in `project`.
 pub fn compose_container(project: &str, ordinal: u64) -> String {
-    format!("{project}_{}_1", compose_service(ordinal))
+    service_container(project, &compose_service(ordinal))
+}
+
+/// The container docker-compose 1.29 names for (the first replica of) `service` in `project`.
+pub fn service_container(project: &str, service: &str) -> String {
+    format!("{project}_{service}_1")
 }
 
 /// The container's health check status (`healthy`, `starting`, ...; empty if unknown).

@@ -109,7 +109,8 @@ fn write_scale_file(args: &ComposeArgs, nodes: u16) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&path);
         return Ok(());
     }
-    // Same settings as the base nodes of the compose file (TLS from the `certs` volume).
+    // Same settings as the base nodes of the compose file (TLS from the `certs` volume;
+    // volumes in path order, as there).
     let mut text = String::from("# Written by `strata cluster compose scale`: the nodes beyond the base three.\nservices:\n");
     for node in COMPOSE_BASE_NODES..nodes {
         text.push_str(&format!(
@@ -135,9 +136,9 @@ fn write_scale_file(args: &ComposeArgs, nodes: u16) -> anyhow::Result<()> {
       timeout: 3s
       retries: 60
     volumes:
+      - strata-certs:/certs:ro
       - strata-{node}-data:/data
       - strata-tier:/tier
-      - strata-certs:/certs:ro
 "
         ));
     }
@@ -161,11 +162,6 @@ pub fn client_dir(project: &str) -> PathBuf {
     PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".strata").join("compose").join(project)
 }
 
-/// The container docker-compose 1.29 names the one-shot `certs` service's run.
-pub fn certs_container(project: &str) -> String {
-    format!("{project}_certs_1")
-}
-
 /// Copies the CA certificate and the first admin's password out of the `certs` service's
 /// container (stopped: `docker cp` reads its volume all the same) into `dir`.
 fn copy_client_files(project: &str, dir: &Path) -> anyhow::Result<()> {
@@ -176,7 +172,7 @@ fn copy_client_files(project: &str, dir: &Path) -> anyhow::Result<()> {
         let target = dir.join(file);
         let _ = std::fs::remove_file(&target);
         let output = std::process::Command::new("docker")
-            .args(["cp", &format!("{}:/certs/{file}", certs_container(project))])
+            .args(["cp", &format!("{}:/certs/{file}", crate::chaos::service_container(project, "certs"))])
             .arg(&target)
             .output()
             .map_err(|e| anyhow::anyhow!("cannot run docker: {e}"))?;
