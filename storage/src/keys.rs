@@ -3,7 +3,8 @@
 //!
 //! - `e` first position(u64 BE)           → EventChunk (the events of one append)
 //! - `s` stream 0x00 first version(u64 BE) → first position of the chunk
-//! - `i` event id (16 bytes)              → position
+//! - `i` event id (16 bytes)              → position: written by earlier versions only, now
+//!   dead (the id index is in memory, see `local_ids`); a compaction leaves them behind
 //! - `h` stream                           → StreamHead
 //! - `m` name                             → metadata (applied log id, next position)
 //!
@@ -37,6 +38,8 @@ pub fn stream_index_prefix(stream: &str) -> Vec<u8> {
     key
 }
 
+/// An id index key: the tier's layout (`tier::layout`), and the local records of earlier
+/// versions.
 pub fn event_id(id: &[u8; 16]) -> [u8; 17] {
     let mut key = [0u8; 17];
     key[0] = EVENT_ID;

@@ -7,8 +7,9 @@
 //!   Its flusher's fdatasync is the durability point of every append.
 //! - [`EventState`]: the applied state, in a sled database of its own under
 //!   `data_dir/state-<generation>` (events in one chunk per append, keyed by
-//!   first position; the stream index `(stream, first version) → position`; the event-id
-//!   index; stream heads; compacted into a fresh generation when releases have grown
+//!   first position; the stream index `(stream, first version) → position`; stream
+//!   heads; the event-id index of the local history is in memory, rebuilt from the chunks
+//!   at open (`local_ids`); compacted into a fresh generation when releases have grown
 //!   it, see `state_home`) and the
 //!   deterministic apply of append commands, which decides optimistic concurrency and
 //!   idempotency. Every node applies the same commands in the same order and gets the
@@ -26,6 +27,7 @@ mod error;
 mod filter_store;
 mod id_filter;
 mod keys;
+mod local_ids;
 mod log_store;
 mod reads;
 mod record;

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::{ChunkView, EncodedChunk, EventChunk};
 use crate::filter_store;
 use crate::id_filter::IdFilter;
+use crate::local_ids::LocalIds;
 use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, NewEvent, StoredEvent};
 use crate::control::{self, AggregateSnapshot, ControlStore, GroupRecord, TierState};
 use crate::snapshot::SnapshotItem;
@@ -111,6 +112,8 @@ pub struct StagedApply {
     tree: sled::Tree,
     batch: sled::Batch,
     next_position: u64,
+    /// The ids the staged chunks write, for the local id index once they are in.
+    new_ids: HashMap<[u8; 16], u64>,
 }
 
 /// What a `$all` page read should return.
@@ -147,6 +150,8 @@ pub struct EventState {
     /// Every id of the id index (and possibly ids of replaced states): skips the index
     /// lookup for ids that were certainly never written.
     ids: IdFilter,
+    /// The exact id index of the local history (see `local_ids`).
+    local_ids: LocalIds,
     /// The first position held locally; positions below it are in the tier.
     floor: AtomicU64,
     /// Local reads hold it shared; releasing history below the floor holds it exclusively.
@@ -191,13 +196,20 @@ impl EventState {
                 }
             };
         }
-        for key in tree.scan_prefix([keys::EVENT_ID]).keys() {
-            let key = key?;
-            let id: &[u8; 16] = key[1..]
-                .try_into()
-                .map_err(|_| StorageError::Corrupt { what: "event id index key", key: record::printable_key(&key) })?;
-            ids.insert(id);
+        let local_ids = LocalIds::default();
+        let started = std::time::Instant::now();
+        for item in chunk_records(&tree, floor, next_position)? {
+            let (key, value) = item?;
+            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+            if chunk.first_position < floor {
+                continue;
+            }
+            for event in &chunk.events {
+                ids.insert(&event.id);
+            }
+            local_ids.insert_all(chunk.events.iter().enumerate().map(|(offset, event)| (event.id, chunk.first_position + offset as u64)));
         }
+        tracing::info!(local_ids = local_ids.len(), took_ms = started.elapsed().as_millis() as u64, "local event id index loaded from the chunks");
         Ok(Self {
             db: db.clone(),
             main_durable: DurableFlush::new(db, &data_dir.join("sled"))?,
@@ -209,6 +221,7 @@ impl EventState {
             compacting: std::sync::Mutex::new(None),
             visible_next_position: AtomicU64::new(next_position),
             ids,
+            local_ids,
             floor: AtomicU64::new(floor),
             release_lock: RwLock::new(()),
             snapshots_building: AtomicUsize::new(0),
@@ -301,17 +314,27 @@ impl EventState {
         }
         // Until a restart's gap is filled the filter may lack released ids: ask the tier.
         let complete = self.id_filter_gap().is_none();
-        let (tree, floor) = (self.tree(), self.floor());
+        let floor = self.floor();
         let mut out = Vec::new();
         for command in commands {
             let Some(Command::Appends(appends)) = command else { continue };
             for event in appends.iter().flat_map(|a| a.events.iter()) {
-                if (!complete || self.ids.may_contain(&event.id)) && local_id_position(&tree, &event.id, floor)?.is_none() {
+                if (!complete || self.ids.may_contain(&event.id)) && self.local_id_position(&event.id, floor).is_none() {
                     out.push(event.id);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The position of the event with `id` if this node holds it (not below `floor`).
+    fn local_id_position(&self, id: &[u8; 16], floor: u64) -> Option<u64> {
+        self.local_ids.get(id).filter(|position| *position >= floor)
+    }
+
+    /// Ids in the local id index (a gauge for operators: it is held in memory).
+    pub fn local_id_count(&self) -> usize {
+        self.local_ids.len()
     }
 
     /// Releases the local copy of the whole chunks below `watermark` (which must be durable
@@ -343,9 +366,19 @@ impl EventState {
         let key = keys::meta(META_FLOOR);
         let mut batch = sled::Batch::default();
         batch.insert(key.clone(), record::seal(&key, &new_floor.to_be_bytes()));
+        // The released chunks' ids leave the local index (the filter keeps them); read
+        // before the floor moves, while they are still local history. A release waits for
+        // no apply (the caller serialises them), so nothing is staged meanwhile.
+        let mut released_ids = Vec::with_capacity((new_floor - floor) as usize);
+        for item in chunk_records(&tree, floor, new_floor)? {
+            let (key, value) = item?;
+            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+            released_ids.extend(chunk.events.iter().enumerate().map(|(offset, event)| (event.id, chunk.first_position + offset as u64)));
+        }
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
         self.write_live(&tree, batch)?;
         self.floor.store(new_floor, Ordering::Release);
+        self.local_ids.remove(released_ids);
         self.released_since_compaction.fetch_add(new_floor - floor, Ordering::AcqRel);
         Ok(new_floor - floor)
     }
@@ -616,7 +649,7 @@ impl EventState {
         cold: &ColdEvents,
     ) -> Result<(Vec<EntryOutcome>, StagedApply), StorageError> {
         let tree = self.tree();
-        let mut writer = BatchWriter::new(&tree, self.floor(), self.next_position(), &self.ids, &self.meta_streams);
+        let mut writer = BatchWriter::new(&tree, self.floor(), self.next_position(), &self.ids, &self.local_ids, &self.meta_streams);
         writer.cold = Some(cold);
         let mut per_entry = Vec::with_capacity(commands.len());
         for command in commands {
@@ -634,15 +667,16 @@ impl EventState {
             per_entry.push(outcome);
         }
         let next_position = writer.next_position;
-        let mut batch = writer.finish()?;
+        let (mut batch, new_ids) = writer.finish()?;
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
-        Ok((per_entry, StagedApply { tree, batch, next_position }))
+        Ok((per_entry, StagedApply { tree, batch, next_position, new_ids }))
     }
 
     /// Writes staged entries in one atomic sled batch and makes them visible to readers.
     pub fn commit_staged(&self, staged: StagedApply) -> Result<(), StorageError> {
         self.write_live(&staged.tree, staged.batch)?;
+        self.local_ids.insert_all(staged.new_ids);
         let previous = self.visible_next_position.swap(staged.next_position, Ordering::AcqRel);
         assert!(previous <= staged.next_position, "positions never go back");
         Ok(())
@@ -913,7 +947,7 @@ impl EventState {
         let fresh_home = StateHome::create_next(&self.data_dir)?;
         let fresh = fresh_home.tree.clone();
         // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
-        let mut writer = BatchWriter::new(&fresh, floor, floor, &self.ids, &self.meta_streams);
+        let mut writer = BatchWriter::new(&fresh, floor, floor, &self.ids, &self.local_ids, &self.meta_streams);
         // Stream heads come as records (their events may be in the tier).
         writer.heads_given = true;
         let mut chunk: Option<EventChunk> = None;
@@ -960,7 +994,7 @@ impl EventState {
             writer.write_chunk(last)?;
         }
         let next_position = writer.next_position;
-        let mut batch = writer.finish()?;
+        let (mut batch, new_ids) = writer.finish()?;
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
         let floor_key = keys::meta(META_FLOOR);
@@ -972,6 +1006,7 @@ impl EventState {
         let old = std::mem::replace(&mut *self.home.write().expect("state home lock is never poisoned"), fresh_home);
         self.visible_next_position.store(next_position, Ordering::Release);
         self.floor.store(floor, Ordering::Release);
+        self.local_ids.replace(new_ids);
         // The snapshot's filter holds every id below its floor; the rest is local.
         self.filter_covers_below.store(u64::MAX, Ordering::Release);
         self.filter_stored_covers.store(floor, Ordering::Release);
@@ -1092,6 +1127,7 @@ struct BatchWriter<'t> {
     /// Records below it are released (dead): never read as local.
     floor: u64,
     ids: &'t IdFilter,
+    local_ids: &'t LocalIds,
     meta_streams: &'t MetaStreams,
     batch: sled::Batch,
     next_position: u64,
@@ -1112,11 +1148,12 @@ struct BatchWriter<'t> {
 }
 
 impl<'t> BatchWriter<'t> {
-    fn new(tree: &'t sled::Tree, floor: u64, next_position: u64, ids: &'t IdFilter, meta_streams: &'t MetaStreams) -> Self {
+    fn new(tree: &'t sled::Tree, floor: u64, next_position: u64, ids: &'t IdFilter, local_ids: &'t LocalIds, meta_streams: &'t MetaStreams) -> Self {
         Self {
             tree,
             floor,
             ids,
+            local_ids,
             meta_streams,
             batch: sled::Batch::default(),
             next_position,
@@ -1167,13 +1204,14 @@ impl<'t> BatchWriter<'t> {
         if let Some(position) = self.new_ids.get(id) {
             return Ok(Some(*position));
         }
-        if !self.ids.may_contain(id) {
+        if let Some(position) = self.local_ids.get(id).filter(|position| *position >= self.floor) {
+            return Ok(Some(position));
+        }
+        // Not held locally: only released history can have it.
+        if self.floor == 0 || !self.ids.may_contain(id) {
             return Ok(None);
         }
-        match local_id_position(self.tree, id, self.floor)? {
-            None => Ok(self.cold.and_then(|cold| cold.get(id)).map(|event| event.position)),
-            Some(position) => Ok(Some(position)),
-        }
+        Ok(self.cold.and_then(|cold| cold.get(id)).map(|event| event.position))
     }
 
     fn event(&self, position: u64) -> Result<StoredEvent, StorageError> {
@@ -1335,11 +1373,10 @@ impl<'t> BatchWriter<'t> {
         self.batch.insert(&chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?);
         let index_key = keys::stream_index(&chunk.stream, chunk.first_version);
         self.batch.insert(index_key.clone(), record::seal(&index_key, &chunk.first_position.to_be_bytes()));
+        // The ids go to the local index when the batch is in (no record of their own: see
+        // `local_ids`), and to the filter now (an extra bit only costs a lookup).
         for (offset, event) in chunk.events.iter().enumerate() {
-            let position = chunk.first_position + offset as u64;
-            let id_key = keys::event_id(&event.id);
-            self.batch.insert(&id_key, record::seal(&id_key, &position.to_be_bytes()));
-            self.new_ids.insert(event.id, position);
+            self.new_ids.insert(event.id, chunk.first_position + offset as u64);
             self.ids.insert(&event.id);
         }
         if let Some(new_head) = new_head {
@@ -1360,7 +1397,7 @@ impl<'t> BatchWriter<'t> {
     }
 
     /// The final batch: staged writes plus the changed heads and the next position.
-    fn finish(mut self) -> Result<sled::Batch, StorageError> {
+    fn finish(mut self) -> Result<(sled::Batch, HashMap<[u8; 16], u64>), StorageError> {
         for stream in &self.dirty_heads {
             let head = self.heads[stream].as_ref().expect("dirty heads exist");
             let key = keys::head(stream);
@@ -1372,7 +1409,7 @@ impl<'t> BatchWriter<'t> {
             let key = control::next_group_id_key();
             self.batch.insert(key.clone(), record::seal(&key, &next.to_be_bytes()));
         }
-        Ok(self.batch)
+        Ok((self.batch, self.new_ids))
     }
 }
 
@@ -1492,21 +1529,14 @@ fn read_chunk_containing(tree: &sled::Tree, position: u64) -> Result<Option<Even
     Ok(chunk.contains_position(position).then_some(chunk))
 }
 
-/// The position of the event with `id` if this node holds it (not below `floor`).
-fn local_id_position(tree: &sled::Tree, id: &[u8; 16], floor: u64) -> Result<Option<u64>, StorageError> {
-    let key = keys::event_id(id);
-    let Some(value) = tree.get(key)? else { return Ok(None) };
-    let position = decode_position("event id index entry", &key, &value)?;
-    Ok((position >= floor).then_some(position))
-}
-
 /// Whether a state record belongs to history released below `floor`: a chunk there, or an
 /// index entry pointing there (a compaction leaves these behind).
 fn is_released_record(key: &[u8], value: &[u8], floor: u64) -> Result<bool, StorageError> {
     Ok(match key.first() {
         Some(&keys::EVENT) => decode_chunk_key(key)? < floor,
         Some(&keys::STREAM_INDEX) => decode_position("stream index entry", key, value)? < floor,
-        Some(&keys::EVENT_ID) => decode_position("event id index entry", key, value)? < floor,
+        // The id index records of earlier versions: the index is in memory now (`local_ids`).
+        Some(&keys::EVENT_ID) => true,
         _ => false,
     })
 }
@@ -1733,6 +1763,22 @@ pub(crate) mod tests {
         // Same ids, retried within the same entry as the original.
         let out = apply(&state, vec![append("c", ExpectedVersion::Any, &[9]), append("c", ExpectedVersion::Any, &[9])]);
         assert!(out[1].as_ref().unwrap().idempotent_replay);
+    }
+
+    #[test]
+    fn idempotency_survives_a_restart_from_the_chunks_alone() {
+        let (dir, state) = state();
+        let first = apply(&state, vec![append("a", ExpectedVersion::NoStream, &[1, 2]), append("b", ExpectedVersion::Any, &[3])]);
+        drop(state);
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
+        assert_eq!(reopened.local_id_count(), 3);
+        let replay = apply(&reopened, vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        let (first, replay) = (first[0].clone().unwrap(), replay[0].clone().unwrap());
+        assert!(replay.idempotent_replay);
+        assert_eq!(replay.first_position, first.first_position);
+        let moved = apply(&reopened, vec![append("c", ExpectedVersion::Any, &[3])]);
+        assert!(matches!(moved[0], Err(AppendFailure::IdempotencyConflict { .. })), "id 3 is known after the restart: {moved:?}");
+        assert_eq!(reopened.next_position(), 3, "nothing written");
     }
 
     #[test]
@@ -1970,12 +2016,17 @@ pub(crate) mod tests {
     fn released_records_stay_dead_until_a_compaction_leaves_them_behind() {
         let (dir, state) = tiered_state(4);
         let count = |state: &EventState, prefix: u8| state.tree().scan_prefix([prefix]).count();
+        // An id index record as an earlier version wrote them (the index is in memory now).
+        let legacy = keys::event_id(&[9; 16]);
+        state.tree().insert(legacy, record::seal(&legacy, &5u64.to_be_bytes())).unwrap();
         let before = (count(&state, keys::EVENT), count(&state, keys::STREAM_INDEX), count(&state, keys::EVENT_ID));
-        assert_eq!(before, (4, 4, 6), "chunks [0,2) [2,3) [3,4) [4,6); one index entry per chunk, one id per event");
+        assert_eq!(before, (4, 4, 1), "chunks [0,2) [2,3) [3,4) [4,6); one index entry per chunk; ids only in the chunks");
+        assert_eq!(state.local_id_count(), 6);
         assert_eq!(state.release_below(4).unwrap(), 4);
         assert_eq!(state.release_below(4).unwrap(), 0, "nothing more below the watermark");
         let event_count = count(&state, keys::EVENT);
         assert_eq!(event_count, 4, "releasing writes only the floor");
+        assert_eq!(state.local_id_count(), 2, "the released ids left the local index");
         // Dead records read as absent everywhere: reads, backward reads, id lookups.
         assert!(state.event_at(3).unwrap().is_none());
         let (a, _) = state.read_stream_local("a", 0, false, 10).unwrap();
@@ -1994,11 +2045,12 @@ pub(crate) mod tests {
         let seen = observed(&state);
         assert!(compact(&state, 0, Duration::ZERO));
         assert_eq!(observed(&state), seen);
-        assert_eq!((count(&state, keys::EVENT), count(&state, keys::STREAM_INDEX), count(&state, keys::EVENT_ID)), (1, 1, 2), "only [4,6) is left");
+        assert_eq!((count(&state, keys::EVENT), count(&state, keys::STREAM_INDEX), count(&state, keys::EVENT_ID)), (1, 1, 0), "only [4,6) is left");
         assert_eq!(state.ids_to_resolve(&[Some(&retry)]).unwrap(), vec![[4u8; 16]]);
         drop(state);
         let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
         assert_eq!((reopened.floor(), reopened.released_since_compaction.load(Ordering::Acquire)), (4, 4), "after a restart, all below the floor may be dead");
+        assert_eq!(reopened.local_id_count(), 2, "the local index is rebuilt from the chunks above the floor");
     }
 
     #[test]
