@@ -122,7 +122,7 @@ async fn run(raft: Raft, mut pending: mpsc::Receiver<Pending>, metrics: Arc<Metr
 async fn propose(raft: &Raft, batch: Vec<Pending>) {
     let (commands, replies): (Vec<AppendCommand>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let count = commands.len();
-    match raft.client_write(Command::Appends(commands)).await {
+    match raft.client_write(Command::appends(commands)).await {
         Ok(response) => {
             let outcomes = response.data.outcomes;
             assert_eq!(outcomes.len(), count, "one outcome per append of the entry");

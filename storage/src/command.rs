@@ -6,13 +6,18 @@
 //! (event ids the client left out, the creation timestamp) is filled in by the leader
 //! before proposing.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// One Raft entry's worth of application commands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Appends batched by the leader's group commit: applied in order, each decided alone.
-    Appends(Vec<AppendCommand>),
+    /// Shared, so that an entry is cloned without its events (the raft log keeps recent
+    /// entries in memory and hands out clones for replication and apply); encoded as the
+    /// plain list.
+    Appends(Arc<Vec<AppendCommand>>),
     /// One change to the replicated control state (snapshots, groups); its own entry.
     Control(crate::control::ControlCommand),
 }
@@ -225,6 +230,12 @@ pub(crate) mod serde_bytes_compat {
             }
         }
         deserializer.deserialize_byte_buf(Visitor)
+    }
+}
+
+impl Command {
+    pub fn appends(appends: Vec<AppendCommand>) -> Self {
+        Command::Appends(Arc::new(appends))
     }
 }
 

@@ -529,7 +529,7 @@ mod tests {
             .map(|i| NewEvent { id: [i + 1; 16], event_type: "T".into(), content_type: String::new(), data: vec![i], metadata: vec![] })
             .collect();
         let append = AppendCommand { stream: "order-1".into(), expected: ExpectedVersion::Any, events, created_unix_ms: 1 };
-        state.apply(Some(&Command::Appends(vec![append])), b"m").unwrap();
+        state.apply(Some(&Command::appends(vec![append])), b"m").unwrap();
         (dir, state)
     }
 

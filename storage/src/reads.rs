@@ -341,7 +341,7 @@ mod tests {
         let mut i = 0;
         while n < 60 {
             let count = (i % 3 + 1).min(60 - n);
-            state.apply(Some(&Command::Appends(vec![append(&format!("s{}", i % 3), n, count)])), b"m").unwrap();
+            state.apply(Some(&Command::appends(vec![append(&format!("s{}", i % 3), n, count)])), b"m").unwrap();
             n += count;
             i += 1;
         }

@@ -332,7 +332,7 @@ mod tests {
                 created_unix_ms: 1,
             })
             .collect();
-        state.apply(Some(&Command::Appends(appends)), b"m").unwrap();
+        state.apply(Some(&Command::appends(appends)), b"m").unwrap();
         state
     }
 

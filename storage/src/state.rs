@@ -147,8 +147,10 @@ pub struct EventState {
     /// The compaction under way, if any (see [`EventState::compact_step`]).
     compacting: std::sync::Mutex<Option<Compaction>>,
     visible_next_position: AtomicU64,
-    /// Every id of the id index (and possibly ids of replaced states): skips the index
-    /// lookup for ids that were certainly never written.
+    /// Every id released to the tier (and possibly ids of replaced states and of local
+    /// history): skips the tier lookup for ids that were certainly never released. Ids
+    /// enter it when their events are released, not when written: the local index answers
+    /// for local history, and a filter insert on every apply cost as much as a lookup.
     ids: IdFilter,
     /// The exact id index of the local history (see `local_ids`).
     local_ids: LocalIds,
@@ -204,9 +206,6 @@ impl EventState {
             if chunk.first_position < floor {
                 continue;
             }
-            for event in &chunk.events {
-                ids.insert(&event.id);
-            }
             local_ids.insert_all(chunk.events.iter().enumerate().map(|(offset, event)| (event.id, chunk.first_position + offset as u64)));
         }
         tracing::info!(local_ids = local_ids.len(), took_ms = started.elapsed().as_millis() as u64, "local event id index loaded from the chunks");
@@ -256,8 +255,8 @@ impl EventState {
         if floor == 0 || self.id_filter_gap().is_some() || (!force && floor < stored_covers + ID_FILTER_STORE_EVENTS) {
             return Ok(false);
         }
-        // Everything applied so far is in the filter: it covers the visible end.
-        let covers = self.next_position();
+        // Everything released is in the filter (ids enter it as they are released).
+        let covers = floor;
         filter_store::store(&self.data_dir, &self.db, covers, &self.ids.encode())?;
         // A filter stored by an earlier version, among the state's metadata, is superseded.
         {
@@ -366,14 +365,17 @@ impl EventState {
         let key = keys::meta(META_FLOOR);
         let mut batch = sled::Batch::default();
         batch.insert(key.clone(), record::seal(&key, &new_floor.to_be_bytes()));
-        // The released chunks' ids leave the local index (the filter keeps them); read
-        // before the floor moves, while they are still local history. A release waits for
-        // no apply (the caller serialises them), so nothing is staged meanwhile.
+        // The released chunks' ids move from the local index to the filter; read before
+        // the floor moves, while they are still local history. A release waits for no
+        // apply (the caller serialises them), so nothing is staged meanwhile.
         let mut released_ids = Vec::with_capacity((new_floor - floor) as usize);
         for item in chunk_records(&tree, floor, new_floor)? {
             let (key, value) = item?;
             let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
             released_ids.extend(chunk.events.iter().enumerate().map(|(offset, event)| (event.id, chunk.first_position + offset as u64)));
+        }
+        for (id, _) in &released_ids {
+            self.ids.insert(id);
         }
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
         self.write_live(&tree, batch)?;
@@ -657,7 +659,7 @@ impl EventState {
             match command {
                 Some(Command::Appends(appends)) => {
                     outcome.appends.reserve(appends.len());
-                    for append in appends {
+                    for append in appends.iter() {
                         outcome.appends.push(writer.apply_append(append)?);
                     }
                 }
@@ -1374,10 +1376,9 @@ impl<'t> BatchWriter<'t> {
         let index_key = keys::stream_index(&chunk.stream, chunk.first_version);
         self.batch.insert(index_key.clone(), record::seal(&index_key, &chunk.first_position.to_be_bytes()));
         // The ids go to the local index when the batch is in (no record of their own: see
-        // `local_ids`), and to the filter now (an extra bit only costs a lookup).
+        // `local_ids`); to the filter only when released.
         for (offset, event) in chunk.events.iter().enumerate() {
             self.new_ids.insert(event.id, chunk.first_position + offset as u64);
-            self.ids.insert(&event.id);
         }
         if let Some(new_head) = new_head {
             self.heads.insert(chunk.stream.clone(), Some(new_head));
@@ -1605,7 +1606,7 @@ pub(crate) mod tests {
     }
 
     fn apply(state: &EventState, appends: Vec<AppendCommand>) -> Vec<AppendOutcome> {
-        state.apply(Some(&Command::Appends(appends)), b"meta").unwrap()
+        state.apply(Some(&Command::appends(appends)), b"meta").unwrap()
     }
 
     /// Counts every event as released, so that only the file's size decides whether a
@@ -1857,8 +1858,8 @@ pub(crate) mod tests {
     #[test]
     fn entries_applied_together_see_each_other_and_answer_separately() {
         let (_dir, state) = state();
-        let one = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1])]);
-        let two = Command::Appends(vec![append("a", ExpectedVersion::Exact(0), &[2]), append("a", ExpectedVersion::NoStream, &[3])]);
+        let one = Command::appends(vec![append("a", ExpectedVersion::NoStream, &[1])]);
+        let two = Command::appends(vec![append("a", ExpectedVersion::Exact(0), &[2]), append("a", ExpectedVersion::NoStream, &[3])]);
         let out = state.apply_entries(&[Some(&one), None, Some(&two)], b"last", &Default::default()).unwrap();
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].appends[0].as_ref().unwrap().first_position, 0);
@@ -1872,7 +1873,7 @@ pub(crate) mod tests {
     #[test]
     fn staged_entries_are_invisible_until_committed() {
         let (_dir, state) = state();
-        let one = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        let one = Command::appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
         let (outcomes, staged) = state.stage_entries(&[Some(&one)], b"staged", &Default::default()).unwrap();
         assert_eq!(outcomes[0].appends[0].as_ref().unwrap().last_position, 1, "decided before the write");
         assert_eq!(state.next_position(), 0);
@@ -1935,8 +1936,8 @@ pub(crate) mod tests {
         let (events, _, floor) = all(0);
         assert_eq!((events.first().unwrap().position, floor), (3, 3));
         // A released id still needs a tier lookup; a fresh one does not.
-        let released = Command::Appends(vec![append("a", ExpectedVersion::Any, &[1])]);
-        let fresh = Command::Appends(vec![append("a", ExpectedVersion::Any, &[99])]);
+        let released = Command::appends(vec![append("a", ExpectedVersion::Any, &[1])]);
+        let fresh = Command::appends(vec![append("a", ExpectedVersion::Any, &[99])]);
         assert_eq!(state.ids_to_resolve(&[Some(&released)]).unwrap(), vec![[1u8; 16]]);
         assert!(state.ids_to_resolve(&[Some(&fresh)]).unwrap().is_empty());
         assert!(state.id_filter_gap().is_none());
@@ -1968,13 +1969,13 @@ pub(crate) mod tests {
         let original = state.event_at(0).unwrap().unwrap();
         let second = state.event_at(1).unwrap().unwrap();
         state.release_below(3).unwrap();
-        let retry = Command::Appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
+        let retry = Command::appends(vec![append("a", ExpectedVersion::NoStream, &[1, 2])]);
         let cold: ColdEvents = [(original.id, original.clone()), (second.id, second.clone())].into_iter().collect();
         let out = state.apply_entries(&[Some(&retry)], b"m", &cold).unwrap();
         let success = out[0].appends[0].as_ref().unwrap();
         assert!(success.idempotent_replay);
         assert_eq!((success.first_position, success.last_version), (0, 1));
-        let moved = Command::Appends(vec![append("z", ExpectedVersion::Any, &[1])]);
+        let moved = Command::appends(vec![append("z", ExpectedVersion::Any, &[1])]);
         let out = state.apply_entries(&[Some(&moved)], b"m", &cold).unwrap();
         assert!(matches!(out[0].appends[0], Err(AppendFailure::IdempotencyConflict { .. })));
         assert_eq!(state.next_position(), 6, "nothing was written");
@@ -2005,7 +2006,7 @@ pub(crate) mod tests {
         assert_eq!(target.tier_state().unwrap().watermark, 3);
         assert_eq!(target.stream_head("b").unwrap().unwrap().last_version, 0);
         assert_eq!(target.stream_head("a").unwrap().unwrap().event_count, 3);
-        let retry = Command::Appends(vec![append("b", ExpectedVersion::Any, &[3])]);
+        let retry = Command::appends(vec![append("b", ExpectedVersion::Any, &[3])]);
         assert_eq!(target.ids_to_resolve(&[Some(&retry)]).unwrap(), vec![[3u8; 16]], "the filter came along");
         let out = apply(&target, vec![append("c", ExpectedVersion::Exact(1), &[7])]);
         assert_eq!(out[0].as_ref().unwrap().first_position, 6);
@@ -2036,7 +2037,7 @@ pub(crate) mod tests {
         let options = ReadAllOptions { from_position: 5, backwards: true, limit: 10, scan_limit: 10, filter: &|_| true };
         let (events, next, floor) = state.read_all_local(&options).unwrap();
         assert_eq!((events.iter().map(|e| e.position).collect::<Vec<_>>(), next, floor), (vec![5, 4], Some(3), 4));
-        let retry = Command::Appends(vec![append("a", ExpectedVersion::Any, &[4])]);
+        let retry = Command::appends(vec![append("a", ExpectedVersion::Any, &[4])]);
         assert_eq!(state.ids_to_resolve(&[Some(&retry)]).unwrap(), vec![[4u8; 16]], "a released id is the tier's to answer");
         // A compaction is due only once the dead outnumber the live enough.
         assert_eq!(state.released_since_compaction.load(Ordering::Acquire), 4);
