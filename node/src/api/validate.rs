@@ -63,13 +63,16 @@ pub fn expected_of(kind: i32, version: u64) -> Result<ExpectedVersion, ApiError>
 }
 
 /// Parses a client event id; empty means "generate one".
-fn event_id(field: &str, id: &str) -> Result<[u8; 16], ApiError> {
+/// `field` names the field in an error (built only then: this runs for every event).
+fn event_id(field: impl Fn() -> String, id: &str) -> Result<[u8; 16], ApiError> {
     if id.is_empty() {
+        // uuid's fast-rng: a thread-local generator seeded from the OS, not a getrandom
+        // call per event.
         return Ok(*uuid::Uuid::new_v4().as_bytes());
     }
-    let parsed = uuid::Uuid::parse_str(id).map_err(|_| invalid(field, format!("event id is not a uuid: `{id}`")))?;
+    let parsed = uuid::Uuid::parse_str(id).map_err(|_| invalid(field(), format!("event id is not a uuid: `{id}`")))?;
     if parsed.is_nil() {
-        return Err(invalid(field, "event id must not be the nil uuid"));
+        return Err(invalid(field(), "event id must not be the nil uuid"));
     }
     Ok(*parsed.as_bytes())
 }
@@ -116,7 +119,7 @@ pub fn append_command(
         if size > event_bytes_max {
             return Err(over(field("data"), "EVENT_BYTES_MAX", event_bytes_max, size));
         }
-        let id = event_id(&field("id"), &event.id)?;
+        let id = event_id(|| field("id"), &event.id)?;
         if !ids.insert(id) {
             return Err(invalid(field("id"), format!("event id repeated within one append: `{}`", event.id)));
         }
