@@ -86,7 +86,9 @@ fn outcome_label(result: &Result<AppendResponse, ApiError>) -> &'static str {
 
 pub fn recorded_event(event: StoredEvent) -> RecordedEvent {
     RecordedEvent {
-        id: uuid::Uuid::from_bytes(event.id).to_string(),
+        // Encoded into a stack buffer: `to_string` goes through the formatter, a visible
+        // cost at a million events a second.
+        id: uuid::Uuid::from_bytes(event.id).hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned(),
         stream: event.stream,
         version: event.version,
         position: event.position,
