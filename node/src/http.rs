@@ -45,6 +45,7 @@ async fn ready(State(state): State<HttpState>) -> (StatusCode, String) {
 
 async fn metrics(State(state): State<HttpState>) -> String {
     state.ctx.metrics.events_head_position.set(state.ctx.events.next_position() as i64);
+    state.ctx.metrics.local_event_ids.set(state.ctx.events.local_id_count() as i64);
     state.ctx.metrics.render()
 }
 

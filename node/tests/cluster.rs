@@ -53,6 +53,12 @@ async fn thousand_appends_across_twenty_streams_are_identical_on_every_node() {
     for id in 2..=3 {
         assert_eq!(ids(&cluster.read_all_local(id).await), ids(&reference), "node {id} $all differs");
     }
+    // Every node's in-memory id index holds the 1,000 ids (nothing is tiered here).
+    for id in 1..=3 {
+        let metrics = common::metrics_of(&cluster, id).await;
+        let gauge = metrics.lines().find(|line| line.starts_with("strata_local_event_ids{")).expect("the local_event_ids gauge");
+        assert!(gauge.ends_with(" 1000"), "node {id}: {gauge}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
