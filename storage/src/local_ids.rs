@@ -8,10 +8,12 @@
 //! entry changes, so the index is rebuilt from them when the state is opened
 //! ([`crate::EventState::open`]) and can never disagree with them after a crash.
 //!
-//! Bounded by the local history: tiering releases everything below the hot window
-//! (`--hot-window-events`, default 1,000,000 events, about 50 MB here), and a release
-//! drops the released chunks' ids ([`LocalIds::remove`]). Ids of released events are
-//! answered by the id filter and the tier, as before.
+//! Sized by the local history, about 35 bytes per event (1.5 M ids: a 2^21-bucket table,
+//! 52 MB; rebuilt at open in 0.75 s). With a tier, everything below the hot window is
+//! released (`--hot-window-events`, default 1,000,000 events) and a release drops the
+//! released chunks' ids ([`LocalIds::remove`]); ids of released events are answered by the
+//! id filter and the tier. A node without an object store keeps all history locally, and
+//! this index with it.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
