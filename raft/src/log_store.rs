@@ -211,11 +211,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (encoded, decoded): (Vec<(u64, Vec<u8>)>, Vec<Entry>) = entries.into_iter().map(|e| ((e.index(), encode(&e)), e)).unzip();
-        let sizes: Vec<usize> = encoded.iter().map(|(_, bytes)| bytes.len()).collect();
+        let mut encoded = Vec::new();
+        let mut decoded = Vec::new();
+        for entry in entries {
+            let bytes = encode(&entry);
+            let size = bytes.len();
+            encoded.push((entry.index(), bytes));
+            decoded.push((entry, size));
+        }
         self.store.append(encoded, Box::new(move |result| callback.io_completed(result)))?;
         let mut recent = self.recent.lock().expect("recent entries lock is never poisoned");
-        for (entry, bytes) in decoded.into_iter().zip(sizes) {
+        for (entry, bytes) in decoded {
             recent.push(entry, bytes);
         }
         Ok(())

@@ -63,6 +63,11 @@ impl ChunkView<'_> {
     pub fn end_position(&self) -> u64 {
         self.first_position + self.len()
     }
+
+    /// Each event's id and `$all` position.
+    pub fn ids_with_positions(&self) -> impl Iterator<Item = ([u8; 16], u64)> + '_ {
+        self.events.iter().enumerate().map(|(offset, event)| (event.id, self.first_position + offset as u64))
+    }
 }
 
 /// A chunk on its way to the tier: its keys, and its bincode encoding as stored locally

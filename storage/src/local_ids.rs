@@ -28,8 +28,10 @@ pub struct LocalIds {
 }
 
 impl LocalIds {
-    pub fn get(&self, id: &[u8; 16]) -> Option<u64> {
-        self.map.read().expect("local id index lock is never poisoned").get(id).copied()
+    /// The position of the event with `id` if it is held locally: not below `floor` (the
+    /// floor moves before a release's ids leave, so one may still be here).
+    pub fn position(&self, id: &[u8; 16], floor: u64) -> Option<u64> {
+        self.map.read().expect("local id index lock is never poisoned").get(id).copied().filter(|position| *position >= floor)
     }
 
     pub fn insert_all(&self, ids: impl IntoIterator<Item = ([u8; 16], u64)>) {
@@ -74,8 +76,9 @@ mod tests {
         // Id 1 was written again at 20 (its first event no longer visible).
         ids.insert_all([([1; 16], 20)]);
         ids.remove([([1; 16], 10), ([2; 16], 11)]);
-        assert_eq!(ids.get(&[1; 16]), Some(20));
-        assert_eq!(ids.get(&[2; 16]), None);
+        assert_eq!(ids.position(&[1; 16], 0), Some(20));
+        assert_eq!(ids.position(&[1; 16], 21), None, "below the floor");
+        assert_eq!(ids.position(&[2; 16], 0), None);
         assert_eq!(ids.len(), 1);
     }
 }

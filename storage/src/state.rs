@@ -206,7 +206,7 @@ impl EventState {
             if chunk.first_position < floor {
                 continue;
             }
-            local_ids.insert_all(chunk.events.iter().enumerate().map(|(offset, event)| (event.id, chunk.first_position + offset as u64)));
+            local_ids.insert_all(chunk.ids_with_positions());
         }
         tracing::info!(local_ids = local_ids.len(), took_ms = started.elapsed().as_millis() as u64, "local event id index loaded from the chunks");
         Ok(Self {
@@ -318,17 +318,12 @@ impl EventState {
         for command in commands {
             let Some(Command::Appends(appends)) = command else { continue };
             for event in appends.iter().flat_map(|a| a.events.iter()) {
-                if (!complete || self.ids.may_contain(&event.id)) && self.local_id_position(&event.id, floor).is_none() {
+                if (!complete || self.ids.may_contain(&event.id)) && self.local_ids.position(&event.id, floor).is_none() {
                     out.push(event.id);
                 }
             }
         }
         Ok(out)
-    }
-
-    /// The position of the event with `id` if this node holds it (not below `floor`).
-    fn local_id_position(&self, id: &[u8; 16], floor: u64) -> Option<u64> {
-        self.local_ids.get(id).filter(|position| *position >= floor)
     }
 
     /// Ids in the local id index (a gauge for operators: it is held in memory).
@@ -372,7 +367,7 @@ impl EventState {
         for item in chunk_records(&tree, floor, new_floor)? {
             let (key, value) = item?;
             let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
-            released_ids.extend(chunk.events.iter().enumerate().map(|(offset, event)| (event.id, chunk.first_position + offset as u64)));
+            released_ids.extend(chunk.ids_with_positions());
         }
         for (id, _) in &released_ids {
             self.ids.insert(id);
@@ -1206,7 +1201,7 @@ impl<'t> BatchWriter<'t> {
         if let Some(position) = self.new_ids.get(id) {
             return Ok(Some(*position));
         }
-        if let Some(position) = self.local_ids.get(id).filter(|position| *position >= self.floor) {
+        if let Some(position) = self.local_ids.position(id, self.floor) {
             return Ok(Some(position));
         }
         // Not held locally: only released history can have it.
@@ -1531,7 +1526,8 @@ fn read_chunk_containing(tree: &sled::Tree, position: u64) -> Result<Option<Even
 }
 
 /// Whether a state record belongs to history released below `floor`: a chunk there, or an
-/// index entry pointing there (a compaction leaves these behind).
+/// index entry pointing there (a compaction leaves these behind); or an id index record of
+/// an earlier version, dead wherever it points.
 fn is_released_record(key: &[u8], value: &[u8], floor: u64) -> Result<bool, StorageError> {
     Ok(match key.first() {
         Some(&keys::EVENT) => decode_chunk_key(key)? < floor,
