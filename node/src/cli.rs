@@ -516,7 +516,7 @@ pub(crate) fn print_event(event: &RecordedEvent, as_json: bool) {
         println!("{}", event_json(event));
         return;
     }
-    let data = String::from_utf8(event.data.clone())
+    let data = String::from_utf8(event.data.to_vec())
         .unwrap_or_else(|_| format!("<{} bytes, base64 {}>", event.data.len(), base64::engine::general_purpose::STANDARD.encode(&event.data)));
     println!(
         "{}@{}  #{}  {}  {}  {}  {}",

@@ -286,7 +286,7 @@ async fn every_nack_action_and_parking_with_replay() {
         let d = consumer.delivery().await;
         assert!(d.replayed);
         let event = d.event.as_ref().unwrap();
-        assert_eq!((event.stream.as_str(), event.metadata.as_slice()), ("orders", b"{}".as_slice()), "the original event");
+        assert_eq!((event.stream.as_str(), &event.metadata[..]), ("orders", b"{}".as_slice()), "the original event");
         replayed.insert(n_of(&d));
         consumer.ack(vec![d.delivery_id]).await;
     }

@@ -70,6 +70,23 @@ impl ChunkView<'_> {
     }
 }
 
+/// The fields of a stored chunk that come before its events, and how many events follow:
+/// enough to skip a chunk of a stream a read does not want without decoding its payloads.
+/// Decoded from a prefix of the [`EventChunk`] encoding (bincode writes a `Vec`'s length as
+/// a `u64` before its elements, and ignores what follows a decoded value).
+#[derive(Debug, Deserialize)]
+pub struct ChunkHeader<'a> {
+    pub stream: &'a str,
+    // Read to step over them (bincode is not self-describing): the layout of EventChunk.
+    #[allow(dead_code)]
+    pub first_version: u64,
+    pub first_position: u64,
+    #[allow(dead_code)]
+    pub created_unix_ms: i64,
+    /// The length of `events`.
+    pub len: u64,
+}
+
 /// A chunk on its way to the tier: its keys, and its bincode encoding as stored locally
 /// (the uploader passes whole stored chunks through without decoding their payloads).
 #[derive(Debug, Clone)]
@@ -266,5 +283,21 @@ mod tests {
         let fresh = EncodedChunk::of(&chunk).unwrap();
         assert_eq!(fresh.end_position(), chunk.end_position());
         assert_eq!((passed.stream, passed.ids, passed.encoded), (fresh.stream, fresh.ids, fresh.encoded));
+    }
+
+    #[test]
+    fn header_is_a_prefix_of_the_chunk_encoding() {
+        let chunk = EventChunk {
+            stream: "orders-7".into(),
+            first_version: 3,
+            first_position: 41,
+            created_unix_ms: -5,
+            events: (0..3u8)
+                .map(|n| NewEvent { id: [n; 16], event_type: "t".into(), content_type: String::new(), data: vec![n; 9], metadata: vec![] })
+                .collect(),
+        };
+        let encoded = bincode::serialize(&chunk).unwrap();
+        let header: ChunkHeader<'_> = bincode::deserialize(&encoded).unwrap();
+        assert_eq!((header.stream, header.first_version, header.first_position, header.created_unix_ms, header.len), ("orders-7", 3, 41, -5, 3));
     }
 }

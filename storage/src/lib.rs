@@ -49,7 +49,7 @@ pub use control::{
 pub use error::StorageError;
 pub use log_store::{LogFlushWaiter, RaftLogStore, LOG_FLUSH_QUEUE_MAX};
 pub use retention::StreamMeta;
-pub use reads::{EventReader, ReadError, SharedFilter};
+pub use reads::{AllFilter, EventReader, ReadError, SharedFilter, SharedStreamFilter};
 pub use snapshot::{verify_snapshot, SnapshotInProgress, SnapshotItem, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
 pub use state_home::{RETIRED_STATE_GRACE, STATE_COMPACT_DEAD_PER_LIVE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES, STATE_SLED_CACHE_BYTES};
 pub use state::{CompactStep, COMPACT_STEP_RECORDS, ChunkMark, ColdEvents, EventState, ReadAllOptions, StagedApply, StreamHead};

@@ -80,6 +80,29 @@ pub enum ReadError {
 /// An event predicate that can travel to a blocking read.
 pub type SharedFilter = Arc<dyn Fn(&StoredEvent) -> bool + Send + Sync>;
 
+/// A stream-name predicate that can travel to a blocking read.
+pub type SharedStreamFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Which events a `$all` page returns: those of the streams `stream` accepts that `event`
+/// accepts. The stream part is asked once per stored chunk, not per event, and the chunks
+/// it rejects are not decoded: a prefix read skips other streams' history cheaply.
+#[derive(Clone)]
+pub struct AllFilter {
+    pub stream: SharedStreamFilter,
+    pub event: SharedFilter,
+}
+
+impl AllFilter {
+    /// Every event `event` accepts, whatever its stream.
+    pub fn events(event: SharedFilter) -> Self {
+        Self { stream: Arc::new(|_| true), event }
+    }
+
+    pub fn matches(&self, event: &StoredEvent) -> bool {
+        (self.stream)(&event.stream) && (self.event)(event)
+    }
+}
+
 /// Reads across the hot and the tiered part of history; cheap to clone.
 #[derive(Clone)]
 pub struct EventReader {
@@ -217,7 +240,7 @@ impl EventReader {
         Ok(out)
     }
 
-    /// A page of `$all` (see [`ReadAllOptions`]; the filter as a [`SharedFilter`]): the
+    /// A page of `$all` (see [`ReadAllOptions`]; the filter as an [`AllFilter`]): the
     /// matching events and where to continue (None at the visible end, or below 0).
     pub async fn read_all(
         &self,
@@ -225,14 +248,17 @@ impl EventReader {
         backwards: bool,
         limit: usize,
         scan_limit: usize,
-        filter: SharedFilter,
+        filter: AllFilter,
     ) -> Result<(Vec<StoredEvent>, Option<u64>), ReadError> {
         // Events hidden by their stream's retention or deletion are not part of any page.
         let state = self.state.clone();
         let now = now_ms();
-        let user = filter;
+        let user = filter.event;
         let metas = PageMetaCache::default();
-        let filter: SharedFilter = Arc::new(move |event: &StoredEvent| metas.visible(&state, event, now) && user(event));
+        let filter = AllFilter {
+            stream: filter.stream,
+            event: Arc::new(move |event: &StoredEvent| metas.visible(&state, event, now) && user(event)),
+        };
         let visible = self.state.next_position();
         let mut out = Vec::new();
         let mut from = if backwards {
@@ -253,20 +279,24 @@ impl EventReader {
                 let (remaining, scan_left, shared) = (limit - out.len(), scan_limit.saturating_sub(scanned).max(1), filter.clone());
                 let (page, next, floor_at_read) = self
                     .blocking(move |state| {
-                        let matches = |event: &StoredEvent| shared(event);
                         state.read_all_local(&ReadAllOptions {
                             from_position: from,
                             backwards,
                             limit: remaining,
                             scan_limit: scan_left,
-                            filter: &matches,
+                            stream_filter: &*shared.stream,
+                            filter: &*shared.event,
                         })
                     })
                     .await?;
                 if floor_at_read > from {
                     continue; // released meanwhile: the gap is in the tier now
                 }
-                out.extend(page);
+                if out.is_empty() {
+                    out = page; // the usual case: the whole page at once, no copy
+                } else {
+                    out.extend(page);
+                }
                 // Backwards, a local read that reached the floor continues below it.
                 match next {
                     Some(next) if backwards && next < floor_at_read && out.len() < limit => {
@@ -293,7 +323,7 @@ impl EventReader {
             for event in cold {
                 scanned += 1;
                 let position = event.position;
-                if filter(&event) {
+                if filter.matches(&event) {
                     out.push(event);
                 }
                 if out.len() >= limit {
@@ -347,7 +377,7 @@ mod tests {
         }
         let everything = state.read_stream("s0", 0, false, 1000).unwrap().len();
         assert!(everything > 0);
-        let (all, _) = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, filter: &|_| true }).unwrap();
+        let (all, _) = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, stream_filter: &|_| true, filter: &|_| true }).unwrap();
         let store = TierStore::open(&TierStoreConfig { url: format!("file://{}", dir.join("tier").display()), ..Default::default() }).unwrap();
         let mut writer = TierWriter::open(&store, 1, 1).await.unwrap();
         let mut at = 0;
@@ -371,7 +401,7 @@ mod tests {
     async fn reads_across_the_floor_equal_reads_of_a_node_holding_everything() {
         let dir = tempfile::tempdir().unwrap();
         let (reader, all) = tiered(dir.path(), 31).await;
-        let everything: SharedFilter = Arc::new(|_| true);
+        let everything = AllFilter::events(Arc::new(|_| true));
         for from in [0, 5, 29, 31, 40] {
             let (page, _) = reader.read_all(from, false, 1000, 1000, everything.clone()).await.unwrap();
             assert_eq!(page, all[from as usize..].to_vec(), "forward from {from}");
@@ -381,7 +411,7 @@ mod tests {
             assert_eq!((page, next), (expected, None), "backward from {from}");
         }
         // Pages join without gaps or repeats, filtered.
-        let odd: SharedFilter = Arc::new(|e: &StoredEvent| e.event_type == "t1");
+        let odd = AllFilter::events(Arc::new(|e: &StoredEvent| e.event_type == "t1"));
         let (mut got, mut next) = (Vec::new(), Some(0));
         while let Some(from) = next {
             let (page, n) = reader.read_all(from, false, 4, 7, odd.clone()).await.unwrap();
@@ -389,6 +419,22 @@ mod tests {
             next = n;
         }
         assert_eq!(got, all.iter().filter(|e| e.event_type == "t1").cloned().collect::<Vec<_>>());
+        // A stream filter skips other streams' chunks, on both sides of the floor, forward
+        // and backward, and pages still join without gaps or repeats.
+        let s1_t1 = AllFilter { stream: Arc::new(|s: &str| s == "s1"), event: Arc::new(|e: &StoredEvent| e.event_type != "t1") };
+        let expected: Vec<StoredEvent> = all.iter().filter(|e| e.stream == "s1" && e.event_type != "t1").cloned().collect();
+        for backwards in [false, true] {
+            let (mut got, mut next) = (Vec::new(), Some(if backwards { all.len() as u64 - 1 } else { 0 }));
+            while let Some(from) = next {
+                let (page, n) = reader.read_all(from, backwards, 3, 5, s1_t1.clone()).await.unwrap();
+                got.extend(page);
+                next = n;
+            }
+            if backwards {
+                got.reverse();
+            }
+            assert_eq!(got, expected, "stream-filtered, backwards: {backwards}");
+        }
         for stream in ["s0", "s1", "s2"] {
             let expected: Vec<StoredEvent> = all.iter().filter(|e| e.stream == stream).cloned().collect();
             for from in [0, 3, expected.len() as u64 - 1] {
@@ -409,7 +455,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (reader, _) = tiered(dir.path(), 20).await;
         let blind = EventReader::new(reader.state().clone(), None);
-        let err = blind.read_all(0, false, 10, 10, Arc::new(|_| true)).await.unwrap_err();
+        let err = blind.read_all(0, false, 10, 10, AllFilter::events(Arc::new(|_| true))).await.unwrap_err();
         assert!(err.to_string().contains("no object store is configured"), "{err}");
     }
 }

@@ -28,7 +28,7 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{ChunkView, EncodedChunk, EventChunk};
+use crate::chunk::{ChunkHeader, ChunkView, EncodedChunk, EventChunk};
 use crate::filter_store;
 use crate::id_filter::IdFilter;
 use crate::local_ids::LocalIds;
@@ -125,6 +125,10 @@ pub struct ReadAllOptions<'a> {
     /// Events to look at at most (a filter that matches rarely must not scan forever in
     /// one call); the caller continues from `next_position`.
     pub scan_limit: usize,
+    /// Checked once per chunk (a chunk's events share one stream): the chunks of streams it
+    /// rejects are stepped over without decoding their events.
+    pub stream_filter: &'a dyn Fn(&str) -> bool,
+    /// Checked for each event of the streams `stream_filter` accepts.
     pub filter: &'a dyn Fn(&StoredEvent) -> bool,
 }
 
@@ -820,13 +824,26 @@ impl EventState {
                 // Released to the tier: a backward read stops at the floor.
                 break;
             }
-            let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
-            let mut events = chunk.into_events();
-            if options.backwards {
-                events.reverse();
-            }
-            for event in events {
-                let position = event.position;
+            let payload = record::open("event chunk", &key, &value)?;
+            let header: ChunkHeader<'_> = record::decode_view("event chunk", &key, payload)?;
+            let wanted = (options.stream_filter)(header.stream);
+            // The events of a wanted stream, taken in read order; none of another stream,
+            // whose positions are still stepped through (they count as scanned).
+            let mut events = if wanted {
+                let chunk: EventChunk = record::decode_view("event chunk", &key, payload)?;
+                chunk.into_events().into_iter()
+            } else {
+                Vec::new().into_iter()
+            };
+            let offsets: Box<dyn Iterator<Item = u64>> =
+                if options.backwards { Box::new((0..header.len).rev()) } else { Box::new(0..header.len) };
+            for offset in offsets {
+                let position = header.first_position + offset;
+                let event = match (wanted, options.backwards) {
+                    (false, _) => None,
+                    (true, false) => events.next(),
+                    (true, true) => events.next_back(),
+                };
                 if (options.backwards && position > from) || (!options.backwards && position < from) {
                     continue;
                 }
@@ -842,7 +859,8 @@ impl EventState {
                 }
                 last_seen = Some(position);
                 scanned += 1;
-                if (options.filter)(&event) {
+                if let Some(event) = event.filter(|event| (options.filter)(event)) {
+                    debug_assert_eq!(event.position, position, "a chunk's events are at its positions");
                     out.push(event);
                 }
             }
@@ -1624,7 +1642,7 @@ pub(crate) mod tests {
 
     /// What a reader sees of `state`: `$all`, stream "a" and the next position.
     fn observed(state: &EventState) -> (Vec<StoredEvent>, Vec<StoredEvent>, u64) {
-        let all = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, filter: &|_| true }).unwrap().0;
+        let all = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, stream_filter: &|_| true, filter: &|_| true }).unwrap().0;
         (all, state.read_stream("a", 0, false, 100).unwrap(), state.next_position())
     }
 
@@ -1807,13 +1825,13 @@ pub(crate) mod tests {
         }
         let only_even = |e: &StoredEvent| e.stream == "even";
         let (page, next) = state
-            .read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 3, scan_limit: 100, filter: &only_even })
+            .read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 3, scan_limit: 100, stream_filter: &|_| true, filter: &only_even })
             .unwrap();
         assert_eq!(page.iter().map(|e| e.position).collect::<Vec<_>>(), vec![0, 2, 4]);
         assert_eq!(next, Some(5));
         let all = |_: &StoredEvent| true;
         let (page, next) = state
-            .read_all(&ReadAllOptions { from_position: 9, backwards: true, limit: 100, scan_limit: 100, filter: &all })
+            .read_all(&ReadAllOptions { from_position: 9, backwards: true, limit: 100, scan_limit: 100, stream_filter: &|_| true, filter: &all })
             .unwrap();
         assert_eq!(page.len(), 10);
         assert_eq!(page[0].position, 9);
@@ -1836,7 +1854,7 @@ pub(crate) mod tests {
         let all = |_: &StoredEvent| true;
         let positions = |(events, next): (Vec<StoredEvent>, Option<u64>)| (events.into_iter().map(|e| e.position).collect::<Vec<_>>(), next);
         let read = |from, backwards, limit| {
-            state.read_all(&ReadAllOptions { from_position: from, backwards, limit, scan_limit: 100, filter: &all }).unwrap()
+            state.read_all(&ReadAllOptions { from_position: from, backwards, limit, scan_limit: 100, stream_filter: &|_| true, filter: &all }).unwrap()
         };
         assert_eq!(positions(read(5, false, 2)), (vec![5, 6], None));
         assert_eq!(positions(read(1, false, 2)), (vec![1, 2], Some(3)));
@@ -1926,7 +1944,7 @@ pub(crate) mod tests {
         assert_eq!((a.iter().map(|e| e.version).collect::<Vec<_>>(), floor), (vec![2], 3));
         assert_eq!(state.stream_head("b").unwrap().unwrap().last_version, 0, "heads outlive their events");
         let all = |from| {
-            let options = ReadAllOptions { from_position: from, backwards: false, limit: 10, scan_limit: 10, filter: &|_| true };
+            let options = ReadAllOptions { from_position: from, backwards: false, limit: 10, scan_limit: 10, stream_filter: &|_| true, filter: &|_| true };
             state.read_all_local(&options).unwrap()
         };
         let (events, _, floor) = all(0);
@@ -2030,7 +2048,7 @@ pub(crate) mod tests {
         assert!(a.is_empty(), "stream a's events are all below the floor");
         let (back, _) = state.read_stream_local("c", u64::MAX, true, 10).unwrap();
         assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 0]);
-        let options = ReadAllOptions { from_position: 5, backwards: true, limit: 10, scan_limit: 10, filter: &|_| true };
+        let options = ReadAllOptions { from_position: 5, backwards: true, limit: 10, scan_limit: 10, stream_filter: &|_| true, filter: &|_| true };
         let (events, next, floor) = state.read_all_local(&options).unwrap();
         assert_eq!((events.iter().map(|e| e.position).collect::<Vec<_>>(), next, floor), (vec![5, 4], Some(3), 4));
         let retry = Command::appends(vec![append("a", ExpectedVersion::Any, &[4])]);

@@ -3,9 +3,10 @@
 //! is set must match.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use strata_proto::v1::{ReadFilter, SubscriptionFilter};
-use strata_storage::StoredEvent;
+use strata_storage::{AllFilter, StoredEvent};
 
 use crate::api::validate;
 use crate::error::ApiError;
@@ -53,12 +54,31 @@ impl EventFilter {
     }
 
     pub fn matches(&self, event: &StoredEvent) -> bool {
-        (self.streams.is_empty() || self.streams.contains(&event.stream))
-            && event.stream.starts_with(&self.stream_prefix)
-            && self.stream_regex.as_ref().is_none_or(|r| r.is_match(&event.stream))
-            && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+        self.stream_matches(&event.stream) && self.event_matches(event)
+    }
+
+    /// The parts that look at the stream name only.
+    pub fn stream_matches(&self, stream: &str) -> bool {
+        (self.streams.is_empty() || self.streams.contains(stream))
+            && stream.starts_with(&self.stream_prefix)
+            && self.stream_regex.as_ref().is_none_or(|r| r.is_match(stream))
+    }
+
+    /// The parts that look at the event itself (its type, metadata and data).
+    pub fn event_matches(&self, event: &StoredEvent) -> bool {
+        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
             && self.metadata_pattern.as_ref().is_none_or(|p| json_bytes_contain(&event.metadata, p))
             && self.data_pattern.as_ref().is_none_or(|p| json_bytes_contain(&event.data, p))
+    }
+
+    /// The filter of a `$all` read: the stream parts asked once per stored chunk, the rest
+    /// per event.
+    pub fn for_read_all(self: Arc<Self>) -> AllFilter {
+        let by_stream = self.clone();
+        AllFilter {
+            stream: Arc::new(move |stream: &str| by_stream.stream_matches(stream)),
+            event: Arc::new(move |event: &StoredEvent| self.event_matches(event)),
+        }
     }
 }
 

@@ -93,8 +93,8 @@ pub fn recorded_event(event: StoredEvent) -> RecordedEvent {
         version: event.version,
         position: event.position,
         r#type: event.event_type,
-        data: event.data,
-        metadata: event.metadata,
+        data: event.data.into(),
+        metadata: event.metadata.into(),
         content_type: event.content_type,
         created_unix_ms: event.created_unix_ms,
     }
@@ -109,7 +109,7 @@ async fn send_events(
     events: Vec<StoredEvent>,
     token: &str,
 ) -> bool {
-    let mut message = ReadResponse { events: Vec::new(), commit_token: token.to_string() };
+    let mut message = ReadResponse { events: Vec::with_capacity(events.len()), commit_token: token.to_string() };
     let mut bytes = 0usize;
     for event in events {
         bytes += event.data.len() + event.metadata.len() + event.stream.len() + 64;
@@ -265,7 +265,7 @@ impl Streams for StreamsService {
             (true, true) => head_position.saturating_sub(1),
             (true, false) => head_position,
         };
-        let matches: strata_storage::SharedFilter = Arc::new(move |event: &StoredEvent| filter.matches(event));
+        let matches = filter.for_read_all();
         let mut remaining = limit_of(request.max_count);
         let (sender, receiver) = mpsc::channel(READ_STREAM_BUFFER_MESSAGES);
         let metrics = self.ctx.metrics.clone();

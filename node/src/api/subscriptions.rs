@@ -209,7 +209,7 @@ impl Subscription {
         let filter = self.filter.clone();
         let (page, continue_at) = match &self.target {
             Target::All => {
-                let matches: strata_storage::SharedFilter = Arc::new(move |event: &StoredEvent| filter.matches(event));
+                let matches = filter.for_read_all();
                 let (page, continue_at) = self
                     .reader
                     .read_all(next, false, READ_PAGE_EVENTS_MAX, READ_SCAN_EVENTS_MAX, matches)

@@ -281,8 +281,11 @@ impl Runtime {
                 let visible = self.ctx.events.next_position();
                 // System streams (`$parked-…` among them) are not part of a group's `$all`:
                 // a group must not receive its own parked copies.
-                let matches: strata_storage::SharedFilter =
-                    Arc::new(move |event: &StoredEvent| !event.stream.starts_with('$') && settings.filter.matches(event));
+                let by_stream = settings.clone();
+                let matches = strata_storage::AllFilter {
+                    stream: Arc::new(move |stream: &str| !stream.starts_with('$') && by_stream.filter.stream_matches(stream)),
+                    event: Arc::new(move |event: &StoredEvent| settings.filter.event_matches(event)),
+                };
                 let (page, next) = reader.read_all(from, false, room, READ_SCAN_EVENTS_MAX, matches).await?;
                 let last = page.last().map_or(from, |e| e.position + 1);
                 (page, next.unwrap_or(visible.max(last)).max(from))
