@@ -502,7 +502,7 @@ async fn occ_probe(
         stream: slot.name.clone(),
         expected_kind: kind as i32,
         expected_version: version,
-        events: vec![bench_event(payload)],
+        events: vec![bench_event(payload.into())],
     };
     match tokio::time::timeout(timeout, client.append(req)).await {
         Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => "rejected".to_string(),
@@ -672,13 +672,13 @@ async fn group_throughput(endpoints: &[String], prefix: &str, from_position: u64
     Ok(acked.load(Ordering::Relaxed) as f64 / secs)
 }
 
-fn bench_event(data: Vec<u8>) -> ProposedEvent {
+fn bench_event(data: prost::bytes::Bytes) -> ProposedEvent {
     ProposedEvent {
         // Empty: the server generates the id (no client-side idempotency in the bench).
         id: String::new(),
         r#type: "BenchEvent".into(),
         data,
-        metadata: Vec::new(),
+        metadata: Default::default(),
         content_type: "application/json".into(),
     }
 }
@@ -705,7 +705,8 @@ async fn run_pair(a: &BenchArgs, plan: &Plan, writers: usize, batch: usize) -> R
     let deadline = t0 + plan.duration;
     let mut handles = Vec::with_capacity(writers);
     for (i, client) in clients.into_iter().enumerate() {
-        let payload = payload_for(i, a.payload_bytes);
+        // Shared by every event of the writer: a copy of the request is a reference count.
+        let payload = prost::bytes::Bytes::from(payload_for(i, a.payload_bytes));
         let job = WriterJob {
             client,
             streams: (0..a.streams_per_writer)

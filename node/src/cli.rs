@@ -439,8 +439,8 @@ fn events_from_file(path: &str) -> Result<Vec<ProposedEvent>, CliError> {
             id: value["id"].as_str().unwrap_or_default().to_string(),
             r#type: event_type.to_string(),
             content_type: content_type_for(&data, &None),
-            data,
-            metadata,
+            data: data.into(),
+            metadata: metadata.into(),
         });
     }
     Ok(events)
@@ -459,8 +459,8 @@ pub async fn append(options: &ClientOptions, args: AppendArgs) -> Result<(), Cli
                 id: args.id.clone().unwrap_or_default(),
                 r#type: event_type,
                 content_type: content_type_for(&data, &args.content_type),
-                data,
-                metadata: args.metadata.clone().unwrap_or_default().into_bytes(),
+                data: data.into(),
+                metadata: args.metadata.clone().unwrap_or_default().into_bytes().into(),
             }]
         }
     };

@@ -120,7 +120,7 @@ async fn retried_append_returns_the_original_result_also_after_the_leader_restar
     assert_eq!(after_restart.last_position, first.last_position);
     // Same ids with different content are a conflict, and nothing was written twice.
     let mut changed = request.clone();
-    changed.events[0].data = b"{\"n\":99}".to_vec();
+    changed.events[0].data = b"{\"n\":99}".to_vec().into();
     let conflict = append_retrying(&cluster, changed, Duration::from_secs(10)).await.expect_err("conflict");
     assert_eq!(conflict.code(), tonic::Code::AlreadyExists);
     assert_eq!(cluster.read_all_local(leader).await.len(), 2);

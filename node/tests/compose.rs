@@ -88,8 +88,8 @@ async fn append_through(node: u16, first: usize, count: usize) -> Vec<String> {
             events: vec![ProposedEvent {
                 id: id.clone(),
                 r#type: "Tick".into(),
-                data: format!("{{\"n\":{n}}}").into_bytes(),
-                metadata: Vec::new(),
+                data: format!("{{\"n\":{n}}}").into_bytes().into(),
+                metadata: Default::default(),
                 content_type: "application/json".into(),
             }],
         };

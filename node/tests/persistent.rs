@@ -25,8 +25,8 @@ fn event(n: u64, event_type: &str) -> ProposedEvent {
     ProposedEvent {
         id: format!("00000000-0000-4000-8000-{n:012x}"),
         r#type: event_type.into(),
-        data: format!("{{\"n\":{n}}}").into_bytes(),
-        metadata: b"{}".to_vec(),
+        data: format!("{{\"n\":{n}}}").into_bytes().into(),
+        metadata: b"{}".to_vec().into(),
         content_type: "application/json".into(),
     }
 }

@@ -16,8 +16,8 @@ fn event(n: u64, event_type: &str, data: &str, metadata: &str) -> ProposedEvent 
     ProposedEvent {
         id: format!("00000000-0000-4000-8000-{n:012x}"),
         r#type: event_type.into(),
-        data: data.as_bytes().to_vec(),
-        metadata: metadata.as_bytes().to_vec(),
+        data: data.as_bytes().to_vec().into(),
+        metadata: metadata.as_bytes().to_vec().into(),
         content_type: "application/json".into(),
     }
 }

@@ -124,7 +124,7 @@ pub fn append_command(
             return Err(invalid(field("id"), format!("event id repeated within one append: `{}`", event.id)));
         }
         let content_type = if event.content_type.is_empty() { DEFAULT_CONTENT_TYPE.to_string() } else { event.content_type };
-        events.push(NewEvent { id, event_type: event.r#type, content_type, data: event.data, metadata: event.metadata });
+        events.push(NewEvent { id, event_type: event.r#type, content_type, data: event.data.to_vec(), metadata: event.metadata.to_vec() });
     }
     Ok(AppendCommand { stream: request.stream, expected, events, created_unix_ms })
 }
@@ -139,7 +139,7 @@ mod tests {
     }
 
     fn event(id: &str, data_bytes: usize) -> ProposedEvent {
-        ProposedEvent { id: id.into(), r#type: "T".into(), data: vec![b'x'; data_bytes], metadata: vec![], content_type: String::new() }
+        ProposedEvent { id: id.into(), r#type: "T".into(), data: vec![b'x'; data_bytes].into(), metadata: Default::default(), content_type: String::new() }
     }
 
     fn field_of(e: ApiError) -> String {

@@ -403,8 +403,8 @@ pub fn event(id: &str, event_type: &str, data: &str) -> ProposedEvent {
     ProposedEvent {
         id: id.to_string(),
         r#type: event_type.to_string(),
-        data: data.as_bytes().to_vec(),
-        metadata: Vec::new(),
+        data: data.as_bytes().to_vec().into(),
+        metadata: Default::default(),
         content_type: "application/json".into(),
     }
 }

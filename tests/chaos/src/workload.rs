@@ -140,7 +140,7 @@ pub fn append_request(stream: &str, expected: Expected, ids: &[String]) -> Appen
         expected_version: version,
         events: ids
             .iter()
-            .map(|id| ProposedEvent { id: id.clone(), r#type: "Chaos".into(), data: b"{}".to_vec(), metadata: Vec::new(), content_type: "application/json".into() })
+            .map(|id| ProposedEvent { id: id.clone(), r#type: "Chaos".into(), data: b"{}".to_vec().into(), metadata: Default::default(), content_type: "application/json".into() })
             .collect(),
     }
 }
