@@ -74,8 +74,8 @@ impl RaftLogStore {
 
     /// Writes entries `(index, bytes)`; they must follow the current last index.
     /// `on_flushed` runs once an fsync covering them has completed.
-    pub fn append(&self, entries: Vec<(u64, Vec<u8>)>, on_flushed: LogFlushWaiter) -> Result<(), StorageError> {
-        self.inner.wal.append(&entries)?;
+    pub fn append<B: AsRef<[u8]>>(&self, entries: &[(u64, B)], on_flushed: LogFlushWaiter) -> Result<(), StorageError> {
+        self.inner.wal.append(entries)?;
         self.inner.flush_queue
             .as_ref()
             .expect("flush queue lives as long as the store")
@@ -184,7 +184,7 @@ mod tests {
 
     fn append_and_wait(store: &RaftLogStore, entries: Vec<(u64, Vec<u8>)>) {
         let (tx, rx) = channel();
-        store.append(entries, Box::new(move |r| tx.send(r.is_ok()).unwrap())).unwrap();
+        store.append(&entries, Box::new(move |r| tx.send(r.is_ok()).unwrap())).unwrap();
         assert!(rx.recv().unwrap(), "flush must succeed");
     }
 
