@@ -115,7 +115,7 @@ impl Connection {
     }
 
     fn request(&self, payload: Vec<u8>, option: &RPCOption) -> tonic::Request<RaftMessage> {
-        let mut request = tonic::Request::new(RaftMessage { payload });
+        let mut request = tonic::Request::new(RaftMessage { payload: payload.into() });
         request.set_timeout(option.hard_ttl());
         request
     }

@@ -61,7 +61,7 @@ fn raft_failure(e: impl std::fmt::Display) -> Status {
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
-    Ok(Response::new(RaftMessage { payload: encode(value) }))
+    Ok(Response::new(RaftMessage { payload: encode(value).into() }))
 }
 
 #[tonic::async_trait]
