@@ -10,6 +10,7 @@
 //! never changes an idempotency decision.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
@@ -93,12 +94,14 @@ impl StreamMeta {
 #[derive(Default)]
 pub struct MetaStreams {
     names: RwLock<HashSet<String>>,
+    /// `names` is not empty: most stores have no stream metadata at all, and reads ask
+    /// per event, so the common answer takes one atomic load instead of the lock.
+    any: AtomicBool,
 }
 
 impl MetaStreams {
     pub fn may_have(&self, stream: &str) -> bool {
-        let names = self.names.read().expect("never poisoned");
-        !names.is_empty() && names.contains(stream)
+        self.any.load(Ordering::Acquire) && self.names.read().expect("never poisoned").contains(stream)
     }
 
     /// The names, in no order.
@@ -111,12 +114,22 @@ impl MetaStreams {
         if !names.contains(stream) {
             names.insert(stream.to_string());
         }
+        self.any.store(true, Ordering::Release);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_streams_know_only_what_was_inserted() {
+        let streams = MetaStreams::default();
+        assert!(!streams.may_have("a"), "empty: nothing has metadata");
+        streams.insert("a");
+        assert!(streams.may_have("a") && !streams.may_have("b"));
+        assert_eq!(streams.names(), vec!["a".to_string()]);
+    }
 
     #[test]
     fn visibility_by_count_truncation_age_and_tombstone() {
