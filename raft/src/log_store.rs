@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
 use openraft::entry::RaftEntry;
-use strata_storage::{RaftLogStore, WAL_SCRATCH_BYTES_MAX};
+use strata_storage::{RaftLogStore, ScratchBuffer};
 
 use crate::codec::{decode, encode, encode_into};
 use crate::{Entry, LogId, TypeConfig, Vote};
@@ -32,9 +32,8 @@ pub struct LogStore {
     store: RaftLogStore,
     /// Shared by the log and its readers (clones of it).
     recent: Arc<Mutex<RecentEntries>>,
-    /// The encoding buffer of the last append, empty, kept for the next: like the WAL's
-    /// write buffer, and bounded by the same `WAL_SCRATCH_BYTES_MAX`.
-    scratch: Vec<u8>,
+    /// The encoding buffer, kept between appends.
+    scratch: ScratchBuffer,
 }
 
 /// The newest entries of the log, decoded: a leader reads every entry back once per
@@ -102,7 +101,7 @@ impl LogStore {
     /// vote (a node that led before the crash would resume leading with a short log). The
     /// vote keeps its term and candidate; only the "leader seen" flag goes.
     pub fn new(store: RaftLogStore) -> Self {
-        let log_store = Self { store, recent: Arc::default(), scratch: Vec::new() };
+        let log_store = Self { store, recent: Arc::default(), scratch: ScratchBuffer::default() };
         if let Some(salvage) = log_store.store.salvaged() {
             tracing::error!(kept_last = ?salvage.kept_last, "raft log was cut short by corruption: forgetting the committed index and un-committing the vote");
             if let Err(e) = log_store.forget_trust_in_the_old_log() {
@@ -214,8 +213,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
+        let mut scratch = self.scratch.take();
         let mut spans = Vec::new();
         let mut decoded = Vec::new();
         for entry in entries {
@@ -227,9 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let records: Vec<(u64, &[u8])> = spans.into_iter().map(|(index, span)| (index, &scratch[span])).collect();
         let written = self.store.append(&records, Box::new(move |result| callback.io_completed(result)));
         drop(records);
-        if scratch.capacity() <= WAL_SCRATCH_BYTES_MAX {
-            self.scratch = scratch;
-        }
+        self.scratch.keep(scratch);
         written?;
         let mut recent = self.recent.lock().expect("recent entries lock is never poisoned");
         for (entry, bytes) in decoded {

@@ -54,7 +54,7 @@ pub use snapshot::{verify_snapshot, SnapshotInProgress, SnapshotItem, SnapshotSu
 pub use state_home::{RETIRED_STATE_GRACE, STATE_COMPACT_DEAD_PER_LIVE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES, STATE_SLED_CACHE_BYTES};
 pub use state::{CompactStep, COMPACT_STEP_RECORDS, ChunkMark, ColdEvents, EventState, ReadAllOptions, StagedApply, StreamHead};
 pub use id_filter::ID_FILTER_BYTES;
-pub use wal::{Salvage, LOSE_UNSYNCED_TAIL_FAILPOINT, WAL_RECORD_BYTES_MAX, WAL_SCRATCH_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
+pub use wal::{Salvage, LOSE_UNSYNCED_TAIL_FAILPOINT, WAL_RECORD_BYTES_MAX, ScratchBuffer, WAL_SCRATCH_BYTES_MAX, WAL_SEGMENT_BYTES_MAX};
 
 use std::path::Path;
 

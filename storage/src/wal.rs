@@ -45,10 +45,33 @@ pub const WAL_RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const LOSE_UNSYNCED_TAIL_FAILPOINT: &str = "STRATA_FAILPOINT_LOSE_UNSYNCED_WAL_TAIL";
 const SYNCED_MARK_FILE: &str = "synced-mark";
 
-/// The write buffer of one append is kept for the next one up to this capacity: a fresh
+/// A log append's buffers are kept for the next append up to this capacity: a fresh
 /// buffer per group-commit batch (often megabytes) is fresh memory, and page faults on it
-/// were a visible share of a node's CPU. A larger one is freed after its write.
+/// were a visible share of a node's CPU. A larger one is freed after its use.
 pub const WAL_SCRATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// A byte buffer kept from one log append to the next (see `WAL_SCRATCH_BYTES_MAX`): the
+/// WAL's write buffer, and the Raft log's encoding buffer.
+#[derive(Clone, Default)]
+pub struct ScratchBuffer {
+    kept: Vec<u8>,
+}
+
+impl ScratchBuffer {
+    /// The kept buffer, empty (a new one if none is kept).
+    pub fn take(&mut self) -> Vec<u8> {
+        let mut buffer = std::mem::take(&mut self.kept);
+        buffer.clear();
+        buffer
+    }
+
+    /// Keeps `buffer` for the next `take`, unless it grew past `WAL_SCRATCH_BYTES_MAX`.
+    pub fn keep(&mut self, buffer: Vec<u8>) {
+        if buffer.capacity() <= WAL_SCRATCH_BYTES_MAX {
+            self.kept = buffer;
+        }
+    }
+}
 
 const HEADER_BYTES: usize = 16;
 const SEGMENT_SUFFIX: &str = ".wal";
@@ -77,8 +100,8 @@ struct State {
     purged: Option<u64>,
     /// The caller's note written with the floor.
     purged_note: Option<Vec<u8>>,
-    /// The last append's write buffer, empty, kept for the next (see `WAL_SCRATCH_BYTES_MAX`).
-    scratch: Vec<u8>,
+    /// The write buffer, kept between appends.
+    scratch: ScratchBuffer,
 }
 
 impl State {
@@ -148,7 +171,7 @@ impl Wal {
         if synced_mark {
             names = drop_unsynced_tail(dir, names)?;
         }
-        let mut state = State { segments: BTreeMap::new(), first: 0, locations: VecDeque::new(), purged, purged_note, scratch: Vec::new() };
+        let mut state = State { segments: BTreeMap::new(), first: 0, locations: VecDeque::new(), purged, purged_note, scratch: ScratchBuffer::default() };
         let count = names.len();
         let mut salvaged = None;
         for (position, (first, path)) in names.iter().enumerate() {
@@ -225,8 +248,7 @@ impl Wal {
         if state.purged.is_some_and(|floor| start <= floor) {
             return Err(io::Error::other(format!("append at index {start} is at or below the purge floor")).into());
         }
-        let mut buffer = std::mem::take(&mut state.scratch);
-        buffer.clear();
+        let mut buffer = state.scratch.take();
         buffer.reserve(entries.iter().map(|(_, b)| HEADER_BYTES + b.as_ref().len()).sum());
         for ((index, bytes), expected) in entries.iter().zip(start..) {
             let bytes = bytes.as_ref();
@@ -243,9 +265,7 @@ impl Wal {
         let start = segment.len;
         segment.file.write_all_at(&buffer, start)?;
         segment.len += buffer.len() as u64;
-        if buffer.capacity() <= WAL_SCRATCH_BYTES_MAX {
-            state.scratch = buffer;
-        }
+        state.scratch.keep(buffer);
         if state.locations.is_empty() {
             state.first = entries[0].0;
         }
@@ -585,6 +605,19 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scratch_buffer_is_kept_empty_up_to_its_bound() {
+        let mut scratch = ScratchBuffer::default();
+        let mut small = scratch.take();
+        small.extend_from_slice(b"written");
+        let capacity = small.capacity();
+        scratch.keep(small);
+        let again = scratch.take();
+        assert!(again.is_empty() && again.capacity() == capacity, "kept, and handed out empty");
+        scratch.keep(Vec::with_capacity(WAL_SCRATCH_BYTES_MAX + 1));
+        assert_eq!(scratch.take().capacity(), 0, "a buffer past the bound is freed");
+    }
 
     fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
         range.map(|i| (i, format!("entry-{i}").into_bytes())).collect()
