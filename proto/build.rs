@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".strata.v1.ProposedEvent.data")
         .bytes(".strata.v1.ProposedEvent.metadata")
         // A follower decodes each AppendEntries (often megabytes) from the received buffer.
-        .bytes(".strata.v1.RaftMessage.payload")
+        .bytes(".strata.v1.raft.RaftMessage.payload")
         .compile_protos(&protos, &["."])?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
