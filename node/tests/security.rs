@@ -163,7 +163,7 @@ async fn a_node_without_the_node_name_or_from_another_ca_cannot_replicate_or_vot
     for (who, tls) in [("impostor", as_impostor), ("no certificate", no_cert)] {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader))).unwrap();
         let channel = strata_security::connect(endpoint, Some(&tls)).await.expect("TLS connects");
-        let refused = RaftTransportClient::new(channel).vote(RaftMessage { payload: vec![1, 2, 3] }).await.unwrap_err();
+        let refused = RaftTransportClient::new(channel).vote(RaftMessage { payload: vec![1, 2, 3].into() }).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{who}: {refused:?}");
     }
     let other_ca = certs.join("other-ca");
@@ -174,7 +174,7 @@ async fn a_node_without_the_node_name_or_from_another_ca_cannot_replicate_or_vot
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader))).unwrap();
     let outcome = match strata_security::connect(endpoint, Some(&foreign)).await {
         Err(e) => Err(e.to_string()),
-        Ok(channel) => RaftTransportClient::new(channel).vote(RaftMessage { payload: vec![1] }).await.map(|_| ()).map_err(|s| format!("{s:?}")),
+        Ok(channel) => RaftTransportClient::new(channel).vote(RaftMessage { payload: vec![1].into() }).await.map(|_| ()).map_err(|s| format!("{s:?}")),
     };
     assert!(outcome.is_err(), "a certificate from another CA does not get in");
 }
