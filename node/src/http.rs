@@ -46,6 +46,7 @@ async fn ready(State(state): State<HttpState>) -> (StatusCode, String) {
 async fn metrics(State(state): State<HttpState>) -> String {
     state.ctx.metrics.events_head_position.set(state.ctx.events.next_position() as i64);
     state.ctx.metrics.local_event_ids.set(state.ctx.events.local_id_count() as i64);
+    state.ctx.metrics.state_bytes.set(i64::try_from(state.ctx.events.state_bytes()).unwrap_or(i64::MAX));
     state.ctx.metrics.render()
 }
 

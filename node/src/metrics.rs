@@ -24,6 +24,7 @@ pub struct Metrics {
     pub raft_leader_changes_total: IntCounter,
     pub events_head_position: IntGauge,
     pub local_event_ids: IntGauge,
+    pub state_bytes: IntGauge,
     pub gossip_datagrams_total: IntCounterVec,
     pub grpc_connections_total: IntCounterVec,
     pub grpc_connections_open: IntGauge,
@@ -84,6 +85,7 @@ impl Metrics {
         let raft_leader_changes_total = IntCounter::new("raft_leader_changes_total", "times the known leader changed").expect("valid metric");
         let events_head_position = IntGauge::new("events_head_position", "events in $all on this node").expect("valid metric");
         let local_event_ids = IntGauge::new("local_event_ids", "event ids in the in-memory index of the history held locally (bounded by the hot window)").expect("valid metric");
+        let state_bytes = IntGauge::new("state_bytes", "bytes of the applied state's live generation on disk: its sled database file and its chunk log").expect("valid metric");
         let gossip_datagrams_total = IntCounterVec::new(
             Opts::new("gossip_datagrams_total", "gossip datagrams: sent, accepted, oversize, or dropped by reason (dropped_*)"),
             &["outcome"],
@@ -151,6 +153,7 @@ impl Metrics {
             raft_leader_changes_total,
             events_head_position,
             local_event_ids,
+            state_bytes,
             gossip_datagrams_total,
             grpc_connections_total,
             grpc_connections_open,
@@ -194,6 +197,7 @@ impl Metrics {
             Box::new(metrics.raft_leader_changes_total.clone()),
             Box::new(metrics.events_head_position.clone()),
             Box::new(metrics.local_event_ids.clone()),
+            Box::new(metrics.state_bytes.clone()),
             Box::new(metrics.gossip_datagrams_total.clone()),
             Box::new(metrics.grpc_connections_total.clone()),
             Box::new(metrics.grpc_connections_open.clone()),

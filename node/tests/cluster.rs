@@ -58,6 +58,9 @@ async fn thousand_appends_across_twenty_streams_are_identical_on_every_node() {
         let metrics = common::metrics_of(&cluster, id).await;
         let gauge = metrics.lines().find(|line| line.starts_with("strata_local_event_ids{")).expect("the local_event_ids gauge");
         assert!(gauge.ends_with(" 1000"), "node {id}: {gauge}");
+        let state = metrics.lines().find(|line| line.starts_with("strata_state_bytes{")).expect("the state_bytes gauge");
+        let bytes: u64 = state.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!(bytes > 0, "node {id}: the state has bytes on disk: {state}");
     }
 }
 

@@ -6,8 +6,9 @@
 //!   as opaque checksummed bytes. It knows nothing of openraft; `strata-raft` adapts it.
 //!   Its flusher's fdatasync is the durability point of every append.
 //! - [`EventState`]: the applied state, in a sled database of its own under
-//!   `data_dir/state-<generation>` (events in one chunk per append, keyed by
-//!   first position; the stream index `(stream, first version) → position`; stream
+//!   `data_dir/state-<generation>` (events in one chunk per append, written once to the
+//!   generation's append-only `chunk_log` and pointed at from sled under the chunk's first
+//!   position; the stream index `(stream, first version) → position`; stream
 //!   heads; the event-id index of the local history is in memory, rebuilt from the chunks
 //!   at open (`local_ids`); compacted into a fresh generation when releases have grown
 //!   it, see `state_home`) and the
@@ -21,6 +22,7 @@
 
 pub mod access;
 mod chunk;
+mod chunk_log;
 mod command;
 mod control;
 mod error;

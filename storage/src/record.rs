@@ -5,7 +5,7 @@
 
 use crate::StorageError;
 
-const CHECKSUM_BYTES: usize = 4;
+pub const CHECKSUM_BYTES: usize = 4;
 
 /// Frames `payload` stored under `key` with its checksum.
 pub fn seal(key: &[u8], payload: &[u8]) -> Vec<u8> {

@@ -38,7 +38,7 @@ use crate::snapshot::SnapshotItem;
 use crate::keys;
 use crate::record;
 use crate::retention::{self, MetaStreams, StreamMeta};
-use crate::state_home::{Retired, StateHome};
+use crate::state_home::{ChunkBytes, ChunkWrite, Retired, StateHome, StateView};
 use crate::{DurableFlush, StorageError, RETIRED_STATE_GRACE, STATE_COMPACT_DEAD_PER_LIVE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES};
 
 const META_APPLIED: &str = "applied";
@@ -109,8 +109,10 @@ pub struct ChunkMark {
 
 /// Decided, not yet written entries (see [`EventState::stage_entries`]).
 pub struct StagedApply {
-    tree: sled::Tree,
+    view: StateView,
     batch: sled::Batch,
+    /// The staged chunks (written to the chunk log, their pointers to `batch`).
+    chunks: Vec<ChunkWrite>,
     next_position: u64,
     /// The ids the staged chunks write, for the local id index once they are in.
     new_ids: HashMap<[u8; 16], u64>,
@@ -204,7 +206,8 @@ impl EventState {
         }
         let local_ids = LocalIds::default();
         let started = std::time::Instant::now();
-        for item in chunk_records(&tree, floor, next_position)? {
+        let view = home.view();
+        for item in chunk_records(&view, floor, next_position)? {
             let (key, value) = item?;
             let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
             if chunk.first_position < floor {
@@ -267,7 +270,7 @@ impl EventState {
             let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
             let mut batch = sled::Batch::default();
             batch.remove(keys::meta(META_ID_FILTER));
-            self.write_live(&self.tree(), batch)?;
+            self.write_live(&self.view(), batch, &[])?;
         }
         self.filter_stored_covers.store(covers, Ordering::Release);
         Ok(true)
@@ -330,6 +333,12 @@ impl EventState {
         Ok(out)
     }
 
+    /// Bytes of the live state generation on disk: its sled database file and its chunk
+    /// log (a gauge for operators: compactions bring it back down).
+    pub fn state_bytes(&self) -> u64 {
+        self.home.read().expect("state home lock is never poisoned").file_bytes(&self.data_dir)
+    }
+
     /// Ids in the local id index (a gauge for operators: it is held in memory).
     pub fn local_id_count(&self) -> usize {
         self.local_ids.len()
@@ -353,9 +362,11 @@ impl EventState {
         }
         // The watermark may cut a chunk: the floor stops at the start of that chunk, or at
         // its end if it ends exactly at the watermark.
-        let tree = self.tree();
+        let view = self.view();
+        let tree = &view.tree;
         let Some(item) = tree.range(keys::event(floor)..=keys::event(watermark)).next_back() else { return Ok(0) };
         let (key, value) = item?;
+        let value = view.chunk_bytes(&key, value)?;
         let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
         let new_floor = if chunk.end_position() <= watermark { chunk.end_position() } else { chunk.first_position };
         if new_floor <= floor {
@@ -368,7 +379,7 @@ impl EventState {
         // the floor moves, while they are still local history. A release waits for no
         // apply (the caller serialises them), so nothing is staged meanwhile.
         let mut released_ids = Vec::with_capacity((new_floor - floor) as usize);
-        for item in chunk_records(&tree, floor, new_floor)? {
+        for item in chunk_records(&view, floor, new_floor)? {
             let (key, value) = item?;
             let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
             released_ids.extend(chunk.ids_with_positions());
@@ -377,7 +388,7 @@ impl EventState {
             self.ids.insert(id);
         }
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
-        self.write_live(&tree, batch)?;
+        self.write_live(&view, batch, &[])?;
         self.floor.store(new_floor, Ordering::Release);
         self.local_ids.remove(released_ids);
         self.released_since_compaction.fetch_add(new_floor - floor, Ordering::AcqRel);
@@ -396,18 +407,19 @@ impl EventState {
         if from_version >= before {
             return Ok((0, from_version.max(before)));
         }
-        let tree = self.tree();
-        let start = stream_chunk_start(&tree, stream, from_version)?;
+        let view = self.view();
+        let tree = &view.tree;
+        let start = stream_chunk_start(tree, stream, from_version)?;
         let mut rewritten = 0u64;
         let mut reached = from_version;
-        let mut rewrites: Vec<([u8; 9], Vec<u8>)> = Vec::new();
+        let mut rewrites: Vec<ChunkWrite> = Vec::new();
         for item in tree.range(start..keys::stream_index(stream, before)) {
             let (key, value) = item?;
             let position = decode_position("stream index entry", &key, &value)?;
             if position < self.floor() {
                 continue; // the tier's to scavenge
             }
-            let Some(mut chunk) = read_chunk(&tree, position)? else {
+            let Some(mut chunk) = read_chunk(&view, position)? else {
                 // Dropped by a compaction since the index was read.
                 continue;
             };
@@ -427,15 +439,15 @@ impl EventState {
             // must not come back.
             let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
             // The live tree: a compaction may have switched generations since the read.
-            let tree = self.tree();
+            let view = self.view();
             let floor = self.floor();
-            let mut kept = sled::Batch::default();
+            let mut kept = Vec::with_capacity(rewrites.len());
             for (key, value) in rewrites {
-                if decode_chunk_key(&key)? >= floor && tree.contains_key(key)? {
-                    kept.insert(&key, value);
+                if decode_chunk_key(&key)? >= floor && view.tree.contains_key(key)? {
+                    kept.push((key, value));
                 }
             }
-            self.write_live(&tree, kept)?;
+            self.write_live(&view, sled::Batch::default(), &kept)?;
         }
         if rewritten as usize >= max_events {
             return Ok((rewritten, reached));
@@ -445,6 +457,11 @@ impl EventState {
 
     fn tree(&self) -> sled::Tree {
         self.home.read().expect("state home lock is never poisoned").tree.clone()
+    }
+
+    /// The live generation's tree and chunk log.
+    fn view(&self) -> StateView {
+        self.home.read().expect("state home lock is never poisoned").view()
     }
 
     /// Makes every applied write durable: the raft layer calls it before it records a
@@ -488,10 +505,14 @@ impl EventState {
         };
         if let Some(from) = compaction.next_key.take() {
             let mut batch = sled::Batch::default();
+            // The live chunks go into the fresh generation's chunk log: the old one goes
+            // with its generation.
+            let mut chunks: Vec<ChunkWrite> = Vec::new();
             // Stable during the step: releases take the release lock held here.
             let floor = self.floor();
             let mut copied = 0;
-            for (scanned, item) in self.tree().range(from..).enumerate() {
+            let view = self.view();
+            for (scanned, item) in view.tree.range(from..).enumerate() {
                 let (key, value) = item?;
                 if copied == COMPACT_STEP_RECORDS || scanned == COMPACT_STEP_SCANNED_MAX {
                     compaction.next_key = Some(key.to_vec());
@@ -505,11 +526,17 @@ impl EventState {
                     }
                     continue;
                 }
-                compaction.copied_bytes += (key.len() + value.len()) as u64;
                 copied += 1;
+                if key.first() == Some(&keys::EVENT) {
+                    let sealed = view.chunk_bytes(&key, value)?;
+                    compaction.copied_bytes += (key.len() + sealed.len()) as u64;
+                    chunks.push((chunk_key_array(&key)?, sealed.into_vec()));
+                    continue;
+                }
+                compaction.copied_bytes += (key.len() + value.len()) as u64;
                 batch.insert(key, value);
             }
-            compaction.fresh.tree.apply_batch(batch)?;
+            compaction.fresh.view().store(batch, &chunks)?;
             if compaction.next_key.is_none() {
                 // All copied: write it out now, while applies go on (mirrored), so that
                 // the switch has little left to sync.
@@ -568,14 +595,15 @@ impl EventState {
 
     /// Writes `batch` to the live tree and, while a compaction is under way, to its fresh
     /// generation too. Every write to the live state goes through here.
-    fn write_live(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<(), StorageError> {
+    /// `chunks` go to each generation's chunk log (see [`StateView::store`]).
+    fn write_live(&self, view: &StateView, batch: sled::Batch, chunks: &[ChunkWrite]) -> Result<(), StorageError> {
         let compacting = self.compacting.lock().expect("compaction lock is never poisoned");
         match compacting.as_ref() {
             Some(compaction) => {
-                tree.apply_batch(batch.clone())?;
-                compaction.fresh.tree.apply_batch(batch)?;
+                view.store(batch.clone(), chunks)?;
+                compaction.fresh.view().store(batch, chunks)?;
             }
-            None => tree.apply_batch(batch)?,
+            None => view.store(batch, chunks)?,
         }
         Ok(())
     }
@@ -649,8 +677,8 @@ impl EventState {
         applied_meta: &[u8],
         cold: &ColdEvents,
     ) -> Result<(Vec<EntryOutcome>, StagedApply), StorageError> {
-        let tree = self.tree();
-        let mut writer = BatchWriter::new(&tree, self.floor(), self.next_position(), &self.ids, &self.local_ids, &self.meta_streams);
+        let view = self.view();
+        let mut writer = BatchWriter::new(&view, self.floor(), self.next_position(), &self.ids, &self.local_ids, &self.meta_streams);
         writer.cold = Some(cold);
         let mut per_entry = Vec::with_capacity(commands.len());
         for command in commands {
@@ -668,15 +696,15 @@ impl EventState {
             per_entry.push(outcome);
         }
         let next_position = writer.next_position;
-        let (mut batch, new_ids) = writer.finish()?;
+        let (mut batch, chunks, new_ids) = writer.finish()?;
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
-        Ok((per_entry, StagedApply { tree, batch, next_position, new_ids }))
+        Ok((per_entry, StagedApply { view, batch, chunks, next_position, new_ids }))
     }
 
     /// Writes staged entries in one atomic sled batch and makes them visible to readers.
     pub fn commit_staged(&self, staged: StagedApply) -> Result<(), StorageError> {
-        self.write_live(&staged.tree, staged.batch)?;
+        self.write_live(&staged.view, staged.batch, &staged.chunks)?;
         self.local_ids.insert_all(staged.new_ids);
         let previous = self.visible_next_position.swap(staged.next_position, Ordering::AcqRel);
         assert!(previous <= staged.next_position, "positions never go back");
@@ -694,7 +722,7 @@ impl EventState {
         if position >= self.next_position() || position < floor {
             return Ok(None);
         }
-        Ok(read_chunk_containing(&self.tree(), position)?.map(|chunk| chunk.event_at(position)))
+        Ok(read_chunk_containing(&self.view(), position)?.map(|chunk| chunk.event_at(position)))
     }
 
     /// Up to `limit` events of `stream` starting at `from_version` (inclusive), forwards
@@ -720,7 +748,8 @@ impl EventState {
         limit: usize,
     ) -> Result<(Vec<StoredEvent>, u64), StorageError> {
         let (_guard, floor) = self.local_reads();
-        let tree = self.tree();
+        let view = self.view();
+        let tree = &view.tree;
         let visible = self.next_position();
         let prefix = keys::stream_index_prefix(stream);
         let mut end = prefix.clone();
@@ -730,7 +759,7 @@ impl EventState {
         let range: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if backwards {
             Box::new(tree.range(prefix.clone()..=keys::stream_index(stream, from_version)).rev())
         } else {
-            Box::new(tree.range(stream_chunk_start(&tree, stream, from_version)?..end))
+            Box::new(tree.range(stream_chunk_start(tree, stream, from_version)?..end))
         };
         let mut out = Vec::with_capacity(limit.min(1024));
         'chunks: for item in range {
@@ -750,7 +779,7 @@ impl EventState {
                 }
                 continue;
             }
-            let chunk = read_chunk(&tree, position)?.ok_or_else(|| StorageError::Corrupt {
+            let chunk = read_chunk(&view, position)?.ok_or_else(|| StorageError::Corrupt {
                 what: "stream index points at a missing chunk",
                 key: record::printable_key(&key),
             })?;
@@ -792,7 +821,8 @@ impl EventState {
     }
 
     fn read_all_unlocked(&self, options: &ReadAllOptions<'_>, floor: u64) -> Result<(Vec<StoredEvent>, Option<u64>), StorageError> {
-        let tree = self.tree();
+        let view = self.view();
+        let tree = &view.tree;
         let visible = self.next_position();
         if options.backwards && options.from_position < floor {
             return Ok((Vec::new(), Some(options.from_position)));
@@ -809,7 +839,7 @@ impl EventState {
         } else {
             options.from_position
         };
-        let start = chunk_start(&tree, from)?;
+        let start = chunk_start(tree, from)?;
         let range: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if options.backwards {
             Box::new(tree.range(keys::event(0)..=keys::event(start)).rev())
         } else {
@@ -824,6 +854,7 @@ impl EventState {
                 // Released to the tier: a backward read stops at the floor.
                 break;
             }
+            let value = view.chunk_bytes(&key, value)?;
             let payload = record::open("event chunk", &key, &value)?;
             let header: ChunkHeader<'_> = record::decode_view("event chunk", &key, payload)?;
             let wanted = (options.stream_filter)(header.stream);
@@ -960,7 +991,7 @@ impl EventState {
     ) -> Result<u64, StorageError> {
         self.abandon_compaction();
         let fresh_home = StateHome::create_next(&self.data_dir)?;
-        let fresh = fresh_home.tree.clone();
+        let fresh = fresh_home.view();
         // The filter keeps the replaced state's ids: stale bits cost a lookup, never an answer.
         let mut writer = BatchWriter::new(&fresh, floor, floor, &self.ids, &self.local_ids, &self.meta_streams);
         // Stream heads come as records (their events may be in the tier).
@@ -1001,20 +1032,20 @@ impl EventState {
                 }
             }
             if writer.pending_events() >= REPLACE_BATCH_EVENTS_MAX {
-                let batch = writer.take_batch();
-                fresh.apply_batch(batch)?;
+                let (batch, chunks) = writer.take_batch();
+                fresh.store(batch, &chunks)?;
             }
         }
         if let Some(last) = chunk {
             writer.write_chunk(last)?;
         }
         let next_position = writer.next_position;
-        let (mut batch, new_ids) = writer.finish()?;
+        let (mut batch, chunks, new_ids) = writer.finish()?;
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
         let floor_key = keys::meta(META_FLOOR);
         batch.insert(floor_key.clone(), record::seal(&floor_key, &floor.to_be_bytes()));
-        fresh.apply_batch(batch)?;
+        fresh.store(batch, &chunks)?;
         // The fresh generation is durable before the pointer that names it.
         fresh_home.make_live(&self.main_durable, &self.db)?;
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
@@ -1037,7 +1068,8 @@ impl EventState {
         let (_guard, floor) = self.local_reads();
         let from = from.max(floor);
         let mut out = Vec::new();
-        for item in chunk_records(&self.tree(), from, to)? {
+        let view = self.view();
+        for item in chunk_records(&view, from, to)? {
             if out.len() >= max {
                 break;
             }
@@ -1066,7 +1098,8 @@ impl EventState {
         }
         let mut out = Vec::new();
         let mut total = 0usize;
-        for item in chunk_records(&self.tree(), from, to)? {
+        let view = self.view();
+        for item in chunk_records(&view, from, to)? {
             let (key, value) = item?;
             let payload = record::open("event chunk", &key, &value)?;
             let view: ChunkView = record::decode_view("event chunk", &key, payload)?;
@@ -1114,10 +1147,12 @@ impl EventState {
     /// Every locally held event from `floor` below `cutoff`, in position order (for
     /// snapshot export; the caller keeps releases off, see `snapshot_started`).
     pub fn events_below(&self, floor: u64, cutoff: u64) -> impl Iterator<Item = Result<StoredEvent, StorageError>> {
-        let tree = self.tree();
-        tree.range(keys::event(floor)..keys::event(cutoff))
-            .map(|item| {
+        let view = self.view();
+        view.tree
+            .range(keys::event(floor)..keys::event(cutoff))
+            .map(move |item| {
                 let (key, value) = item?;
+                let value = view.chunk_bytes(&key, value)?;
                 record::open_value::<EventChunk>("event chunk", &key, &value)
             })
             .flat_map(move |chunk| -> Box<dyn Iterator<Item = Result<StoredEvent, StorageError>>> {
@@ -1138,13 +1173,15 @@ const REPLACE_BATCH_EVENTS_MAX: usize = 10_000;
 /// Collects the writes of one Raft entry (or one chunk of a snapshot install), with an
 /// overlay so later appends in the same entry see the effects of earlier ones.
 struct BatchWriter<'t> {
-    tree: &'t sled::Tree,
+    view: &'t StateView,
     /// Records below it are released (dead): never read as local.
     floor: u64,
     ids: &'t IdFilter,
     local_ids: &'t LocalIds,
     meta_streams: &'t MetaStreams,
     batch: sled::Batch,
+    /// The staged chunks' sealed records (they go to the chunk log, see `StateView::store`).
+    chunk_writes: Vec<ChunkWrite>,
     next_position: u64,
     events_in_batch: usize,
     heads: HashMap<String, Option<StreamHead>>,
@@ -1163,14 +1200,15 @@ struct BatchWriter<'t> {
 }
 
 impl<'t> BatchWriter<'t> {
-    fn new(tree: &'t sled::Tree, floor: u64, next_position: u64, ids: &'t IdFilter, local_ids: &'t LocalIds, meta_streams: &'t MetaStreams) -> Self {
+    fn new(view: &'t StateView, floor: u64, next_position: u64, ids: &'t IdFilter, local_ids: &'t LocalIds, meta_streams: &'t MetaStreams) -> Self {
         Self {
-            tree,
+            view,
             floor,
             ids,
             local_ids,
             meta_streams,
             batch: sled::Batch::default(),
+            chunk_writes: Vec::new(),
             next_position,
             events_in_batch: 0,
             heads: HashMap::new(),
@@ -1192,7 +1230,7 @@ impl<'t> BatchWriter<'t> {
         if let Some(head) = self.heads.get(stream) {
             return Ok(head.clone());
         }
-        let head = read_head(self.tree, stream)?;
+        let head = read_head(&self.view.tree, stream)?;
         self.heads.insert(stream.to_string(), head.clone());
         Ok(head)
     }
@@ -1238,7 +1276,7 @@ impl<'t> BatchWriter<'t> {
         if let Some(event) = self.cold.and_then(|cold| cold.values().find(|event| event.position == position)) {
             return Ok(event.clone());
         }
-        match read_chunk_containing(self.tree, position)? {
+        match read_chunk_containing(self.view, position)? {
             Some(chunk) => Ok(chunk.event_at(position)),
             None => Err(StorageError::Corrupt { what: "event id index points at a missing event", key: position.to_string() }),
         }
@@ -1385,7 +1423,7 @@ impl<'t> BatchWriter<'t> {
             })
         };
         let chunk_key = keys::event(chunk.first_position);
-        self.batch.insert(&chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?);
+        self.chunk_writes.push((chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?));
         let index_key = keys::stream_index(&chunk.stream, chunk.first_version);
         self.batch.insert(index_key.clone(), record::seal(&index_key, &chunk.first_position.to_be_bytes()));
         // The ids go to the local index when the batch is in (no record of their own: see
@@ -1404,14 +1442,15 @@ impl<'t> BatchWriter<'t> {
     }
 
     /// Hands out the staged writes so far (heads and overlays stay for later chunks).
-    fn take_batch(&mut self) -> sled::Batch {
+    fn take_batch(&mut self) -> (sled::Batch, Vec<ChunkWrite>) {
         self.events_in_batch = 0;
         self.new_chunks.clear();
-        std::mem::take(&mut self.batch)
+        (std::mem::take(&mut self.batch), std::mem::take(&mut self.chunk_writes))
     }
 
     /// The final batch: staged writes plus the changed heads and the next position.
-    fn finish(mut self) -> Result<(sled::Batch, HashMap<[u8; 16], u64>), StorageError> {
+    #[allow(clippy::type_complexity)]
+    fn finish(mut self) -> Result<(sled::Batch, Vec<ChunkWrite>, HashMap<[u8; 16], u64>), StorageError> {
         for stream in &self.dirty_heads {
             let head = self.heads[stream].as_ref().expect("dirty heads exist");
             let key = keys::head(stream);
@@ -1423,7 +1462,7 @@ impl<'t> BatchWriter<'t> {
             let key = control::next_group_id_key();
             self.batch.insert(key.clone(), record::seal(&key, &next.to_be_bytes()));
         }
-        Ok((self.batch, self.new_ids))
+        Ok((self.batch, self.chunk_writes, self.new_ids))
     }
 }
 
@@ -1432,12 +1471,12 @@ impl ControlStore for BatchWriter<'_> {
         if let Some(staged) = self.control.get(key) {
             return Ok(staged.clone());
         }
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        Ok(self.view.tree.get(key)?.map(|v| v.to_vec()))
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
         let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        for item in self.tree.scan_prefix(prefix) {
+        for item in self.view.tree.scan_prefix(prefix) {
             let (key, value) = item?;
             found.insert(key.to_vec(), value.to_vec());
         }
@@ -1476,7 +1515,7 @@ impl ControlStore for BatchWriter<'_> {
             Some(id) => id,
             None => {
                 let key = control::next_group_id_key();
-                match self.tree.get(&key)? {
+                match self.view.tree.get(&key)? {
                     Some(value) => decode_position("next group id", &key, &value)?,
                     None => 1,
                 }
@@ -1504,18 +1543,24 @@ fn chunk_start(tree: &sled::Tree, position: u64) -> Result<u64, StorageError> {
     }
 }
 
-/// The stored chunk records from the one holding `from` below `to`, in position order (the
-/// first may end before `from` when no chunk holds it: callers skip it).
-fn chunk_records(tree: &sled::Tree, from: u64, to: u64) -> Result<sled::Iter, StorageError> {
-    Ok(tree.range(keys::event(chunk_start(tree, from)?)..keys::event(to)))
+/// The stored chunks (key, sealed record) from the one holding `from` below `to`, in
+/// position order (the first may end before `from` when no chunk holds it: callers skip it).
+fn chunk_records(view: &StateView, from: u64, to: u64) -> Result<impl Iterator<Item = Result<(sled::IVec, ChunkBytes), StorageError>> + '_, StorageError> {
+    let records = view.tree.range(keys::event(chunk_start(&view.tree, from)?)..keys::event(to));
+    Ok(records.map(move |item| {
+        let (key, value) = item?;
+        let value = view.chunk_bytes(&key, value)?;
+        Ok((key, value))
+    }))
 }
 
 /// The chunk whose first position is `position`.
-fn read_chunk(tree: &sled::Tree, position: u64) -> Result<Option<EventChunk>, StorageError> {
+fn read_chunk(view: &StateView, position: u64) -> Result<Option<EventChunk>, StorageError> {
     let key = keys::event(position);
-    match tree.get(key)? {
+    match view.tree.get(key)? {
         None => Ok(None),
         Some(value) => {
+            let value = view.chunk_bytes(&key, value)?;
             let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
             assert_eq!(chunk.first_position, position, "chunk stored under its first position");
             Ok(Some(chunk))
@@ -1535,9 +1580,10 @@ fn stream_chunk_start(tree: &sled::Tree, stream: &str, version: u64) -> Result<V
 }
 
 /// The chunk holding `position`, if that position was applied.
-fn read_chunk_containing(tree: &sled::Tree, position: u64) -> Result<Option<EventChunk>, StorageError> {
-    let Some(item) = tree.range(keys::event(0)..=keys::event(position)).next_back() else { return Ok(None) };
+fn read_chunk_containing(view: &StateView, position: u64) -> Result<Option<EventChunk>, StorageError> {
+    let Some(item) = view.tree.range(keys::event(0)..=keys::event(position)).next_back() else { return Ok(None) };
     let (key, value) = item?;
+    let value = view.chunk_bytes(&key, value)?;
     let chunk: EventChunk = record::open_value("event chunk", &key, &value)?;
     assert_eq!(chunk.first_position, decode_chunk_key(&key)?, "chunk stored under its first position");
     Ok(chunk.contains_position(position).then_some(chunk))
@@ -1554,6 +1600,11 @@ fn is_released_record(key: &[u8], value: &[u8], floor: u64) -> Result<bool, Stor
         Some(&keys::EVENT_ID) => true,
         _ => false,
     })
+}
+
+/// A chunk key as the fixed-size array chunk writes carry.
+fn chunk_key_array(key: &[u8]) -> Result<[u8; 9], StorageError> {
+    key.try_into().map_err(|_| StorageError::Corrupt { what: "event chunk key", key: record::printable_key(key) })
 }
 
 fn decode_chunk_key(key: &[u8]) -> Result<u64, StorageError> {
@@ -1677,6 +1728,57 @@ pub(crate) mod tests {
         assert_eq!(observed(&reopened), after);
         assert!(dir.path().join("state-2").is_dir());
         assert!(!dir.path().join("state-1").exists(), "opening removes generations that are not live");
+    }
+
+    #[test]
+    fn large_writes_go_to_the_chunk_log_small_ones_stay_in_sled_and_damage_is_reported() {
+        let (dir, state) = state();
+        let mut large = append("a", ExpectedVersion::NoStream, &[1, 2]);
+        large.events[0].data = vec![7u8; crate::state_home::CHUNK_LOG_MIN_BATCH_BYTES];
+        apply(&state, vec![large]);
+        apply(&state, vec![append("a", ExpectedVersion::Exact(1), &[3])]);
+        let before = observed(&state);
+        let stored = |position: u64| {
+            let (key, value) = state.tree().range(keys::event(position)..=keys::event(position)).next().unwrap().unwrap();
+            crate::chunk_log::ChunkPointer::decode(record::open("event chunk", &key, &value).unwrap())
+        };
+        let pointer = stored(0).expect("sled holds a pointer to the large write's chunk");
+        assert_eq!(stored(2), None, "the small write's chunk is in sled itself");
+        state.sync().unwrap();
+        drop(state);
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
+        assert_eq!(observed(&reopened), before);
+        let retried = apply(&reopened, vec![append("a", ExpectedVersion::Any, &[1])]);
+        assert!(retried[0].as_ref().is_err(), "the id is found in the logged chunk (and its content differs)");
+
+        // One flipped bit in the logged chunk's bytes: reads of it fail as corrupt, as does
+        // the next open (it reads every local chunk); nothing is served wrong.
+        let segment = dir.path().join("state-0").join("chunks").join(format!("{:020}.chunks", pointer.segment));
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes[(pointer.offset + pointer.len as u64 - 1) as usize] ^= 1;
+        std::fs::write(&segment, bytes).unwrap();
+        assert!(matches!(reopened.event_at(0), Err(StorageError::Corrupt { .. })));
+        assert_eq!(reopened.event_at(2).unwrap().unwrap().version, 2, "the chunk in sled is intact");
+        reopened.sync().unwrap();
+        drop(reopened);
+        assert!(matches!(EventState::open(&crate::reopen_database(dir.path()), dir.path()), Err(StorageError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_damaged_chunk_pointer_is_corrupt_whether_or_not_it_still_looks_like_a_pointer() {
+        for byte in [4, 30] {
+            // Byte 4 is in the pointer's mark (it then reads as an inline chunk); 30 is in
+            // its offset.
+            let (_dir, state) = state();
+            let mut large = append("a", ExpectedVersion::NoStream, &[1]);
+            large.events[0].data = vec![7u8; crate::state_home::CHUNK_LOG_MIN_BATCH_BYTES];
+            apply(&state, vec![large]);
+            let key = keys::event(0);
+            let mut value = state.tree().get(key).unwrap().unwrap().to_vec();
+            value[byte] ^= 1;
+            state.tree().insert(key, value).unwrap();
+            assert!(matches!(state.event_at(0), Err(StorageError::Corrupt { .. })), "byte {byte}");
+        }
     }
 
     #[test]
@@ -1922,6 +2024,52 @@ pub(crate) mod tests {
         assert!(replay[0].as_ref().unwrap().idempotent_replay);
     }
 
+    /// An append whose events are large enough for its write to go to the chunk log.
+    fn large(stream: &str, expected: ExpectedVersion, ids: &[u8]) -> AppendCommand {
+        let mut command = append(stream, expected, ids);
+        for event in &mut command.events {
+            event.data = vec![event.id[0]; crate::state_home::CHUNK_LOG_MIN_BATCH_BYTES];
+        }
+        command
+    }
+
+    /// Bytes in the chunk log of generation `generation` under `dir`.
+    fn logged_bytes(dir: &Path, generation: &str) -> u64 {
+        std::fs::read_dir(dir.join(generation).join("chunks")).unwrap().map(|entry| entry.unwrap().metadata().unwrap().len()).sum()
+    }
+
+    #[test]
+    fn logged_chunks_are_copied_by_compactions_and_written_by_snapshot_installs() {
+        let (dir, state) = state();
+        apply(&state, vec![large("a", ExpectedVersion::NoStream, &[1, 2]), large("b", ExpectedVersion::Any, &[3])]);
+        apply(&state, vec![large("a", ExpectedVersion::Exact(1), &[4])]);
+        let before = observed(&state);
+        let events_bytes = 4 * crate::state_home::CHUNK_LOG_MIN_BATCH_BYTES as u64;
+        assert!(logged_bytes(dir.path(), "state-0") >= events_bytes);
+        assert!(state.state_bytes() >= events_bytes, "the state's size counts its chunk log");
+
+        as_if_all_released(&state);
+        assert!(compact(&state, 0, Duration::ZERO));
+        assert!(!compact(&state, u64::MAX, Duration::ZERO), "an idle step removes what is past its grace");
+        assert!(!dir.path().join("state-0").exists(), "the replaced generation went, its chunk log with it");
+        assert!(logged_bytes(dir.path(), "state-1") >= events_bytes, "the live chunks were copied into the fresh log");
+        assert_eq!(observed(&state), before);
+        state.sync().unwrap();
+        drop(state);
+        let reopened = EventState::open(&crate::reopen_database(dir.path()), dir.path()).unwrap();
+        assert_eq!(observed(&reopened), before);
+
+        // A snapshot install writes the chunks into the fresh generation's log.
+        let (target_dir, target) = self::state();
+        let heads = reopened.control_records().map(|r| r.map(|(key, value)| SnapshotItem::Control { key, value }));
+        let events = reopened.events_below(0, 4).map(|e| e.map(SnapshotItem::Event));
+        target.replace_all(0, heads.chain(events), b"snap").unwrap();
+        assert_eq!(observed(&target), before);
+        assert!(logged_bytes(target_dir.path(), "state-1") >= events_bytes);
+        let replay = apply(&target, vec![large("a", ExpectedVersion::Any, &[4])]);
+        assert!(replay[0].as_ref().unwrap().idempotent_replay, "ids are found in the installed chunks");
+    }
+
     /// Appends and a tier watermark at `watermark`, as the leader would commit them.
     fn tiered_state(watermark: u64) -> (tempfile::TempDir, EventState) {
         let (dir, state) = state();
@@ -2157,8 +2305,10 @@ pub(crate) mod tests {
             // placeholder is all that is left while the metadata still shows version 0.
             state.apply_control(ControlCommand::SetStreamMetadata { stream: "a".into(), max_age_ms: None, max_count: None }, b"m").unwrap().unwrap();
             if rewrite {
-                let tree = state.tree();
+                let view = state.view();
+                let tree = &view.tree;
                 let (key, value) = tree.range(keys::event(0)..=keys::event(0)).next().unwrap().unwrap();
+                let value = view.chunk_bytes(&key, value).unwrap();
                 let mut chunk: EventChunk = record::open_value("event chunk", &key, &value).unwrap();
                 chunk.events[0] = chunk.events[0].scavenged();
                 tree.insert(&key, record::seal_value("event chunk", &key, &chunk).unwrap()).unwrap();
