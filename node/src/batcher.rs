@@ -131,9 +131,9 @@ async fn propose(raft: &Raft, batch: Vec<Pending>) {
                 let _ = reply.send(Ok(Applied { outcome, log_index }));
             }
         }
-        Err(e) if e.forward_to_leader().is_some() => {
+        Err(e) if strata_raft::refused_before_proposal(&e).is_some() => {
             // Refused before anything was proposed (this node no longer leads): definite.
-            let forward = e.forward_to_leader().expect("checked above");
+            let forward = strata_raft::refused_before_proposal(&e).expect("checked above");
             let (leader_id, leader_addr) = (forward.leader_id, forward.leader_node.as_ref().map(|n| n.addr.clone()));
             for reply in replies {
                 let _ = reply.send(Err(ApiError::Unavailable {

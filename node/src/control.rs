@@ -44,8 +44,8 @@ async fn propose_once(raft: &strata_raft::Raft, command: ControlCommand) -> Resu
                 deadline: true,
             })
         }
-        Ok(Err(e)) if e.forward_to_leader().is_some() => {
-            let forward = e.forward_to_leader().expect("checked above");
+        Ok(Err(e)) if strata_raft::refused_before_proposal(&e).is_some() => {
+            let forward = strata_raft::refused_before_proposal(&e).expect("checked above");
             return Err(ApiError::Unavailable {
                 reason: format!("this node stopped leading before {label} was proposed"),
                 leader_id: forward.leader_id,

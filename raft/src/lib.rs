@@ -50,6 +50,21 @@ pub type Snapshot = openraft::Snapshot<
     SnapshotFile,
 >;
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+/// Why a client write failed.
+pub type ClientWriteFailure = openraft::error::RaftError<TypeConfig, openraft::error::ClientWriteError<TypeConfig>>;
+
+/// Where to go instead when `failure` says the write was refused before it was proposed
+/// (this node does not lead): nothing of it reached the log, so the caller may answer that
+/// it was not written. None for every other failure, among them an entry that reached the
+/// log and was discarded there (`LogEntryDiscarded`: another node may have committed it,
+/// so its outcome is unknown), which openraft's own `forward_to_leader()` does not tell
+/// apart from a refusal.
+pub fn refused_before_proposal(failure: &ClientWriteFailure) -> Option<&openraft::error::ForwardToLeader<TypeConfig>> {
+    match failure {
+        openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(forward)) => Some(forward),
+        _ => None,
+    }
+}
 
 /// The result of applying one entry: one outcome per append, in the entry's order, or the
 /// outcome of its control command.
@@ -57,4 +72,20 @@ pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 pub struct CommandResponse {
     pub outcomes: Vec<AppendOutcome>,
     pub control: Option<ControlOutcome>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+
+    #[test]
+    fn only_a_refusal_counts_as_not_proposed() {
+        let refused: ClientWriteFailure = RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader::empty()));
+        assert!(refused_before_proposal(&refused).is_some());
+        // Discarded from the log after it was proposed: the outcome is unknown.
+        let discarded: ClientWriteFailure = RaftError::APIError(ClientWriteError::LogEntryDiscarded(ForwardToLeader::empty()));
+        assert!(discarded.forward_to_leader().is_some(), "openraft's accessor lumps the two together");
+        assert!(refused_before_proposal(&discarded).is_none());
+    }
 }
