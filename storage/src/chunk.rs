@@ -23,6 +23,30 @@ pub struct EventChunk {
     pub events: Vec<NewEvent>,
 }
 
+/// An [`EventChunk`] to store, borrowing its stream and events from the append being
+/// applied: it encodes exactly as the owned chunk does (bincode writes a `&str` as it
+/// writes a `String`, and a slice as a `Vec`), so staging an append needs no copy of its
+/// events (on every node, for every append).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EventChunkRef<'a> {
+    pub stream: &'a str,
+    pub first_version: u64,
+    pub first_position: u64,
+    pub created_unix_ms: i64,
+    pub events: &'a [NewEvent],
+}
+
+impl EventChunkRef<'_> {
+    pub fn len(&self) -> u64 {
+        self.events.len() as u64
+    }
+
+    /// One past the last position.
+    pub fn end_position(&self) -> u64 {
+        self.first_position + self.len()
+    }
+}
+
 /// A stored chunk read for its keys only (stream, versions, positions, event ids): the
 /// payloads are borrowed from the record, not copied. Releases and the uploader's marks
 /// look at every settled chunk once, and need nothing else of it.
@@ -132,6 +156,17 @@ impl EncodedChunk {
 }
 
 impl EventChunk {
+    /// The chunk as a borrowed [`EventChunkRef`] (same encoding).
+    pub fn as_chunk_ref(&self) -> EventChunkRef<'_> {
+        EventChunkRef {
+            stream: &self.stream,
+            first_version: self.first_version,
+            first_position: self.first_position,
+            created_unix_ms: self.created_unix_ms,
+            events: &self.events,
+        }
+    }
+
     pub fn len(&self) -> u64 {
         self.events.len() as u64
     }
@@ -283,6 +318,9 @@ mod tests {
         let fresh = EncodedChunk::of(&chunk).unwrap();
         assert_eq!(fresh.end_position(), chunk.end_position());
         assert_eq!((passed.stream, passed.ids, passed.encoded), (fresh.stream, fresh.ids, fresh.encoded));
+        // Staged from borrowed parts, it is stored byte for byte as the owned chunk.
+        assert_eq!(bincode::serialize(&chunk.as_chunk_ref()).unwrap(), encoded);
+        assert_eq!(chunk.as_chunk_ref().end_position(), chunk.end_position());
     }
 
     #[test]

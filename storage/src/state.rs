@@ -28,7 +28,7 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{ChunkHeader, ChunkView, EncodedChunk, EventChunk};
+use crate::chunk::{ChunkHeader, ChunkView, EncodedChunk, EventChunk, EventChunkRef};
 use crate::filter_store;
 use crate::id_filter::IdFilter;
 use crate::local_ids::LocalIds;
@@ -1027,7 +1027,7 @@ impl EventState {
                 Some(open) if open.continues_with(&event) => open.push(event),
                 _ => {
                     if let Some(full) = chunk.replace(EventChunk::of(event)) {
-                        writer.write_chunk(full)?;
+                        writer.write_chunk(full.as_chunk_ref())?;
                     }
                 }
             }
@@ -1037,7 +1037,7 @@ impl EventState {
             }
         }
         if let Some(last) = chunk {
-            writer.write_chunk(last)?;
+            writer.write_chunk(last.as_chunk_ref())?;
         }
         let next_position = writer.next_position;
         let (mut batch, chunks, new_ids) = writer.finish()?;
@@ -1187,8 +1187,9 @@ struct BatchWriter<'t> {
     heads: HashMap<String, Option<StreamHead>>,
     dirty_heads: HashSet<String>,
     new_ids: HashMap<[u8; 16], u64>,
-    /// Chunks staged in this batch, by first position.
-    new_chunks: BTreeMap<u64, EventChunk>,
+    /// Chunks staged in this batch, by first position: their event count and their
+    /// index in `chunk_writes`.
+    new_chunks: BTreeMap<u64, (u64, usize)>,
     /// Control records staged in this batch (None: removed).
     control: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// The next group id, once read or changed in this batch.
@@ -1268,9 +1269,11 @@ impl<'t> BatchWriter<'t> {
     }
 
     fn event(&self, position: u64) -> Result<StoredEvent, StorageError> {
-        if let Some((_, chunk)) = self.new_chunks.range(..=position).next_back()
-            && chunk.contains_position(position)
+        if let Some((&first, &(count, index))) = self.new_chunks.range(..=position).next_back()
+            && position < first + count
         {
+            let (key, sealed) = &self.chunk_writes[index];
+            let chunk: EventChunk = record::open_value("event chunk", key, sealed)?;
             return Ok(chunk.event_at(position));
         }
         if let Some(event) = self.cold.and_then(|cold| cold.values().find(|event| event.position == position)) {
@@ -1372,12 +1375,12 @@ impl<'t> BatchWriter<'t> {
         let first_version = head_version.map_or(0, |v| v + 1);
         let first_position = self.next_position;
         let count = append.events.len() as u64;
-        self.write_chunk(EventChunk {
-            stream: append.stream.clone(),
+        self.write_chunk(EventChunkRef {
+            stream: &append.stream,
             first_version,
             first_position,
             created_unix_ms: append.created_unix_ms,
-            events: append.events.clone(),
+            events: &append.events,
         })?;
         Ok(Ok(AppendSuccess {
             first_version,
@@ -1389,7 +1392,7 @@ impl<'t> BatchWriter<'t> {
     }
 
     /// Stages one chunk at the next position with its index entries and head update.
-    fn write_chunk(&mut self, chunk: EventChunk) -> Result<(), StorageError> {
+    fn write_chunk(&mut self, chunk: EventChunkRef<'_>) -> Result<(), StorageError> {
         assert_eq!(chunk.first_position, self.next_position, "positions are assigned in order");
         assert!(!chunk.events.is_empty(), "a chunk holds events");
         let count = chunk.len();
@@ -1398,7 +1401,7 @@ impl<'t> BatchWriter<'t> {
         let new_head = if self.heads_given {
             None
         } else {
-            Some(match self.head(&chunk.stream)? {
+            Some(match self.head(chunk.stream)? {
                 None => {
                     assert_eq!(chunk.first_version, 0, "a new stream starts at version 0");
                     StreamHead {
@@ -1424,7 +1427,10 @@ impl<'t> BatchWriter<'t> {
         };
         let chunk_key = keys::event(chunk.first_position);
         self.chunk_writes.push((chunk_key, record::seal_value("event chunk", &chunk_key, &chunk)?));
-        let index_key = keys::stream_index(&chunk.stream, chunk.first_version);
+        // The overlay names the staged record; `event` decodes it in the rare case that a
+        // later append of the same entry repeats one of these event ids.
+        self.new_chunks.insert(chunk.first_position, (count, self.chunk_writes.len() - 1));
+        let index_key = keys::stream_index(chunk.stream, chunk.first_version);
         self.batch.insert(index_key.clone(), record::seal(&index_key, &chunk.first_position.to_be_bytes()));
         // The ids go to the local index when the batch is in (no record of their own: see
         // `local_ids`); to the filter only when released.
@@ -1432,12 +1438,11 @@ impl<'t> BatchWriter<'t> {
             self.new_ids.insert(event.id, chunk.first_position + offset as u64);
         }
         if let Some(new_head) = new_head {
-            self.heads.insert(chunk.stream.clone(), Some(new_head));
-            self.dirty_heads.insert(chunk.stream.clone());
+            self.heads.insert(chunk.stream.to_string(), Some(new_head));
+            self.dirty_heads.insert(chunk.stream.to_string());
         }
         self.next_position += count;
         self.events_in_batch += count as usize;
-        self.new_chunks.insert(chunk.first_position, chunk);
         Ok(())
     }
 
@@ -1880,6 +1885,20 @@ pub(crate) mod tests {
         // Same ids, retried within the same entry as the original.
         let out = apply(&state, vec![append("c", ExpectedVersion::Any, &[9]), append("c", ExpectedVersion::Any, &[9])]);
         assert!(out[1].as_ref().unwrap().idempotent_replay);
+        // Several chunks staged before the retry: the overlay finds the one that holds it.
+        let out = apply(
+            &state,
+            vec![
+                append("d", ExpectedVersion::Any, &[20, 21]),
+                append("e", ExpectedVersion::Any, &[22]),
+                append("d", ExpectedVersion::Any, &[20, 21]),
+                append("f", ExpectedVersion::Any, &[22]),
+            ],
+        );
+        let (written, replayed) = (out[0].clone().unwrap(), out[2].clone().unwrap());
+        assert!(replayed.idempotent_replay);
+        assert_eq!((replayed.first_position, replayed.last_position), (written.first_position, written.last_position));
+        assert!(matches!(out[3], Err(AppendFailure::IdempotencyConflict { .. })), "id 22 went to stream e: {:?}", out[3]);
     }
 
     #[test]
