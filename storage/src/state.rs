@@ -270,7 +270,7 @@ impl EventState {
             let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
             let mut batch = sled::Batch::default();
             batch.remove(keys::meta(META_ID_FILTER));
-            self.write_live(&self.view(), batch, &[])?;
+            self.write_live(&self.view(), batch, Vec::new())?;
         }
         self.filter_stored_covers.store(covers, Ordering::Release);
         Ok(true)
@@ -388,7 +388,7 @@ impl EventState {
             self.ids.insert(id);
         }
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
-        self.write_live(&view, batch, &[])?;
+        self.write_live(&view, batch, Vec::new())?;
         self.floor.store(new_floor, Ordering::Release);
         self.local_ids.remove(released_ids);
         self.released_since_compaction.fetch_add(new_floor - floor, Ordering::AcqRel);
@@ -447,7 +447,7 @@ impl EventState {
                     kept.push((key, value));
                 }
             }
-            self.write_live(&view, sled::Batch::default(), &kept)?;
+            self.write_live(&view, sled::Batch::default(), kept)?;
         }
         if rewritten as usize >= max_events {
             return Ok((rewritten, reached));
@@ -536,7 +536,7 @@ impl EventState {
                 compaction.copied_bytes += (key.len() + value.len()) as u64;
                 batch.insert(key, value);
             }
-            compaction.fresh.view().store(batch, &chunks)?;
+            compaction.fresh.view().store(batch, chunks)?;
             if compaction.next_key.is_none() {
                 // All copied: write it out now, while applies go on (mirrored), so that
                 // the switch has little left to sync.
@@ -596,11 +596,11 @@ impl EventState {
     /// Writes `batch` to the live tree and, while a compaction is under way, to its fresh
     /// generation too. Every write to the live state goes through here.
     /// `chunks` go to each generation's chunk log (see [`StateView::store`]).
-    fn write_live(&self, view: &StateView, batch: sled::Batch, chunks: &[ChunkWrite]) -> Result<(), StorageError> {
+    fn write_live(&self, view: &StateView, batch: sled::Batch, chunks: Vec<ChunkWrite>) -> Result<(), StorageError> {
         let compacting = self.compacting.lock().expect("compaction lock is never poisoned");
         match compacting.as_ref() {
             Some(compaction) => {
-                view.store(batch.clone(), chunks)?;
+                view.store(batch.clone(), chunks.clone())?;
                 compaction.fresh.view().store(batch, chunks)?;
             }
             None => view.store(batch, chunks)?,
@@ -704,7 +704,7 @@ impl EventState {
 
     /// Writes staged entries in one atomic sled batch and makes them visible to readers.
     pub fn commit_staged(&self, staged: StagedApply) -> Result<(), StorageError> {
-        self.write_live(&staged.view, staged.batch, &staged.chunks)?;
+        self.write_live(&staged.view, staged.batch, staged.chunks)?;
         self.local_ids.insert_all(staged.new_ids);
         let previous = self.visible_next_position.swap(staged.next_position, Ordering::AcqRel);
         assert!(previous <= staged.next_position, "positions never go back");
@@ -1033,7 +1033,7 @@ impl EventState {
             }
             if writer.pending_events() >= REPLACE_BATCH_EVENTS_MAX {
                 let (batch, chunks) = writer.take_batch();
-                fresh.store(batch, &chunks)?;
+                fresh.store(batch, chunks)?;
             }
         }
         if let Some(last) = chunk {
@@ -1045,7 +1045,7 @@ impl EventState {
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
         let floor_key = keys::meta(META_FLOOR);
         batch.insert(floor_key.clone(), record::seal(&floor_key, &floor.to_be_bytes()));
-        fresh.store(batch, &chunks)?;
+        fresh.store(batch, chunks)?;
         // The fresh generation is durable before the pointer that names it.
         fresh_home.make_live(&self.main_durable, &self.db)?;
         let _exclusive = self.release_lock.write().expect("release lock is never poisoned");
@@ -1738,9 +1738,7 @@ pub(crate) mod tests {
     #[test]
     fn large_writes_go_to_the_chunk_log_small_ones_stay_in_sled_and_damage_is_reported() {
         let (dir, state) = state();
-        let mut large = append("a", ExpectedVersion::NoStream, &[1, 2]);
-        large.events[0].data = vec![7u8; crate::state_home::CHUNK_LOG_MIN_BATCH_BYTES];
-        apply(&state, vec![large]);
+        apply(&state, vec![large("a", ExpectedVersion::NoStream, &[1, 2])]);
         apply(&state, vec![append("a", ExpectedVersion::Exact(1), &[3])]);
         let before = observed(&state);
         let stored = |position: u64| {
@@ -1775,9 +1773,7 @@ pub(crate) mod tests {
             // Byte 4 is in the pointer's mark (it then reads as an inline chunk); 30 is in
             // its offset.
             let (_dir, state) = state();
-            let mut large = append("a", ExpectedVersion::NoStream, &[1]);
-            large.events[0].data = vec![7u8; crate::state_home::CHUNK_LOG_MIN_BATCH_BYTES];
-            apply(&state, vec![large]);
+            apply(&state, vec![large("a", ExpectedVersion::NoStream, &[1])]);
             let key = keys::event(0);
             let mut value = state.tree().get(key).unwrap().unwrap().to_vec();
             value[byte] ^= 1;

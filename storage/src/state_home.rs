@@ -130,7 +130,7 @@ impl StateView {
     /// Writes `chunks` (to the chunk log, durably, with pointers in `batch`; inline in
     /// `batch` when they are few, see [`CHUNK_LOG_MIN_BATCH_BYTES`], or without a log),
     /// then applies `batch`.
-    pub fn store(&self, mut batch: sled::Batch, chunks: &[ChunkWrite]) -> Result<(), StorageError> {
+    pub fn store(&self, mut batch: sled::Batch, chunks: Vec<ChunkWrite>) -> Result<(), StorageError> {
         let bytes: usize = chunks.iter().map(|(_, sealed)| sealed.len()).sum();
         match self.chunks.as_ref().filter(|_| bytes >= CHUNK_LOG_MIN_BATCH_BYTES) {
             Some(log) => {
@@ -141,7 +141,7 @@ impl StateView {
             }
             None => {
                 for (key, sealed) in chunks {
-                    batch.insert(key, sealed.clone());
+                    batch.insert(&key, sealed);
                 }
             }
         }
