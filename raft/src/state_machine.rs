@@ -111,17 +111,11 @@ impl StateMachine {
                 responder.send(CommandResponse { outcomes: outcome.appends, control: outcome.control });
             }
         }
-        // A write that waits on the disk (the chunk log's fdatasync, a compaction's copy)
-        // runs off the async runtime: on a small machine its few workers also carry the
-        // heartbeats, and inline such writes under a flood cost the leader its term. The
-        // common small write is memory only and runs here: a hand-off to a blocking
-        // thread and back costs more than it does.
-        if self.state.commit_waits_on_disk(&staged) {
-            let state = self.state.clone();
-            tokio::task::spawn_blocking(move || state.commit_staged(staged)).await.map_err(io::Error::other)??;
-        } else {
-            self.state.commit_staged(staged)?;
-        }
+        // Off the async runtime: the write may wait on the disk (the chunk log's fdatasync,
+        // sled's write-back), and on a small machine the runtime's few workers also carry
+        // the heartbeats. Inline, a flood under CI load cost the leader its term.
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || state.commit_staged(staged)).await.map_err(io::Error::other)??;
         let last_index = applied.last_applied.as_ref().map_or(0, |id| id.index());
         self.applied.send_replace(last_index);
         Ok(())

@@ -118,15 +118,6 @@ pub struct StagedApply {
     new_ids: HashMap<[u8; 16], u64>,
 }
 
-impl StagedApply {
-    /// Whether committing it waits on the disk: its chunks go to the chunk log, which is
-    /// flushed before their pointers are written. Otherwise the commit is a sled batch,
-    /// in memory (sled writes its log behind, on its own threads).
-    fn waits_on_disk(&self) -> bool {
-        self.view.logs(&self.chunks)
-    }
-}
-
 /// What a `$all` page read should return.
 pub struct ReadAllOptions<'a> {
     pub from_position: u64,
@@ -709,18 +700,6 @@ impl EventState {
         let meta_key = keys::meta(META_APPLIED);
         batch.insert(meta_key.clone(), record::seal(&meta_key, applied_meta));
         Ok((per_entry, StagedApply { view, batch, chunks, next_position, new_ids }))
-    }
-
-    /// Whether [`EventState::commit_staged`] of `staged` may wait on the disk: when its
-    /// chunks go to the chunk log, or while a compaction is under way (a compaction step
-    /// holds the lock every write takes while it copies and flushes). A compaction that
-    /// starts right after this answered no costs that one write a short wait at most.
-    pub fn commit_waits_on_disk(&self, staged: &StagedApply) -> bool {
-        staged.waits_on_disk()
-            || match self.compacting.try_lock() {
-                Ok(compacting) => compacting.is_some(),
-                Err(_) => true,
-            }
     }
 
     /// Writes staged entries in one atomic sled batch and makes them visible to readers.

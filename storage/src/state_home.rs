@@ -127,18 +127,12 @@ impl StateView {
         }
     }
 
-    /// Whether [`StateView::store`] writes `chunks` to the chunk log (and so waits for its
-    /// fdatasync) rather than inline in the sled batch (memory only: sled writes its own
-    /// log behind, on its threads).
-    pub fn logs(&self, chunks: &[ChunkWrite]) -> bool {
-        self.chunks.is_some() && chunks.iter().map(|(_, sealed)| sealed.len()).sum::<usize>() >= CHUNK_LOG_MIN_BATCH_BYTES
-    }
-
     /// Writes `chunks` (to the chunk log, durably, with pointers in `batch`; inline in
     /// `batch` when they are few, see [`CHUNK_LOG_MIN_BATCH_BYTES`], or without a log),
     /// then applies `batch`.
     pub fn store(&self, mut batch: sled::Batch, chunks: Vec<ChunkWrite>) -> Result<(), StorageError> {
-        match self.chunks.as_ref().filter(|_| self.logs(&chunks)) {
+        let bytes: usize = chunks.iter().map(|(_, sealed)| sealed.len()).sum();
+        match self.chunks.as_ref().filter(|_| bytes >= CHUNK_LOG_MIN_BATCH_BYTES) {
             Some(log) => {
                 let records: Vec<&[u8]> = chunks.iter().map(|(_, sealed)| sealed.as_slice()).collect();
                 for ((key, _), pointer) in chunks.iter().zip(log.append(&records)?) {
