@@ -41,12 +41,25 @@ pub const CHUNK_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 pub const CHUNK_READ_HANDLES_MAX: usize = 64;
 /// The write buffer of one append is kept for the next unless it grew past this.
 pub const CHUNK_WRITE_BUFFER_KEPT_MAX: usize = 16 * 1024 * 1024;
+/// Bytes one read of a reader in position order takes at once ([`ReadAhead`]): the chunks
+/// of consecutive positions lie one after another in the log, so a `$all` page takes tens
+/// of chunks per read instead of one read (and one buffer) per chunk.
+pub const CHUNK_READ_AHEAD_BYTES: usize = 256 * 1024;
 
 const SEGMENT_SUFFIX: &str = ".chunks";
 /// A pointer's payload starts with these 8 bytes; a chunk's encoding never does (it starts
 /// with its stream name's length, a u64 far below this).
 const POINTER_MARK: [u8; 8] = [0xff; 8];
 const POINTER_BYTES: usize = 8 + 8 + 8 + 4;
+
+/// One in-order reader's bytes of the chunk log (see [`ChunkLog::read_ahead`]): a copy of
+/// `bytes.len()` bytes of `segment` from `offset`. Empty at first.
+#[derive(Default)]
+pub struct ReadAhead {
+    segment: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+}
 
 /// Where one chunk's sealed record lives in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +216,46 @@ impl ChunkLog {
         Ok(out)
     }
 
+    /// [`ChunkLog::read`] for a reader going through the log in position order: the chunk
+    /// is served from `window` when the window holds all of it, else the window is refilled
+    /// from the chunk's start with up to [`CHUNK_READ_AHEAD_BYTES`]. Only chunks whose
+    /// pointers the reader found are taken from the window, and a pointed-at chunk's bytes
+    /// never change, so bytes read ahead past the end of what was written are never used.
+    pub fn read_ahead<'w>(&self, key: &[u8], pointer: ChunkPointer, window: &'w mut ReadAhead) -> Result<&'w [u8], StorageError> {
+        let len = pointer.len as usize;
+        let held = window.segment == pointer.segment
+            && pointer.offset >= window.offset
+            && pointer.offset - window.offset + len as u64 <= window.bytes.len() as u64;
+        if !held {
+            let missing = || StorageError::Corrupt { what: "event chunk pointer names bytes the chunk log lacks", key: record::printable_key(key) };
+            let file = self.reader(pointer.segment).map_err(|e| match e {
+                StorageError::Io(ref io) if io.kind() == std::io::ErrorKind::NotFound => missing(),
+                other => other,
+            })?;
+            window.segment = pointer.segment;
+            window.offset = pointer.offset;
+            window.bytes.resize(len.max(CHUNK_READ_AHEAD_BYTES), 0);
+            let mut filled = 0;
+            while filled < window.bytes.len() {
+                match file.read_at(&mut window.bytes[filled..], pointer.offset + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        window.bytes.clear();
+                        return Err(StorageError::Io(e));
+                    }
+                }
+            }
+            window.bytes.truncate(filled);
+            if filled < len {
+                return Err(missing());
+            }
+        }
+        let start = (pointer.offset - window.offset) as usize;
+        Ok(&window.bytes[start..start + len])
+    }
+
     fn reader(&self, segment: u64) -> Result<Arc<File>, StorageError> {
         if let Some(file) = self.readers.read().expect("chunk log readers lock is never poisoned").get(&segment) {
             return Ok(file.clone());
@@ -268,5 +321,31 @@ mod tests {
         assert!(matches!(log.read(b"k", past), Err(StorageError::Corrupt { .. })));
         let elsewhere = ChunkPointer { segment: 7, ..written };
         assert!(matches!(log.read(b"k", elsewhere), Err(StorageError::Corrupt { .. })));
+        let mut window = ReadAhead::default();
+        assert!(matches!(log.read_ahead(b"k", past, &mut window), Err(StorageError::Corrupt { .. })));
+        assert!(matches!(log.read_ahead(b"k", elsewhere, &mut window), Err(StorageError::Corrupt { .. })));
+        assert_eq!(log.read_ahead(b"k", written, &mut window).unwrap(), &[9u8; 8][..]);
+    }
+
+    #[test]
+    fn an_in_order_reader_takes_consecutive_chunks_from_one_read_and_refills_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ChunkLog::open_with(dir.path(), 100).unwrap();
+        let first = log.append(&[vec![1u8; 40], vec![2u8; 40]]).unwrap();
+        let second = log.append(&[vec![3u8; 30]]).unwrap();
+        let other_segment = log.append(&[vec![4u8; 20]]).unwrap();
+        assert_eq!(other_segment[0].segment, 1);
+        let mut window = ReadAhead::default();
+        assert_eq!(log.read_ahead(b"k", first[0], &mut window).unwrap(), &[1u8; 40][..]);
+        // The whole segment (110 bytes, short of the read-ahead size) came with the first read.
+        assert_eq!(window.bytes.len(), 110);
+        assert_eq!(log.read_ahead(b"k", first[1], &mut window).unwrap(), &[2u8; 40][..]);
+        assert_eq!(log.read_ahead(b"k", second[0], &mut window).unwrap(), &[3u8; 30][..]);
+        assert_eq!((window.segment, window.offset), (0, 0));
+        assert_eq!(log.read_ahead(b"k", other_segment[0], &mut window).unwrap(), &[4u8; 20][..]);
+        assert_eq!((window.segment, window.offset), (1, 0));
+        // Back to an earlier chunk: the window moves there.
+        assert_eq!(log.read_ahead(b"k", first[1], &mut window).unwrap(), &[2u8; 40][..]);
+        assert_eq!((window.segment, window.offset, window.bytes.len()), (0, 40, 70));
     }
 }

@@ -38,6 +38,7 @@ use crate::snapshot::SnapshotItem;
 use crate::keys;
 use crate::record;
 use crate::retention::{self, MetaStreams, StreamMeta};
+use crate::chunk_log::ReadAhead;
 use crate::state_home::{ChunkBytes, ChunkWrite, Retired, StateHome, StateView};
 use crate::{DurableFlush, StorageError, RETIRED_STATE_GRACE, STATE_COMPACT_DEAD_PER_LIVE, STATE_COMPACT_EVENTS_MAX, STATE_COMPACT_GROWTH, STATE_COMPACT_MIN_BYTES};
 
@@ -848,13 +849,14 @@ impl EventState {
         let mut out = Vec::with_capacity(options.limit.min(1024));
         let mut scanned = 0usize;
         let mut last_seen: Option<u64> = None;
+        let mut window = ReadAhead::default();
         'chunks: for item in range {
             let (key, value) = item?;
             if decode_chunk_key(&key)? < floor {
                 // Released to the tier: a backward read stops at the floor.
                 break;
             }
-            let value = view.chunk_bytes(&key, value)?;
+            let value = if options.backwards { view.chunk_bytes(&key, value)? } else { view.chunk_bytes_in_order(&key, value, &mut window)? };
             let payload = record::open("event chunk", &key, &value)?;
             let header: ChunkHeader<'_> = record::decode_view("event chunk", &key, payload)?;
             let wanted = (options.stream_filter)(header.stream);
@@ -1148,11 +1150,12 @@ impl EventState {
     /// snapshot export; the caller keeps releases off, see `snapshot_started`).
     pub fn events_below(&self, floor: u64, cutoff: u64) -> impl Iterator<Item = Result<StoredEvent, StorageError>> {
         let view = self.view();
+        let mut window = ReadAhead::default();
         view.tree
             .range(keys::event(floor)..keys::event(cutoff))
             .map(move |item| {
                 let (key, value) = item?;
-                let value = view.chunk_bytes(&key, value)?;
+                let value = view.chunk_bytes_in_order(&key, value, &mut window)?;
                 record::open_value::<EventChunk>("event chunk", &key, &value)
             })
             .flat_map(move |chunk| -> Box<dyn Iterator<Item = Result<StoredEvent, StorageError>>> {
@@ -1550,7 +1553,7 @@ fn chunk_start(tree: &sled::Tree, position: u64) -> Result<u64, StorageError> {
 
 /// The stored chunks (key, sealed record) from the one holding `from` below `to`, in
 /// position order (the first may end before `from` when no chunk holds it: callers skip it).
-fn chunk_records(view: &StateView, from: u64, to: u64) -> Result<impl Iterator<Item = Result<(sled::IVec, ChunkBytes), StorageError>> + '_, StorageError> {
+fn chunk_records(view: &StateView, from: u64, to: u64) -> Result<impl Iterator<Item = Result<(sled::IVec, ChunkBytes<'static>), StorageError>> + '_, StorageError> {
     let records = view.tree.range(keys::event(chunk_start(&view.tree, from)?)..keys::event(to));
     Ok(records.map(move |item| {
         let (key, value) = item?;

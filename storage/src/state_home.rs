@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use crate::chunk_log::{ChunkLog, ChunkPointer};
+use crate::chunk_log::{ChunkLog, ChunkPointer, ReadAhead};
 use crate::{record, DurableFlush, StorageError};
 
 /// Key in the main database naming the directory (under the data dir) of the live state.
@@ -79,28 +79,32 @@ pub(crate) struct StateView {
     pub chunks: Option<Arc<ChunkLog>>,
 }
 
-/// A chunk's sealed record, as sled held it (inline) or as read from the chunk log.
-pub(crate) enum ChunkBytes {
+/// A chunk's sealed record, as sled held it (inline), as read from the chunk log, or in an
+/// in-order reader's window on the chunk log.
+pub(crate) enum ChunkBytes<'w> {
     Inline(sled::IVec),
     Logged(Vec<u8>),
+    InWindow(&'w [u8]),
 }
 
-impl ChunkBytes {
-    /// The bytes as an owned buffer (a copy only for an inline chunk).
+impl ChunkBytes<'_> {
+    /// The bytes as an owned buffer (a copy unless read from the chunk log on their own).
     pub fn into_vec(self) -> Vec<u8> {
         match self {
             ChunkBytes::Inline(bytes) => bytes.to_vec(),
             ChunkBytes::Logged(bytes) => bytes,
+            ChunkBytes::InWindow(bytes) => bytes.to_vec(),
         }
     }
 }
 
-impl std::ops::Deref for ChunkBytes {
+impl std::ops::Deref for ChunkBytes<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
             ChunkBytes::Inline(bytes) => bytes,
             ChunkBytes::Logged(bytes) => bytes,
+            ChunkBytes::InWindow(bytes) => bytes,
         }
     }
 }
@@ -111,18 +115,35 @@ impl StateView {
     /// what this returns, so an inline chunk is not verified here too: only a record that
     /// looks like a pointer is, before it is followed. A damaged pointer that no longer
     /// looks like one fails the caller's check as an inline chunk would.
-    pub fn chunk_bytes(&self, key: &[u8], value: sled::IVec) -> Result<ChunkBytes, StorageError> {
-        if !value.get(record::CHECKSUM_BYTES..).is_some_and(ChunkPointer::looks_like) {
-            return Ok(ChunkBytes::Inline(value));
-        }
-        match ChunkPointer::decode(record::open("event chunk", key, &value)?) {
+    pub fn chunk_bytes(&self, key: &[u8], value: sled::IVec) -> Result<ChunkBytes<'static>, StorageError> {
+        match self.pointer(key, &value)? {
             None => Ok(ChunkBytes::Inline(value)),
+            Some((chunks, pointer)) => Ok(ChunkBytes::Logged(chunks.read(key, pointer)?)),
+        }
+    }
+
+    /// [`StateView::chunk_bytes`] for a reader going through the chunks in position order:
+    /// logged chunks are read through `window` (see [`ChunkLog::read_ahead`]).
+    pub fn chunk_bytes_in_order<'w>(&self, key: &[u8], value: sled::IVec, window: &'w mut ReadAhead) -> Result<ChunkBytes<'w>, StorageError> {
+        match self.pointer(key, &value)? {
+            None => Ok(ChunkBytes::Inline(value)),
+            Some((chunks, pointer)) => Ok(ChunkBytes::InWindow(chunks.read_ahead(key, pointer, window)?)),
+        }
+    }
+
+    /// The chunk log and the place in it that `value` points at, if it is a pointer.
+    fn pointer(&self, key: &[u8], value: &sled::IVec) -> Result<Option<(&ChunkLog, ChunkPointer)>, StorageError> {
+        if !value.get(record::CHECKSUM_BYTES..).is_some_and(ChunkPointer::looks_like) {
+            return Ok(None);
+        }
+        match ChunkPointer::decode(record::open("event chunk", key, value)?) {
+            None => Ok(None),
             Some(pointer) => {
                 let chunks = self.chunks.as_ref().ok_or_else(|| StorageError::Corrupt {
                     what: "event chunk pointer in a state without a chunk log",
                     key: record::printable_key(key),
                 })?;
-                Ok(ChunkBytes::Logged(chunks.read(key, pointer)?))
+                Ok(Some((chunks, pointer)))
             }
         }
     }
