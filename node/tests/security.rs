@@ -229,7 +229,10 @@ async fn callers_need_a_valid_token_and_may_do_only_what_their_roles_and_rules_a
     let admin_password = "correct horse battery staple";
     let password_file = cluster.dir.path().join("admin-password");
     std::fs::write(&password_file, format!("{admin_password}\n")).unwrap();
-    let extra = ["--admin-password-file".into(), password_file.display().to_string(), "--token-ttl-secs".into(), "6".into()];
+    // Long enough for every step that uses one token on a loaded machine (six seconds was
+    // not, under CI's parallel tests); the expiry check below waits it out once.
+    const TOKEN_TTL_SECS: u64 = 30;
+    let extra = ["--admin-password-file".into(), password_file.display().to_string(), "--token-ttl-secs".into(), TOKEN_TTL_SECS.to_string()];
     start_tls(&mut cluster, &certs, &ca, &extra);
     let leader = cluster.wait_leader(Duration::from_secs(30)).await;
     let follower = if leader == 1 { 2 } else { 1 };
@@ -361,13 +364,15 @@ async fn callers_need_a_valid_token_and_may_do_only_what_their_roles_and_rules_a
 
     // A removed user's token stops working at once; a token past its expiry too.
     let (walt, rita) = (token("walt").await, token("rita").await);
+    // Rita's token was issued before this instant, so it has expired TTL + 1 s after it.
+    let rita_issued = tokio::time::Instant::now();
     let mut users = AuthClient::new(on(&login(&follower_addr, &ca, "admin", admin_password).await.unwrap()).await);
     users.remove_user(RemoveUserRequest { user: "walt".into() }).await.expect("admin removes walt");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let refused = append_as(on(&walt).await, "orders-1").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     assert!(refused.message().contains("no longer exists"), "{refused:?}");
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep_until(rita_issued + Duration::from_secs(TOKEN_TTL_SECS + 1)).await;
     let refused = read_as(on(&rita).await, "orders-1").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     assert!(refused.message().contains("expired"), "{refused:?}");
