@@ -203,11 +203,8 @@ impl ChunkLog {
 
     /// The sealed chunk record `pointer` names; `key` (the chunk's key) names it in errors.
     pub fn read(&self, key: &[u8], pointer: ChunkPointer) -> Result<Vec<u8>, StorageError> {
-        let missing = || StorageError::Corrupt { what: "event chunk pointer names bytes the chunk log lacks", key: record::printable_key(key) };
-        let file = self.reader(pointer.segment).map_err(|e| match e {
-            StorageError::Io(ref io) if io.kind() == std::io::ErrorKind::NotFound => missing(),
-            other => other,
-        })?;
+        let missing = || missing_bytes(key);
+        let file = self.pointed_segment(key, pointer)?;
         let mut out = vec![0u8; pointer.len as usize];
         file.read_exact_at(&mut out, pointer.offset).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => missing(),
@@ -227,11 +224,7 @@ impl ChunkLog {
             && pointer.offset >= window.offset
             && pointer.offset - window.offset + len as u64 <= window.bytes.len() as u64;
         if !held {
-            let missing = || StorageError::Corrupt { what: "event chunk pointer names bytes the chunk log lacks", key: record::printable_key(key) };
-            let file = self.reader(pointer.segment).map_err(|e| match e {
-                StorageError::Io(ref io) if io.kind() == std::io::ErrorKind::NotFound => missing(),
-                other => other,
-            })?;
+            let file = self.pointed_segment(key, pointer)?;
             window.segment = pointer.segment;
             window.offset = pointer.offset;
             window.bytes.resize(len.max(CHUNK_READ_AHEAD_BYTES), 0);
@@ -249,11 +242,19 @@ impl ChunkLog {
             }
             window.bytes.truncate(filled);
             if filled < len {
-                return Err(missing());
+                return Err(missing_bytes(key));
             }
         }
         let start = (pointer.offset - window.offset) as usize;
         Ok(&window.bytes[start..start + len])
+    }
+
+    /// The segment `pointer` names, open for reads; a missing segment is a corrupt pointer.
+    fn pointed_segment(&self, key: &[u8], pointer: ChunkPointer) -> Result<Arc<File>, StorageError> {
+        self.reader(pointer.segment).map_err(|e| match e {
+            StorageError::Io(ref io) if io.kind() == std::io::ErrorKind::NotFound => missing_bytes(key),
+            other => other,
+        })
     }
 
     fn reader(&self, segment: u64) -> Result<Arc<File>, StorageError> {
@@ -268,6 +269,11 @@ impl ChunkLog {
         readers.insert(segment, file.clone());
         Ok(file)
     }
+}
+
+/// The error for a pointer under `key` that names bytes the log does not hold.
+fn missing_bytes(key: &[u8]) -> StorageError {
+    StorageError::Corrupt { what: "event chunk pointer names bytes the chunk log lacks", key: record::printable_key(key) }
 }
 
 #[cfg(test)]
