@@ -5,6 +5,7 @@
 //! decode per append instead of per event. A reader that wants position `p` finds the
 //! chunk with the greatest first position `<= p`.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{NewEvent, StoredEvent};
@@ -49,7 +50,8 @@ impl EventChunkRef<'_> {
 
 /// A stored chunk read for its keys only (stream, versions, positions, event ids): the
 /// payloads are borrowed from the record, not copied. Releases and the uploader's marks
-/// look at every settled chunk once, and need nothing else of it.
+/// look at every settled chunk once, and need nothing else of it; reads take the payloads
+/// as slices of the record ([`ChunkView::stored_events`]).
 ///
 /// Field for field the layout of [`EventChunk`] (bincode is not self-describing, so the
 /// unused fields must still be read, as borrowed slices).
@@ -67,14 +69,9 @@ pub struct ChunkView<'a> {
 #[derive(Debug, Deserialize)]
 pub struct EventView<'a> {
     pub id: [u8; 16],
-    // Read to step over them (and checked in tests); nothing else needs them.
-    #[allow(dead_code)]
     pub event_type: &'a str,
-    #[allow(dead_code)]
     pub content_type: &'a str,
-    #[allow(dead_code)]
     pub data: &'a [u8],
-    #[allow(dead_code)]
     pub metadata: &'a [u8],
 }
 
@@ -86,6 +83,26 @@ impl ChunkView<'_> {
     /// One past the last position.
     pub fn end_position(&self) -> u64 {
         self.first_position + self.len()
+    }
+
+    /// Its events as readers see them, their payloads slices of `encoding` (the bytes this
+    /// view was decoded from): no allocation or copy per payload.
+    pub fn stored_events(&self, encoding: &Bytes) -> Vec<StoredEvent> {
+        self.events
+            .iter()
+            .enumerate()
+            .map(|(offset, event)| StoredEvent {
+                id: event.id,
+                stream: self.stream.to_owned(),
+                version: self.first_version + offset as u64,
+                position: self.first_position + offset as u64,
+                event_type: event.event_type.to_owned(),
+                content_type: event.content_type.to_owned(),
+                data: encoding.slice_ref(event.data),
+                metadata: encoding.slice_ref(event.metadata),
+                created_unix_ms: self.created_unix_ms,
+            })
+            .collect()
     }
 
     /// Each event's id and `$all` position.
@@ -204,8 +221,8 @@ impl EventChunk {
             position: self.first_position + offset as u64,
             event_type: event.event_type.clone(),
             content_type: event.content_type.clone(),
-            data: event.data.clone(),
-            metadata: event.metadata.clone(),
+            data: event.data.clone().into(),
+            metadata: event.metadata.clone().into(),
             created_unix_ms: self.created_unix_ms,
         }
     }
@@ -223,8 +240,8 @@ impl EventChunk {
                 position: first_position + offset as u64,
                 event_type: event.event_type,
                 content_type: event.content_type,
-                data: event.data,
-                metadata: event.metadata,
+                data: event.data.into(),
+                metadata: event.metadata.into(),
                 created_unix_ms,
             })
             .collect()
@@ -274,8 +291,8 @@ impl EventChunk {
                 id: event.id,
                 event_type: event.event_type,
                 content_type: event.content_type,
-                data: event.data,
-                metadata: event.metadata,
+                data: event.data.into(),
+                metadata: event.metadata.into(),
             }],
         }
     }
@@ -318,6 +335,12 @@ mod tests {
         let fresh = EncodedChunk::of(&chunk).unwrap();
         assert_eq!(fresh.end_position(), chunk.end_position());
         assert_eq!((passed.stream, passed.ids, passed.encoded), (fresh.stream, fresh.ids, fresh.encoded));
+        // Read as events, it gives what the owned chunk gives, payloads sliced from the record.
+        let shared = Bytes::from(encoded.clone());
+        let view: ChunkView = bincode::deserialize(&shared).unwrap();
+        let events = view.stored_events(&shared);
+        assert_eq!(events, chunk.clone().into_events());
+        assert!(shared.as_ptr_range().contains(&events[1].data.as_ptr()), "a slice of the record, not a copy");
         // Staged from borrowed parts, it is stored byte for byte as the owned chunk.
         assert_eq!(bincode::serialize(&chunk.as_chunk_ref()).unwrap(), encoded);
         assert_eq!(chunk.as_chunk_ref().end_position(), chunk.end_position());

@@ -780,12 +780,11 @@ impl EventState {
                 }
                 continue;
             }
-            let chunk = read_chunk(&view, position)?.ok_or_else(|| StorageError::Corrupt {
+            let mut events = read_chunk_events(&view, position)?.ok_or_else(|| StorageError::Corrupt {
                 what: "stream index points at a missing chunk",
                 key: record::printable_key(&key),
             })?;
-            assert_eq!(chunk.stream, stream, "stream index entry must point into its stream");
-            let mut events = chunk.into_events();
+            assert!(events.iter().all(|event| event.stream == stream), "stream index entry must point into its stream");
             if backwards {
                 events.reverse();
             }
@@ -857,14 +856,14 @@ impl EventState {
                 break;
             }
             let value = if options.backwards { view.chunk_bytes(&key, value)? } else { view.chunk_bytes_in_order(&key, value, &mut window)? };
-            let payload = record::open("event chunk", &key, &value)?;
-            let header: ChunkHeader<'_> = record::decode_view("event chunk", &key, payload)?;
-            let wanted = (options.stream_filter)(header.stream);
+            let (wanted, header) = {
+                let header: ChunkHeader<'_> = record::decode_view("event chunk", &key, record::open("event chunk", &key, &value)?)?;
+                ((options.stream_filter)(header.stream), ChunkSpan { first_position: header.first_position, len: header.len })
+            };
             // The events of a wanted stream, taken in read order; none of another stream,
             // whose positions are still stepped through (they count as scanned).
             let mut events = if wanted {
-                let chunk: EventChunk = record::decode_view("event chunk", &key, payload)?;
-                chunk.into_events().into_iter()
+                verified_chunk_events(&key, value)?.into_iter()
             } else {
                 Vec::new().into_iter()
             };
@@ -1563,6 +1562,32 @@ fn chunk_records(view: &StateView, from: u64, to: u64) -> Result<impl Iterator<I
 }
 
 /// The chunk whose first position is `position`.
+/// The events of the chunk record `value` under `key`, as readers see them, their
+/// payloads slices of the record (see [`ChunkView::stored_events`]). The caller has
+/// verified the record (`record::open`): checksumming it again would cost a second pass.
+fn verified_chunk_events(key: &[u8], value: ChunkBytes<'_>) -> Result<Vec<StoredEvent>, StorageError> {
+    let payload = value.into_bytes().slice(record::CHECKSUM_BYTES..);
+    let view: ChunkView<'_> = record::decode_view("event chunk", key, &payload)?;
+    Ok(view.stored_events(&payload))
+}
+
+/// The positions a chunk covers, from its header.
+struct ChunkSpan {
+    first_position: u64,
+    len: u64,
+}
+
+/// The events of the chunk stored under `position` (see [`verified_chunk_events`]).
+fn read_chunk_events(view: &StateView, position: u64) -> Result<Option<Vec<StoredEvent>>, StorageError> {
+    let key = keys::event(position);
+    let Some(value) = view.tree.get(key)? else { return Ok(None) };
+    let value = view.chunk_bytes(&key, value)?;
+    record::open("event chunk", &key, &value)?;
+    let events = verified_chunk_events(&key, value)?;
+    assert_eq!(events.first().map(|event| event.position), Some(position), "chunk stored under its first position");
+    Ok(Some(events))
+}
+
 fn read_chunk(view: &StateView, position: u64) -> Result<Option<EventChunk>, StorageError> {
     let key = keys::event(position);
     match view.tree.get(key)? {

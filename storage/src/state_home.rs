@@ -98,6 +98,19 @@ impl ChunkBytes<'_> {
     }
 }
 
+impl ChunkBytes<'_> {
+    /// The bytes as a shared buffer that events' payloads can be sliced from: sled's
+    /// buffer and a chunk read on its own are taken as they are; a window's bytes are
+    /// copied (once for the whole chunk).
+    pub fn into_bytes(self) -> bytes::Bytes {
+        match self {
+            ChunkBytes::Inline(bytes) => bytes::Bytes::from_owner(bytes),
+            ChunkBytes::Logged(bytes) => bytes.into(),
+            ChunkBytes::InWindow(bytes) => bytes::Bytes::copy_from_slice(bytes),
+        }
+    }
+}
+
 impl std::ops::Deref for ChunkBytes<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -169,8 +169,8 @@ mod tests {
             position: 0,
             event_type: event_type.into(),
             content_type: "application/json".into(),
-            data: data.as_bytes().to_vec(),
-            metadata: br#"{"tenant":"t1"}"#.to_vec(),
+            data: data.as_bytes().to_vec().into(),
+            metadata: br#"{"tenant":"t1"}"#.to_vec().into(),
             created_unix_ms: 0,
         };
         let filter = EventFilter::from_subscription(Some(SubscriptionFilter {

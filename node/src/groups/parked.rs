@@ -48,7 +48,7 @@ pub fn parked_event(group: &str, group_id: u64, key: Key, event: &StoredEvent, r
         id: parked_id(group_id, key),
         event_type: event.event_type.clone(),
         content_type: event.content_type.clone(),
-        data: event.data.clone(),
+        data: event.data.to_vec(),
         metadata: json!({ "$parked": origin }).to_string().into_bytes(),
     }
 }
@@ -70,7 +70,7 @@ pub fn original_of(parked: StoredEvent) -> Option<StoredEvent> {
         event_type: parked.event_type,
         content_type: parked.content_type,
         data: parked.data,
-        metadata: original_metadata,
+        metadata: original_metadata.into(),
         created_unix_ms: origin.get("created_unix_ms")?.as_i64()?,
     })
 }
@@ -87,8 +87,8 @@ mod tests {
             position: 99,
             event_type: "OrderPlaced".into(),
             content_type: "application/json".into(),
-            data: b"{\"total\":5}".to_vec(),
-            metadata,
+            data: b"{\"total\":5}".to_vec().into(),
+            metadata: metadata.into(),
             created_unix_ms: 1_700_000_000_000,
         }
     }
@@ -105,8 +105,8 @@ mod tests {
                 position: 500,
                 event_type: copy.event_type,
                 content_type: copy.content_type,
-                data: copy.data,
-                metadata: copy.metadata,
+                data: copy.data.into(),
+                metadata: copy.metadata.into(),
                 created_unix_ms: 1,
             };
             assert_eq!(original_of(stored), Some(original));
