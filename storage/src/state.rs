@@ -856,9 +856,10 @@ impl EventState {
                 break;
             }
             let value = if options.backwards { view.chunk_bytes(&key, value)? } else { view.chunk_bytes_in_order(&key, value, &mut window)? };
-            let (wanted, header) = {
+            // Taken out of the header, which borrows `value`: the wanted events take `value` over.
+            let (wanted, first_position, len) = {
                 let header: ChunkHeader<'_> = record::decode_view("event chunk", &key, record::open("event chunk", &key, &value)?)?;
-                ((options.stream_filter)(header.stream), ChunkSpan { first_position: header.first_position, len: header.len })
+                ((options.stream_filter)(header.stream), header.first_position, header.len)
             };
             // The events of a wanted stream, taken in read order; none of another stream,
             // whose positions are still stepped through (they count as scanned).
@@ -868,9 +869,9 @@ impl EventState {
                 Vec::new().into_iter()
             };
             let offsets: Box<dyn Iterator<Item = u64>> =
-                if options.backwards { Box::new((0..header.len).rev()) } else { Box::new(0..header.len) };
+                if options.backwards { Box::new((0..len).rev()) } else { Box::new(0..len) };
             for offset in offsets {
-                let position = header.first_position + offset;
+                let position = first_position + offset;
                 let event = match (wanted, options.backwards) {
                     (false, _) => None,
                     (true, false) => events.next(),
@@ -1561,7 +1562,6 @@ fn chunk_records(view: &StateView, from: u64, to: u64) -> Result<impl Iterator<I
     }))
 }
 
-/// The chunk whose first position is `position`.
 /// The events of the chunk record `value` under `key`, as readers see them, their
 /// payloads slices of the record (see [`ChunkView::stored_events`]). The caller has
 /// verified the record (`record::open`): checksumming it again would cost a second pass.
@@ -1569,12 +1569,6 @@ fn verified_chunk_events(key: &[u8], value: ChunkBytes<'_>) -> Result<Vec<Stored
     let payload = value.into_bytes().slice(record::CHECKSUM_BYTES..);
     let view: ChunkView<'_> = record::decode_view("event chunk", key, &payload)?;
     Ok(view.stored_events(&payload))
-}
-
-/// The positions a chunk covers, from its header.
-struct ChunkSpan {
-    first_position: u64,
-    len: u64,
 }
 
 /// The events of the chunk stored under `position` (see [`verified_chunk_events`]).
@@ -1588,6 +1582,7 @@ fn read_chunk_events(view: &StateView, position: u64) -> Result<Option<Vec<Store
     Ok(Some(events))
 }
 
+/// The chunk whose first position is `position`.
 fn read_chunk(view: &StateView, position: u64) -> Result<Option<EventChunk>, StorageError> {
     let key = keys::event(position);
     match view.tree.get(key)? {
