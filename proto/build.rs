@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".strata.v1.ProposedEvent.metadata")
         // A follower decodes each AppendEntries (often megabytes) from the received buffer.
         .bytes(".strata.v1.raft.RaftMessage.payload")
+        // Each message encoded at its exact size, not into a doubling buffer (see codec.rs).
+        .codec_path("crate::codec::SizedProstCodec")
         .compile_protos(&protos, &["."])?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

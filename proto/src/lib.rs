@@ -1,8 +1,11 @@
 //! The wire contract of Strata: `strata.v1` (public) and `strata.v1.raft` (node to node).
 //!
-//! Generated at build time from `proto/strata/v1/*.proto`. The one piece of logic here is
+//! Generated at build time from `proto/strata/v1/*.proto`. Two pieces of logic live here:
 //! [`detail_of`], the client-side decoding of the typed error every status carries, so the
-//! CLI, the tests and the chaos suite read errors one way.
+//! CLI, the tests and the chaos suite read errors one way; and [`codec`], the gRPC codec
+//! every generated client and server uses.
+
+pub mod codec;
 
 /// The public API: streams, cluster administration, typed error details.
 pub mod v1 {
