@@ -1147,7 +1147,8 @@ impl EventState {
     }
 
     /// Every locally held event from `floor` below `cutoff`, in position order (for
-    /// snapshot export; the caller keeps releases off, see `snapshot_started`).
+    /// snapshot export; the caller keeps releases off, see `snapshot_started`). Payloads
+    /// are slices of their chunk's record, as in reads ([`verified_chunk_events`]).
     pub fn events_below(&self, floor: u64, cutoff: u64) -> impl Iterator<Item = Result<StoredEvent, StorageError>> {
         let view = self.view();
         let mut window = ReadAhead::default();
@@ -1156,14 +1157,13 @@ impl EventState {
             .map(move |item| {
                 let (key, value) = item?;
                 let value = view.chunk_bytes_in_order(&key, value, &mut window)?;
-                record::open_value::<EventChunk>("event chunk", &key, &value)
+                record::open("event chunk", &key, &value)?;
+                verified_chunk_events(&key, value)
             })
-            .flat_map(move |chunk| -> Box<dyn Iterator<Item = Result<StoredEvent, StorageError>>> {
-                match chunk {
+            .flat_map(move |events| -> Box<dyn Iterator<Item = Result<StoredEvent, StorageError>>> {
+                match events {
                     Err(e) => Box::new(std::iter::once(Err(e))),
-                    Ok(chunk) => Box::new(
-                        (chunk.first_position..chunk.end_position().min(cutoff)).map(move |p| Ok(chunk.event_at(p))),
-                    ),
+                    Ok(events) => Box::new(events.into_iter().take_while(move |event| event.position < cutoff).map(Ok)),
                 }
             })
     }
