@@ -1,3 +1,0 @@
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("RaftCore closed receiver")]
-pub(crate) struct RaftCoreClosed;

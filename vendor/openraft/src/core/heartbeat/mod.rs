@@ -1,4 +1,0 @@
-pub(crate) mod errors;
-pub(crate) mod event;
-pub(crate) mod handle;
-pub(crate) mod worker;

@@ -1,3 +1,0 @@
-pub(crate) mod app;
-pub(crate) mod management;
-pub(crate) mod protocol;
