@@ -235,6 +235,21 @@ impl EventReader {
             return Ok(local);
         }
         let mut out = self.tier_or_error()?.read_stream(stream, from_version, false, limit, floor).await?;
+        // A short tier part must end where the local part begins: a tier reader behind the
+        // released history returns a prefix, and the local events after it would leave a
+        // hole in the page (the chaos `tier-corrupt` scenario saw exactly that). Retryable.
+        if let Some(first_local) = local.first()
+            && out.len() < limit
+        {
+            let reached = out.last().map_or(from_version, |event| event.version + 1);
+            if reached < first_local.version {
+                return Err(ReadError::Tier(TierError::Store(format!(
+                    "the object-store tier's copy of {stream} ends at version {reached}, below the locally held version {}: \
+                     the tier reader is behind the released history; retry",
+                    first_local.version
+                ))));
+            }
+        }
         let room = limit.saturating_sub(out.len());
         out.extend(local.into_iter().take(room));
         Ok(out)
