@@ -3,8 +3,9 @@
 //!
 //! tonic-prost's encoder writes a message into the stream's buffer as it goes, and the
 //! buffer grows by doubling: a `$all` page (about 700 KB for 2,048 events) or a Raft
-//! AppendEntries (often megabytes) was copied again at every doubling, which measured as
-//! half of the leader's `memmove` in a read-back. One `encoded_len` pass, then one copy.
+//! AppendEntries (often megabytes) was copied again at every doubling (`BytesMut::reserve_inner`
+//! under the encode in a read-back profile, about 2 % of the leader). One `encoded_len` pass,
+//! then one copy. A/B throughput moved within the noise.
 
 use std::marker::PhantomData;
 
