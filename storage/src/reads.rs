@@ -19,6 +19,16 @@ use crate::state::{EventState, ReadAllOptions};
 use crate::tier::{TierError, TierReader};
 use crate::StorageError;
 
+/// A stream page that would span the tier floor with a hole: the tier's part does not meet
+/// the local part at version `needed` (it gave `got`). The tier reader is behind the history
+/// the store has released to it, which a retry outgrows (UNAVAILABLE, retryable).
+fn behind_the_floor(stream: &str, got: String, needed: u64) -> ReadError {
+    ReadError::Tier(TierError::Store(format!(
+        "the object-store tier's copy of {stream} gave {got} where version {needed} joins the locally held part: \
+         the tier reader is behind the released history; retry"
+    )))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -228,6 +238,13 @@ impl EventReader {
             };
             let mut out = local;
             let cold = self.tier_or_error()?.read_stream(stream, below, true, limit - out.len(), floor).await?;
+            // The mirror image of the forward check below: event `below` lies under the floor,
+            // so the tier holds it; a tier part that starts lower (or is empty) comes from a tier
+            // reader behind the released history and would leave a hole. Retryable.
+            let started = cold.first().map(|event| event.version);
+            if started != Some(below) {
+                return Err(behind_the_floor(stream, started.map_or_else(|| "nothing".to_string(), |v| format!("version {v}")), below));
+            }
             out.extend(cold);
             return Ok(out);
         }
@@ -243,11 +260,7 @@ impl EventReader {
         {
             let reached = out.last().map_or(from_version, |event| event.version + 1);
             if reached < first_local.version {
-                return Err(ReadError::Tier(TierError::Store(format!(
-                    "the object-store tier's copy of {stream} ends at version {reached}, below the locally held version {}: \
-                     the tier reader is behind the released history; retry",
-                    first_local.version
-                ))));
+                return Err(behind_the_floor(stream, format!("up to version {reached} (exclusive)"), first_local.version));
             }
         }
         let room = limit.saturating_sub(out.len());
@@ -378,8 +391,9 @@ mod tests {
         }
     }
 
-    /// 60 events in chunks of 1-3 over streams s0..s2; [0, watermark) uploaded and released.
-    async fn tiered(dir: &std::path::Path, watermark: u64) -> (EventReader, Vec<StoredEvent>) {
+    /// 60 events in chunks of 1-3 over streams s0..s2 (s0 holds one event in each of the
+    /// positions 0, 6, 12, ...), with every event as stored, in position order.
+    fn filled(dir: &std::path::Path) -> (Arc<EventState>, Vec<StoredEvent>) {
         let db = crate::open_database(&dir.join("node")).unwrap();
         let state = Arc::new(EventState::open(&db, &dir.join("node")).unwrap());
         let mut n = 0;
@@ -393,23 +407,39 @@ mod tests {
         let everything = state.read_stream("s0", 0, false, 1000).unwrap().len();
         assert!(everything > 0);
         let (all, _) = state.read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 1000, scan_limit: 1000, stream_filter: &|_| true, filter: &|_| true }).unwrap();
-        let store = TierStore::open(&TierStoreConfig { url: format!("file://{}", dir.join("tier").display()), ..Default::default() }).unwrap();
+        (state, all)
+    }
+
+    /// A tier in `dir/name` holding [0, watermark) of `state`, and a reader that sees all of it.
+    async fn uploaded(state: &Arc<EventState>, dir: &std::path::Path, name: &str, watermark: u64) -> Arc<TierReader> {
+        let store = TierStore::open(&TierStoreConfig { url: format!("file://{}", dir.join(name).display()), ..Default::default() }).unwrap();
         let mut writer = TierWriter::open(&store, 1, 1).await.unwrap();
         let mut at = 0;
         while at < watermark {
-            let (_, end) = writer.upload(&state, at, watermark, 200).await.unwrap();
+            let (_, end) = writer.upload(state, at, watermark, 200).await.unwrap();
             at = end;
         }
         assert_eq!(at, watermark, "segments end exactly at the watermark");
-        let advance = ControlCommand::AdvanceTier { from: 0, to: watermark, segments: 1, bytes: 1, updated_unix_ms: 1 };
-        state.apply_control(advance, b"m").unwrap().unwrap();
         let tier = Arc::new(TierReader::new(store));
         while tier.uploaded_through().await.unwrap() < watermark {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        tier
+    }
+
+    /// [0, watermark) uploaded and released.
+    async fn tiered(dir: &std::path::Path, watermark: u64) -> (EventReader, Vec<StoredEvent>) {
+        let (state, all) = filled(dir);
+        let tier = uploaded(&state, dir, "tier", watermark).await;
+        release(&state, watermark);
+        (EventReader::new(state, Some(tier)), all)
+    }
+
+    fn release(state: &EventState, watermark: u64) {
+        let advance = ControlCommand::AdvanceTier { from: 0, to: watermark, segments: 1, bytes: 1, updated_unix_ms: 1 };
+        state.apply_control(advance, b"m").unwrap().unwrap();
         state.release_below(watermark).unwrap();
         assert!(state.floor() > 0 && state.floor() <= watermark);
-        (EventReader::new(state, Some(tier)), all)
     }
 
     #[tokio::test]
@@ -472,5 +502,28 @@ mod tests {
         let blind = EventReader::new(reader.state().clone(), None);
         let err = blind.read_all(0, false, 10, 10, AllFilter::events(Arc::new(|_| true))).await.unwrap_err();
         assert!(err.to_string().contains("no object store is configured"), "{err}");
+    }
+
+    /// A tier reader that has not caught up with the history released to the tier must not
+    /// make a stream page that spans the floor skip the part it lacks: the read fails,
+    /// retryably, forward and backward (the chaos `tier-corrupt` scenario found the forward
+    /// case serving holes).
+    #[tokio::test]
+    async fn a_tier_reader_behind_the_floor_fails_spanning_stream_reads_retryably() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, all) = filled(dir.path());
+        // The same history, but only [0, 12) of it: s0's versions 0 and 1.
+        let behind = uploaded(&state, dir.path(), "tier-behind", 12).await;
+        drop(uploaded(&state, dir.path(), "tier", 31).await);
+        release(&state, 31);
+        let reader = EventReader::new(state, Some(behind));
+        let s0: Vec<StoredEvent> = all.iter().filter(|e| e.stream == "s0").cloned().collect();
+        let retryable = |err: ReadError| assert!(matches!(err, ReadError::Tier(TierError::Store(ref m)) if m.contains("behind")), "{err}");
+        retryable(reader.read_stream("s0", 0, false, 1000).await.unwrap_err());
+        retryable(reader.read_stream("s0", s0.len() as u64 - 1, true, 1000).await.unwrap_err());
+        // What the lagging tier does hold is still served, and the local part needs no tier.
+        assert_eq!(reader.read_stream("s0", 0, false, 2).await.unwrap(), s0[..2].to_vec());
+        let local_from = s0.iter().find(|e| e.position >= 31).unwrap().version;
+        assert_eq!(reader.read_stream("s0", local_from, false, 1000).await.unwrap(), s0[local_from as usize..].to_vec());
     }
 }
