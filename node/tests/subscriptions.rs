@@ -207,7 +207,10 @@ async fn stream_subscriptions_start_at_a_version_and_checkpoints_flow_while_noth
     let got = events(&mut subscription, 1).await;
     assert_eq!((got[0].version, got[0].r#type.as_str()), (5, "Withdrawn"));
 
-    // From the end: only what comes after.
+    // From the end: only what comes after. The end is node 3's own: a follower learns a
+    // commit a moment after the leader has answered the append, so wait until it has
+    // applied everything, or the end could still be before version 5.
+    cluster.wait_converged(Duration::from_secs(10)).await;
     let request = SubscribeRequest { stream: "acct".into(), from: SubscribeFrom::End as i32, ..Default::default() };
     let mut from_end = subscribe(&cluster, 3, request).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -220,6 +223,7 @@ async fn stream_subscriptions_start_at_a_version_and_checkpoints_flow_while_noth
         filter: Some(SubscriptionFilter { event_types: vec!["NeverWritten".into()], ..Default::default() }),
         ..Default::default()
     };
+    cluster.wait_converged(Duration::from_secs(10)).await; // node 1's head is position 10
     let mut quiet = subscribe(&cluster, 1, request).await;
     // Caught up first (at position 10), so what follows can only reach the head as checkpoints:
     // appends racing the subscription's first look would be covered by its CaughtUp instead.

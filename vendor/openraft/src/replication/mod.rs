@@ -157,6 +157,7 @@ where
                 log_reader,
                 payload: None,
                 inflight_id: None,
+                commit_pending: false,
                 backoff_consumer,
             })),
             inflight_id: None,

@@ -55,6 +55,12 @@ where
 
     pub(crate) inflight_id: Option<InflightId>,
 
+    /// Strata: a commit whose change notification `get_log_id_range` took but that no request
+    /// has carried yet. The notification is consumed before the piggyback wait, and this
+    /// state outlives the request stream, so a stream dropped during the wait (a session
+    /// ending, a new payload) leaves the commit owed here for the next request, not lost.
+    pub(crate) commit_pending: bool,
+
     /// Handle that samples backoff delays and clears the current backoff on reset.
     /// `ReplicationCore` enables new backoff after RPC errors.
     pub(crate) backoff_consumer: BackoffConsumer<C>,
@@ -104,6 +110,7 @@ where
             leader_commit: self.event_watcher.committed_rx.borrow_and_update().clone(),
             entries,
         };
+        self.commit_pending = false;
 
         if let Some(first) = payload.entries.first() {
             debug_assert_eq!(
@@ -149,6 +156,8 @@ where
 
             if last_log_id > prev {
                 return Some(non_reversed_log_id_range(prev, last_log_id));
+            } else if self.commit_pending {
+                return self.wait_for_logs_to_carry_the_commit(prev).await;
             } else {
                 let data_change = self.event_watcher.replicate_rx.changed();
                 let io_change = self.event_watcher.io_submitted_rx.changed();
@@ -176,43 +185,8 @@ where
                         tracing::debug!("committed_rx changed");
                         // Only a commit that no request has carried is still unseen here, because
                         // `next_request()` marks every commit it sends.
-                        //
-                        // Strata (vendor/openraft/STRATA.md): wait up to
-                        // `COMMIT_PIGGYBACK_WAIT` for new logs to carry it before sending it in
-                        // an entry-less request of its own. Either way the request built next
-                        // carries the latest commit.
-                        //
-                        // A new payload for this target (another inflight id) ends this stream
-                        // during the wait, as in the `Second` arm above: otherwise this stream
-                        // would build a request that is never delivered, and the commit, marked
-                        // seen by it, would reach the follower only with the next entries.
-                        let new_payload = self.event_watcher.replicate_rx.changed();
-                        let more_logs = self.event_watcher.io_submitted_rx.changed();
-                        let cancel = self.replication_context.cancel_rx.changed();
-                        let waited = C::sleep(COMMIT_PIGGYBACK_WAIT);
-                        match C::select4(cancel, new_payload, more_logs, waited).await {
-                            Select4::First(cancel_res) => {
-                                tracing::info!(
-                                    "Replication Stream is canceled, res: {:?}, when:(get_log_id_range:commit-piggyback-wait)",
-                                    cancel_res
-                                );
-                                return None;
-                            }
-                            Select4::Second(_) => {
-                                let new_data = self.event_watcher.replicate_rx.borrow_watched().clone();
-                                if Some(new_data.inflight_id) != self.inflight_id {
-                                    tracing::info!(
-                                        "current inflight_id: {} received payload with new inflight_id: {} during commit-piggyback-wait, quit",
-                                        self.inflight_id.display(),
-                                        new_data.inflight_id
-                                    );
-                                    return None;
-                                }
-                            }
-                            Select4::Third(_) | Select4::Fourth(_) => {}
-                        }
-                        let current: IOId<C> = self.event_watcher.io_submitted_rx.borrow_watched().clone();
-                        return Some(non_reversed_log_id_range(prev, current.last_log_id().cloned()));
+                        self.commit_pending = true;
+                        return self.wait_for_logs_to_carry_the_commit(prev).await;
                     }
                     Select4::First(cancel_res) => {
                         tracing::info!(
@@ -224,6 +198,44 @@ where
                 }
             }
         }
+    }
+
+    /// Strata (vendor/openraft/STRATA.md): a commit that no request has carried waits up to
+    /// `COMMIT_PIGGYBACK_WAIT` for new logs to carry it before it is sent in an entry-less
+    /// request of its own. Either way the request built next carries the latest commit
+    /// (and clears `commit_pending`).
+    ///
+    /// A new payload for this target (another inflight id) ends this stream during the wait,
+    /// as the wait in `get_log_id_range` does: this stream's requests would not be delivered.
+    /// The commit stays pending for the stream that replaces it.
+    async fn wait_for_logs_to_carry_the_commit(&mut self, prev: Option<LogIdOf<C>>) -> Option<LogIdRange<C>> {
+        let new_payload = self.event_watcher.replicate_rx.changed();
+        let more_logs = self.event_watcher.io_submitted_rx.changed();
+        let cancel = self.replication_context.cancel_rx.changed();
+        let waited = C::sleep(COMMIT_PIGGYBACK_WAIT);
+        match C::select4(cancel, new_payload, more_logs, waited).await {
+            Select4::First(cancel_res) => {
+                tracing::info!(
+                    "Replication Stream is canceled, res: {:?}, when:(get_log_id_range:commit-piggyback-wait)",
+                    cancel_res
+                );
+                return None;
+            }
+            Select4::Second(_) => {
+                let new_data = self.event_watcher.replicate_rx.borrow_watched().clone();
+                if Some(new_data.inflight_id) != self.inflight_id {
+                    tracing::info!(
+                        "current inflight_id: {} received payload with new inflight_id: {} during commit-piggyback-wait, quit",
+                        self.inflight_id.display(),
+                        new_data.inflight_id
+                    );
+                    return None;
+                }
+            }
+            Select4::Third(_) | Select4::Fourth(_) => {}
+        }
+        let current: IOId<C> = self.event_watcher.io_submitted_rx.borrow_watched().clone();
+        Some(non_reversed_log_id_range(prev, current.last_log_id().cloned()))
     }
 
     /// Waits for the backoff duration if backoff is enabled, or returns immediately.

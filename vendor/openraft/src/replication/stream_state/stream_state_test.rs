@@ -132,6 +132,7 @@ fn probe_stops_after_storage_limited_prefix() {
                     },
                     payload: Some(Payload::Probe { log_id_range: range }),
                     inflight_id: Some(inflight_id),
+                    commit_pending: false,
                     backoff_consumer: BackoffState::new().consumer(backoff_reset_rx),
                 }
             };
