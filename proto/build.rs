@@ -23,6 +23,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".strata.v1.ProposedEvent.metadata")
         // A follower decodes each AppendEntries (often megabytes) from the received buffer.
         .bytes(".strata.v1.raft.RaftMessage.payload")
+        // Written by hand, so a server can send events encoded straight from storage
+        // (read_response.rs); the wire form is the proto's. prost still generates the message
+        // it was told is external: compiled out, so `v1::ReadResponse` is the hand-written one.
+        .extern_path(".strata.v1.ReadResponse", "crate::read_response::ReadResponse")
+        .message_attribute(".strata.v1.ReadResponse", "#[cfg(any())]")
         // Each message encoded at its exact size, not into a doubling buffer (see codec.rs).
         .codec_path("crate::codec::SizedProstCodec")
         .compile_protos(&protos, &["."])?;

@@ -2,14 +2,17 @@
 //!
 //! Generated at build time from `proto/strata/v1/*.proto`. Two pieces of logic live here:
 //! [`detail_of`], the client-side decoding of the typed error every status carries, so the
-//! CLI, the tests and the chaos suite read errors one way; and [`codec`], the gRPC codec
-//! every generated client and server uses.
+//! CLI, the tests and the chaos suite read errors one way; [`codec`], the gRPC codec
+//! every generated client and server uses; and [`read_response`], the read message a
+//! server fills with events it encodes itself.
 
 pub mod codec;
+pub mod read_response;
 
 /// The public API: streams, cluster administration, typed error details.
 pub mod v1 {
     tonic::include_proto!("strata.v1");
+    pub use crate::read_response::ReadResponse;
 
     /// Node-to-node Raft transport.
     pub mod raft {

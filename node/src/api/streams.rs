@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use prost::Message;
 use strata_proto::v1::streams_client::StreamsClient;
+use strata_proto::read_response::{EncodedEvents, RecordedEventRef};
 use strata_proto::v1::streams_server::Streams;
 use strata_proto::v1::{
     AppendRequest, AppendResponse, DeleteStreamRequest, DeleteStreamResponse, Direction, ListStreamsRequest, ListStreamsResponse,
@@ -102,27 +103,47 @@ pub fn recorded_event(event: StoredEvent) -> RecordedEvent {
 
 type ReadStreamOut = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
-/// Sends `events` as response messages of at most `READ_PAGE_BYTES_MAX` bytes each.
+/// The wire form of a stored event, borrowed: what a read writes into its messages.
+fn recorded_event_ref(event: &StoredEvent) -> RecordedEventRef<'_> {
+    RecordedEventRef {
+        id: event.id,
+        stream: &event.stream,
+        version: event.version,
+        position: event.position,
+        event_type: &event.event_type,
+        data: &event.data,
+        metadata: &event.metadata,
+        content_type: &event.content_type,
+        created_unix_ms: event.created_unix_ms,
+    }
+}
+
+/// A read message carrying `token`, with room for a page of encoded events.
+fn read_message(token: &str, events: usize) -> ReadResponse {
+    // The bench's events encode to about 330 bytes each; a page is at most READ_PAGE_BYTES_MAX.
+    let room = (events * 384).min(READ_PAGE_BYTES_MAX + 64 * 1024);
+    ReadResponse { encoded: EncodedEvents::with_capacity(room), commit_token: token.to_string(), ..Default::default() }
+}
+
+/// Sends `events` as response messages of at most about `READ_PAGE_BYTES_MAX` bytes each,
+/// each event encoded straight from its stored form (see `strata_proto::read_response`).
 /// Returns false when the client went away.
 async fn send_events(
     sender: &mpsc::Sender<Result<ReadResponse, Status>>,
     events: Vec<StoredEvent>,
     token: &str,
 ) -> bool {
-    let mut message = ReadResponse { events: Vec::with_capacity(events.len()), commit_token: token.to_string() };
-    let mut bytes = 0usize;
-    for event in events {
-        bytes += event.data.len() + event.metadata.len() + event.stream.len() + 64;
-        message.events.push(recorded_event(event));
-        if bytes >= READ_PAGE_BYTES_MAX {
-            let full = std::mem::replace(&mut message, ReadResponse { events: Vec::new(), commit_token: token.to_string() });
+    let mut message = read_message(token, events.len());
+    for (sent, event) in events.iter().enumerate() {
+        message.encoded.push(&recorded_event_ref(event));
+        if message.encoded.byte_len() >= READ_PAGE_BYTES_MAX {
+            let full = std::mem::replace(&mut message, read_message(token, events.len() - sent - 1));
             if sender.send(Ok(full)).await.is_err() {
                 return false;
             }
-            bytes = 0;
         }
     }
-    if !message.events.is_empty() && sender.send(Ok(message)).await.is_err() {
+    if !message.encoded.is_empty() && sender.send(Ok(message)).await.is_err() {
         return false;
     }
     true
