@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{NewEvent, StoredEvent};
+use crate::command::{EventRef, NewEvent, StoredEvent};
 use crate::StorageError;
 
 /// Most events a chunk holds when one is built from a snapshot's event stream (an append
@@ -103,6 +103,22 @@ impl ChunkView<'_> {
                 created_unix_ms: self.created_unix_ms,
             })
             .collect()
+    }
+
+    /// Its event at `index`, borrowed (None past its end).
+    pub fn event_ref(&self, index: usize) -> Option<EventRef<'_>> {
+        let event = self.events.get(index)?;
+        Some(EventRef {
+            id: event.id,
+            stream: self.stream,
+            version: self.first_version + index as u64,
+            position: self.first_position + index as u64,
+            event_type: event.event_type,
+            content_type: event.content_type,
+            data: event.data,
+            metadata: event.metadata,
+            created_unix_ms: self.created_unix_ms,
+        })
     }
 
     /// Each event's id and `$all` position.

@@ -202,6 +202,116 @@ impl StoredEvent {
     }
 }
 
+/// A stored event as a read meets it: borrowed from the stored chunk it was decoded from
+/// (or from a [`StoredEvent`]). A read that encodes events for the wire never owns them:
+/// no allocation per event for its stream, type and content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    pub id: [u8; 16],
+    pub stream: &'a str,
+    pub version: u64,
+    pub position: u64,
+    pub event_type: &'a str,
+    pub content_type: &'a str,
+    pub data: &'a [u8],
+    pub metadata: &'a [u8],
+    pub created_unix_ms: i64,
+}
+
+impl EventRef<'_> {
+    /// Whether this is what a scavenge left of an event (never served to readers).
+    pub fn is_scavenged(&self) -> bool {
+        self.event_type.is_empty()
+    }
+
+    /// The event, owned. `stored` is the buffer it was borrowed from, if the reader has it
+    /// as shared bytes: the payloads are then slices of it, not copies.
+    pub fn to_stored(&self, stored: Option<&Bytes>) -> StoredEvent {
+        let payload = |part: &[u8]| match stored {
+            Some(stored) => stored.slice_ref(part),
+            None => Bytes::copy_from_slice(part),
+        };
+        StoredEvent {
+            id: self.id,
+            stream: self.stream.to_owned(),
+            version: self.version,
+            position: self.position,
+            event_type: self.event_type.to_owned(),
+            content_type: self.content_type.to_owned(),
+            data: payload(self.data),
+            metadata: payload(self.metadata),
+            created_unix_ms: self.created_unix_ms,
+        }
+    }
+}
+
+impl StoredEvent {
+    pub fn as_event_ref(&self) -> EventRef<'_> {
+        EventRef {
+            id: self.id,
+            stream: &self.stream,
+            version: self.version,
+            position: self.position,
+            event_type: &self.event_type,
+            content_type: &self.content_type,
+            data: &self.data,
+            metadata: &self.metadata,
+            created_unix_ms: self.created_unix_ms,
+        }
+    }
+}
+
+/// Where the events of a `$all` page go, one by one in read order, borrowed from storage:
+/// into owned [`StoredEvent`]s (`Vec<StoredEvent>`), or straight into a wire encoding (the
+/// node's reads, which so never build an owned event).
+pub trait PageSink {
+    /// Takes `event`. `stored` is the chunk it was borrowed from as shared bytes, when the
+    /// sink [keeps payloads](PageSink::keeps_payloads) and the event came from a chunk.
+    fn push(&mut self, event: &EventRef<'_>, stored: Option<&Bytes>);
+
+    /// Takes an event that is owned already (read from the tier).
+    fn push_stored(&mut self, event: StoredEvent) {
+        self.push(&event.as_event_ref(), None);
+    }
+
+    /// Events taken.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the sink takes no more events (its bytes reached a bound, say): the page
+    /// ends there, and the read continues from the next position.
+    fn is_full(&self) -> bool {
+        false
+    }
+
+    /// Whether [`PageSink::push`] wants the stored chunk as shared bytes (to keep slices of
+    /// it), which costs a copy of a chunk read through a read-ahead window.
+    fn keeps_payloads(&self) -> bool {
+        false
+    }
+}
+
+impl PageSink for Vec<StoredEvent> {
+    fn push(&mut self, event: &EventRef<'_>, stored: Option<&Bytes>) {
+        Vec::push(self, event.to_stored(stored));
+    }
+
+    fn push_stored(&mut self, event: StoredEvent) {
+        Vec::push(self, event);
+    }
+
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn keeps_payloads(&self) -> bool {
+        true
+    }
+}
+
 /// Byte vectors as one length-prefixed blob (bincode writes `Vec<u8>` element by element
 /// otherwise, which is several times slower to encode and decode).
 pub(crate) mod serde_bytes_compat {

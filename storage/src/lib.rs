@@ -41,8 +41,8 @@ pub mod tier;
 mod wal;
 
 pub use command::{
-    AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, ExpectedVersion, NewEvent,
-    StoredEvent,
+    AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, EventRef, ExpectedVersion, NewEvent,
+    PageSink, StoredEvent,
 };
 pub use control::{
     AggregateSnapshot, ControlCommand, ControlFailure, ControlOutcome, ControlSuccess, GroupRecord, GroupStart, TierState, GROUPS_MAX,

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::command::StoredEvent;
+use crate::command::{EventRef, PageSink, StoredEvent};
 use crate::retention::StreamMeta;
 use crate::state::{EventState, ReadAllOptions};
 use crate::tier::{TierError, TierReader};
@@ -50,25 +50,25 @@ type MetaAndHead = (StreamMeta, Option<u64>);
 impl PageMetaCache {
     /// Whether `event` is visible by its stream's metadata at `now` (a metadata read that
     /// fails shows the event: a read error must not make history vanish).
-    fn visible(&self, state: &EventState, event: &StoredEvent, now: i64) -> bool {
+    fn visible(&self, state: &EventState, event: &EventRef<'_>, now: i64) -> bool {
         if event.is_scavenged() {
             return false;
         }
-        if !state.may_have_meta(&event.stream) {
+        if !state.may_have_meta(event.stream) {
             return true;
         }
         let mut streams = self.streams.lock().expect("never poisoned");
-        if !streams.contains_key(&event.stream) {
+        if !streams.contains_key(event.stream) {
             if streams.len() >= PAGE_META_CACHE_STREAMS_MAX {
                 streams.clear();
             }
-            let known = match state.stream_meta(&event.stream) {
-                Ok(Some(meta)) => Some((meta, state.stream_head(&event.stream).ok().flatten().map(|h| h.last_version))),
+            let known = match state.stream_meta(event.stream) {
+                Ok(Some(meta)) => Some((meta, state.stream_head(event.stream).ok().flatten().map(|h| h.last_version))),
                 Ok(None) | Err(_) => None,
             };
-            streams.insert(event.stream.clone(), known);
+            streams.insert(event.stream.to_owned(), known);
         }
-        match &streams[&event.stream] {
+        match &streams[event.stream] {
             None => true,
             Some((meta, last)) => meta.visible(event.version, event.created_unix_ms, *last, now),
         }
@@ -88,7 +88,7 @@ pub enum ReadError {
 }
 
 /// An event predicate that can travel to a blocking read.
-pub type SharedFilter = Arc<dyn Fn(&StoredEvent) -> bool + Send + Sync>;
+pub type SharedFilter = Arc<dyn Fn(&EventRef<'_>) -> bool + Send + Sync>;
 
 /// A stream-name predicate that can travel to a blocking read.
 pub type SharedStreamFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -108,8 +108,8 @@ impl AllFilter {
         Self { stream: Arc::new(|_| true), event }
     }
 
-    pub fn matches(&self, event: &StoredEvent) -> bool {
-        (self.stream)(&event.stream) && (self.event)(event)
+    pub fn matches(&self, event: &EventRef<'_>) -> bool {
+        (self.stream)(event.stream) && (self.event)(event)
     }
 }
 
@@ -278,6 +278,20 @@ impl EventReader {
         scan_limit: usize,
         filter: AllFilter,
     ) -> Result<(Vec<StoredEvent>, Option<u64>), ReadError> {
+        self.read_all_into(from_position, backwards, limit, scan_limit, filter, Vec::new()).await
+    }
+
+    /// [`EventReader::read_all`] into `sink` (empty at first), which is handed back with
+    /// where to continue. The page ends early when the sink [is full](PageSink::is_full).
+    pub async fn read_all_into<S: PageSink + Send + 'static>(
+        &self,
+        from_position: u64,
+        backwards: bool,
+        limit: usize,
+        scan_limit: usize,
+        filter: AllFilter,
+        sink: S,
+    ) -> Result<(S, Option<u64>), ReadError> {
         // Events hidden by their stream's retention or deletion are not part of any page.
         let state = self.state.clone();
         let now = now_ms();
@@ -285,18 +299,18 @@ impl EventReader {
         let metas = PageMetaCache::default();
         let filter = AllFilter {
             stream: filter.stream,
-            event: Arc::new(move |event: &StoredEvent| metas.visible(&state, event, now) && user(event)),
+            event: Arc::new(move |event: &EventRef<'_>| metas.visible(&state, event, now) && user(event)),
         };
         let visible = self.state.next_position();
-        let mut out = Vec::new();
+        let mut sink = sink;
         let mut from = if backwards {
             if visible == 0 {
-                return Ok((out, None));
+                return Ok((sink, None));
             }
             from_position.min(visible - 1)
         } else {
             if from_position >= visible {
-                return Ok((out, None));
+                return Ok((sink, None));
             }
             from_position
         };
@@ -304,43 +318,41 @@ impl EventReader {
         loop {
             let floor = self.state.floor();
             if from >= floor {
-                let (remaining, scan_left, shared) = (limit - out.len(), scan_limit.saturating_sub(scanned).max(1), filter.clone());
-                let (page, next, floor_at_read) = self
+                let (scan_left, shared) = (scan_limit.saturating_sub(scanned).max(1), filter.clone());
+                let (returned, next, floor_at_read) = self
                     .blocking(move |state| {
-                        state.read_all_local(&ReadAllOptions {
+                        let options = ReadAllOptions {
                             from_position: from,
                             backwards,
-                            limit: remaining,
+                            limit,
                             scan_limit: scan_left,
                             stream_filter: &*shared.stream,
                             filter: &*shared.event,
-                        })
+                        };
+                        let (next, floor_at_read) = state.read_all_local_into(&options, &mut sink)?;
+                        Ok((sink, next, floor_at_read))
                     })
                     .await?;
+                sink = returned;
                 if floor_at_read > from {
-                    continue; // released meanwhile: the gap is in the tier now
-                }
-                if out.is_empty() {
-                    out = page; // the usual case: the whole page at once, no copy
-                } else {
-                    out.extend(page);
+                    continue; // released meanwhile (nothing was read): the gap is in the tier now
                 }
                 // Backwards, a local read that reached the floor continues below it.
                 match next {
-                    Some(next) if backwards && next < floor_at_read && out.len() < limit => {
+                    Some(next) if backwards && next < floor_at_read && sink.len() < limit && !sink.is_full() => {
                         scanned += (from - next) as usize; // positions the local part covered
                         if scanned >= scan_limit {
-                            return Ok((out, Some(next)));
+                            return Ok((sink, Some(next)));
                         }
                         from = next;
                         continue;
                     }
-                    _ => return Ok((out, next)),
+                    _ => return Ok((sink, next)),
                 }
             }
             // Below the floor: from the tier, in bounded batches of about what the page still
             // needs (a filter that matches rarely takes more batches, up to the scan budget).
-            let budget = (scan_limit.saturating_sub(scanned)).max(1).min((limit - out.len()).max(COLD_BATCH_EVENTS_MIN));
+            let budget = (scan_limit.saturating_sub(scanned)).max(1).min((limit - sink.len()).max(COLD_BATCH_EVENTS_MIN));
             let tier = self.tier_or_error()?;
             let cold = tier.read_all(from, backwards, budget, floor).await?;
             let Some(last) = cold.last().map(|e| e.position) else {
@@ -351,18 +363,18 @@ impl EventReader {
             for event in cold {
                 scanned += 1;
                 let position = event.position;
-                if filter.matches(&event) {
-                    out.push(event);
+                if filter.matches(&event.as_event_ref()) {
+                    sink.push_stored(event);
                 }
-                if out.len() >= limit {
+                if sink.len() >= limit || sink.is_full() {
                     let next = if backwards { position.checked_sub(1) } else { Some(position + 1).filter(|n| *n < visible) };
-                    return Ok((out, next));
+                    return Ok((sink, next));
                 }
             }
             let next = if backwards { last.checked_sub(1) } else { Some(last + 1).filter(|n| *n < visible) };
             match next {
-                None => return Ok((out, None)),
-                Some(next) if scanned >= scan_limit => return Ok((out, Some(next))),
+                None => return Ok((sink, None)),
+                Some(next) if scanned >= scan_limit => return Ok((sink, Some(next))),
                 Some(next) => from = next,
             }
         }
@@ -456,7 +468,7 @@ mod tests {
             assert_eq!((page, next), (expected, None), "backward from {from}");
         }
         // Pages join without gaps or repeats, filtered.
-        let odd = AllFilter::events(Arc::new(|e: &StoredEvent| e.event_type == "t1"));
+        let odd = AllFilter::events(Arc::new(|e: &EventRef<'_>| e.event_type == "t1"));
         let (mut got, mut next) = (Vec::new(), Some(0));
         while let Some(from) = next {
             let (page, n) = reader.read_all(from, false, 4, 7, odd.clone()).await.unwrap();
@@ -466,7 +478,7 @@ mod tests {
         assert_eq!(got, all.iter().filter(|e| e.event_type == "t1").cloned().collect::<Vec<_>>());
         // A stream filter skips other streams' chunks, on both sides of the floor, forward
         // and backward, and pages still join without gaps or repeats.
-        let s1_t1 = AllFilter { stream: Arc::new(|s: &str| s == "s1"), event: Arc::new(|e: &StoredEvent| e.event_type != "t1") };
+        let s1_t1 = AllFilter { stream: Arc::new(|s: &str| s == "s1"), event: Arc::new(|e: &EventRef<'_>| e.event_type != "t1") };
         let expected: Vec<StoredEvent> = all.iter().filter(|e| e.stream == "s1" && e.event_type != "t1").cloned().collect();
         for backwards in [false, true] {
             let (mut got, mut next) = (Vec::new(), Some(if backwards { all.len() as u64 - 1 } else { 0 }));

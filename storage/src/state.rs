@@ -32,7 +32,7 @@ use crate::chunk::{ChunkHeader, ChunkView, EncodedChunk, EventChunk, EventChunkR
 use crate::filter_store;
 use crate::id_filter::IdFilter;
 use crate::local_ids::LocalIds;
-use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, NewEvent, StoredEvent};
+use crate::command::{AppendCommand, AppendFailure, AppendOutcome, AppendSuccess, Command, EntryOutcome, EventRef, NewEvent, PageSink, StoredEvent};
 use crate::control::{self, AggregateSnapshot, ControlStore, GroupRecord, TierState};
 use crate::snapshot::SnapshotItem;
 use crate::keys;
@@ -123,7 +123,7 @@ pub struct StagedApply {
 pub struct ReadAllOptions<'a> {
     pub from_position: u64,
     pub backwards: bool,
-    /// Events to return at most.
+    /// Events to return at most (counting those a sink held before the read).
     pub limit: usize,
     /// Events to look at at most (a filter that matches rarely must not scan forever in
     /// one call); the caller continues from `next_position`.
@@ -132,7 +132,7 @@ pub struct ReadAllOptions<'a> {
     /// rejects are stepped over without decoding their events.
     pub stream_filter: &'a dyn Fn(&str) -> bool,
     /// Checked for each event of the streams `stream_filter` accepts.
-    pub filter: &'a dyn Fn(&StoredEvent) -> bool,
+    pub filter: &'a dyn Fn(&EventRef<'_>) -> bool,
 }
 
 /// The applied state of one node.
@@ -804,36 +804,42 @@ impl EventState {
 
     /// A page of `$all`: returns the matching events and the position to continue from
     /// (None when the visible end, or position 0 backwards, was reached). Only the locally
-    /// held part: see [`EventState::read_all_local`].
+    /// held part: a forward read from below the floor starts at the floor, a backward read
+    /// stops there (its continuation is then below the floor).
     pub fn read_all(&self, options: &ReadAllOptions<'_>) -> Result<(Vec<StoredEvent>, Option<u64>), StorageError> {
-        let (events, next, _) = self.read_all_local(options)?;
+        let (_guard, floor) = self.local_reads();
+        let mut events = Vec::new();
+        let next = self.read_all_unlocked(options, floor, &mut events)?;
         Ok((events, next))
     }
 
-    /// [`EventState::read_all`] and the floor it read at. Positions below the floor are
-    /// in the tier: a forward read from below it starts at the floor, a backward read
-    /// stops there (its continuation is then below the floor).
-    #[allow(clippy::type_complexity)]
-    pub fn read_all_local(&self, options: &ReadAllOptions<'_>) -> Result<(Vec<StoredEvent>, Option<u64>, u64), StorageError> {
+    /// [`EventState::read_all`] into `sink` (which may hold events already: `limit` counts
+    /// them too), if `from_position` is at or above the floor: returns where to continue and
+    /// the floor it read at. A read from below the floor reads nothing (that part is in the
+    /// tier) and returns the floor, above `from_position`.
+    pub fn read_all_local_into(&self, options: &ReadAllOptions<'_>, sink: &mut dyn PageSink) -> Result<(Option<u64>, u64), StorageError> {
         let (_guard, floor) = self.local_reads();
-        let (events, next) = self.read_all_unlocked(options, floor)?;
-        Ok((events, next, floor))
+        if options.from_position < floor {
+            return Ok((Some(options.from_position), floor));
+        }
+        let next = self.read_all_unlocked(options, floor, sink)?;
+        Ok((next, floor))
     }
 
-    fn read_all_unlocked(&self, options: &ReadAllOptions<'_>, floor: u64) -> Result<(Vec<StoredEvent>, Option<u64>), StorageError> {
+    fn read_all_unlocked(&self, options: &ReadAllOptions<'_>, floor: u64, sink: &mut dyn PageSink) -> Result<Option<u64>, StorageError> {
         let view = self.view();
         let tree = &view.tree;
         let visible = self.next_position();
         if options.backwards && options.from_position < floor {
-            return Ok((Vec::new(), Some(options.from_position)));
+            return Ok(Some(options.from_position));
         }
         let options = &ReadAllOptions { from_position: options.from_position.max(floor), ..*options };
         if !options.backwards && options.from_position >= visible {
-            return Ok((Vec::new(), None));
+            return Ok(None);
         }
         let from = if options.backwards {
             if visible == 0 {
-                return Ok((Vec::new(), None));
+                return Ok(None);
             }
             options.from_position.min(visible - 1)
         } else {
@@ -845,7 +851,7 @@ impl EventState {
         } else {
             Box::new(tree.range(keys::event(start)..keys::event(visible)))
         };
-        let mut out = Vec::with_capacity(options.limit.min(1024));
+        let keeps_payloads = sink.keeps_payloads();
         let mut scanned = 0usize;
         let mut last_seen: Option<u64> = None;
         let mut window = ReadAhead::default();
@@ -856,34 +862,32 @@ impl EventState {
                 break;
             }
             let value = if options.backwards { view.chunk_bytes(&key, value)? } else { view.chunk_bytes_in_order(&key, value, &mut window)? };
-            // Taken out of the header, which borrows `value`: the wanted events take `value` over.
             let (wanted, first_position, len) = {
                 let header: ChunkHeader<'_> = record::decode_view("event chunk", &key, record::open("event chunk", &key, &value)?)?;
                 ((options.stream_filter)(header.stream), header.first_position, header.len)
             };
-            // The events of a wanted stream, taken in read order; none of another stream,
+            // The events of a wanted stream, borrowed from the record (checksummed above), or
+            // from shared bytes of it for a sink that keeps slices; none of another stream,
             // whose positions are still stepped through (they count as scanned).
-            let mut events = if wanted {
-                verified_chunk_events(&key, value)?.into_iter()
-            } else {
-                Vec::new().into_iter()
+            let mut value = Some(value);
+            let shared = (wanted && keeps_payloads).then(|| value.take().expect("not taken yet").into_bytes());
+            let payload = match (&shared, &value) {
+                (Some(shared), _) => Some(&shared[record::CHECKSUM_BYTES..]),
+                (None, Some(value)) if wanted => Some(&value[record::CHECKSUM_BYTES..]),
+                _ => None,
             };
+            let events: Option<ChunkView<'_>> = payload.map(|payload| record::decode_view("event chunk", &key, payload)).transpose()?;
             let offsets: Box<dyn Iterator<Item = u64>> =
                 if options.backwards { Box::new((0..len).rev()) } else { Box::new(0..len) };
             for offset in offsets {
                 let position = first_position + offset;
-                let event = match (wanted, options.backwards) {
-                    (false, _) => None,
-                    (true, false) => events.next(),
-                    (true, true) => events.next_back(),
-                };
                 if (options.backwards && position > from) || (!options.backwards && position < from) {
                     continue;
                 }
                 if position >= visible {
                     break 'chunks;
                 }
-                if out.len() >= options.limit || scanned >= options.scan_limit {
+                if sink.len() >= options.limit || sink.is_full() || scanned >= options.scan_limit {
                     break 'chunks;
                 }
                 if let Some(last) = last_seen {
@@ -892,9 +896,13 @@ impl EventState {
                 }
                 last_seen = Some(position);
                 scanned += 1;
-                if let Some(event) = event.filter(|event| (options.filter)(event)) {
-                    debug_assert_eq!(event.position, position, "a chunk's events are at its positions");
-                    out.push(event);
+                let Some(events) = &events else { continue };
+                let event = events.event_ref(offset as usize).ok_or_else(|| StorageError::Corrupt {
+                    what: "event chunk shorter than its header says",
+                    key: record::printable_key(&key),
+                })?;
+                if (options.filter)(&event) {
+                    sink.push(&event, shared.as_ref());
                 }
             }
         }
@@ -903,7 +911,7 @@ impl EventState {
             Some(last) if options.backwards => last.checked_sub(1),
             Some(last) => Some(last + 1).filter(|next| *next < visible),
         };
-        Ok((out, next))
+        Ok(next)
     }
 
     /// A persistent subscription group, if it exists.
@@ -1963,13 +1971,13 @@ pub(crate) mod tests {
             let stream = if i % 2 == 0 { "even" } else { "odd" };
             apply(&state, vec![append(stream, ExpectedVersion::Any, &[i + 1])]);
         }
-        let only_even = |e: &StoredEvent| e.stream == "even";
+        let only_even = |e: &EventRef<'_>| e.stream == "even";
         let (page, next) = state
             .read_all(&ReadAllOptions { from_position: 0, backwards: false, limit: 3, scan_limit: 100, stream_filter: &|_| true, filter: &only_even })
             .unwrap();
         assert_eq!(page.iter().map(|e| e.position).collect::<Vec<_>>(), vec![0, 2, 4]);
         assert_eq!(next, Some(5));
-        let all = |_: &StoredEvent| true;
+        let all = |_: &EventRef<'_>| true;
         let (page, next) = state
             .read_all(&ReadAllOptions { from_position: 9, backwards: true, limit: 100, scan_limit: 100, stream_filter: &|_| true, filter: &all })
             .unwrap();
@@ -1991,7 +1999,7 @@ pub(crate) mod tests {
         assert_eq!(versions(state.read_stream("a", 1, false, 2).unwrap()), vec![1, 2]);
         assert_eq!(versions(state.read_stream("a", 4, true, 3).unwrap()), vec![4, 3, 2]);
         assert_eq!(versions(state.read_stream("a", 9, true, 10).unwrap()), vec![5, 4, 3, 2, 1, 0]);
-        let all = |_: &StoredEvent| true;
+        let all = |_: &EventRef<'_>| true;
         let positions = |(events, next): (Vec<StoredEvent>, Option<u64>)| (events.into_iter().map(|e| e.position).collect::<Vec<_>>(), next);
         let read = |from, backwards, limit| {
             state.read_all(&ReadAllOptions { from_position: from, backwards, limit, scan_limit: 100, stream_filter: &|_| true, filter: &all }).unwrap()
@@ -2129,12 +2137,12 @@ pub(crate) mod tests {
         let (a, floor) = state.read_stream_local("a", 0, false, 10).unwrap();
         assert_eq!((a.iter().map(|e| e.version).collect::<Vec<_>>(), floor), (vec![2], 3));
         assert_eq!(state.stream_head("b").unwrap().unwrap().last_version, 0, "heads outlive their events");
-        let all = |from| {
-            let options = ReadAllOptions { from_position: from, backwards: false, limit: 10, scan_limit: 10, stream_filter: &|_| true, filter: &|_| true };
-            state.read_all_local(&options).unwrap()
-        };
-        let (events, _, floor) = all(0);
-        assert_eq!((events.first().unwrap().position, floor), (3, 3));
+        let options = ReadAllOptions { from_position: 0, backwards: false, limit: 10, scan_limit: 10, stream_filter: &|_| true, filter: &|_| true };
+        let (events, _) = state.read_all(&options).unwrap();
+        assert_eq!(events.first().unwrap().position, 3, "a local read from below the floor starts at the floor");
+        let mut sink = Vec::new();
+        assert_eq!(state.read_all_local_into(&options, &mut sink).unwrap(), (Some(0), 3), "the tier's part is not read locally");
+        assert!(sink.is_empty());
         // A released id still needs a tier lookup; a fresh one does not.
         let released = Command::appends(vec![append("a", ExpectedVersion::Any, &[1])]);
         let fresh = Command::appends(vec![append("a", ExpectedVersion::Any, &[99])]);
@@ -2235,7 +2243,8 @@ pub(crate) mod tests {
         let (back, _) = state.read_stream_local("c", u64::MAX, true, 10).unwrap();
         assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 0]);
         let options = ReadAllOptions { from_position: 5, backwards: true, limit: 10, scan_limit: 10, stream_filter: &|_| true, filter: &|_| true };
-        let (events, next, floor) = state.read_all_local(&options).unwrap();
+        let mut events = Vec::new();
+        let (next, floor) = state.read_all_local_into(&options, &mut events).unwrap();
         assert_eq!((events.iter().map(|e| e.position).collect::<Vec<_>>(), next, floor), (vec![5, 4], Some(3), 4));
         let retry = Command::appends(vec![append("a", ExpectedVersion::Any, &[4])]);
         assert_eq!(state.ids_to_resolve(&[Some(&retry)]).unwrap(), vec![[4u8; 16]], "a released id is the tier's to answer");

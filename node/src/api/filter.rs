@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use strata_proto::v1::{ReadFilter, SubscriptionFilter};
-use strata_storage::{AllFilter, StoredEvent};
+use strata_storage::{AllFilter, EventRef, StoredEvent};
 
 use crate::api::validate;
 use crate::error::ApiError;
@@ -54,7 +54,7 @@ impl EventFilter {
     }
 
     pub fn matches(&self, event: &StoredEvent) -> bool {
-        self.stream_matches(&event.stream) && self.event_matches(event)
+        self.stream_matches(&event.stream) && self.event_matches(&event.as_event_ref())
     }
 
     /// The parts that look at the stream name only.
@@ -65,10 +65,10 @@ impl EventFilter {
     }
 
     /// The parts that look at the event itself (its type, metadata and data).
-    pub fn event_matches(&self, event: &StoredEvent) -> bool {
-        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
-            && self.metadata_pattern.as_ref().is_none_or(|p| json_bytes_contain(&event.metadata, p))
-            && self.data_pattern.as_ref().is_none_or(|p| json_bytes_contain(&event.data, p))
+    pub fn event_matches(&self, event: &EventRef<'_>) -> bool {
+        (self.event_types.is_empty() || self.event_types.contains(event.event_type))
+            && self.metadata_pattern.as_ref().is_none_or(|p| json_bytes_contain(event.metadata, p))
+            && self.data_pattern.as_ref().is_none_or(|p| json_bytes_contain(event.data, p))
     }
 
     /// The filter of a `$all` read: the stream parts asked once per stored chunk, the rest
@@ -77,7 +77,7 @@ impl EventFilter {
         let by_stream = self.clone();
         AllFilter {
             stream: Arc::new(move |stream: &str| by_stream.stream_matches(stream)),
-            event: Arc::new(move |event: &StoredEvent| self.event_matches(event)),
+            event: Arc::new(move |event: &EventRef<'_>| self.event_matches(event)),
         }
     }
 }

@@ -14,7 +14,7 @@ use strata_proto::v1::{
     ReadAllRequest, ReadResponse, ReadStreamRequest, RecordedEvent, SetStreamMetadataRequest, SetStreamMetadataResponse,
     StreamInfoRequest, StreamInfoResponse, StreamSummary,
 };
-use strata_storage::{ControlCommand, ControlSuccess, StoredEvent, StreamHead, StreamMeta};
+use strata_storage::{ControlCommand, ControlSuccess, EventRef, PageSink, StoredEvent, StreamHead, StreamMeta};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -103,26 +103,51 @@ pub fn recorded_event(event: StoredEvent) -> RecordedEvent {
 
 type ReadStreamOut = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
-/// The wire form of a stored event, borrowed: what a read writes into its messages.
-fn recorded_event_ref(event: &StoredEvent) -> RecordedEventRef<'_> {
+/// The wire form of an event as a read meets it (borrowed all through).
+fn wire_event<'a>(event: &EventRef<'a>) -> RecordedEventRef<'a> {
     RecordedEventRef {
         id: event.id,
-        stream: &event.stream,
+        stream: event.stream,
         version: event.version,
         position: event.position,
-        event_type: &event.event_type,
-        data: &event.data,
-        metadata: &event.metadata,
-        content_type: &event.content_type,
+        event_type: event.event_type,
+        data: event.data,
+        metadata: event.metadata,
+        content_type: event.content_type,
         created_unix_ms: event.created_unix_ms,
     }
 }
 
-/// A read message carrying `token`, with room for a page of encoded events.
+/// Bytes an event is guessed to take on the wire, to size a page's buffer: the bench's
+/// 256-byte events take about 330; a page of larger ones grows its buffer.
+const WIRE_EVENT_BYTES_GUESS: usize = 384;
+
+/// Room for the encoding of `events` events, up to one message's worth.
+fn encoded_room(events: usize) -> EncodedEvents {
+    EncodedEvents::with_capacity(events.saturating_mul(WIRE_EVENT_BYTES_GUESS).min(READ_PAGE_BYTES_MAX + WIRE_EVENT_BYTES_GUESS))
+}
+
+/// A `$all` page encoded for the wire as the store reads it, one message: the store never
+/// builds an owned event for it. Full at READ_PAGE_BYTES_MAX (the page then ends early).
+struct WirePage(EncodedEvents);
+
+impl PageSink for WirePage {
+    fn push(&mut self, event: &EventRef<'_>, _stored: Option<&prost::bytes::Bytes>) {
+        self.0.push(&wire_event(event));
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_full(&self) -> bool {
+        self.0.byte_len() >= READ_PAGE_BYTES_MAX
+    }
+}
+
+/// A read message carrying `token`, with room for `events` encoded events.
 fn read_message(token: &str, events: usize) -> ReadResponse {
-    // The bench's events encode to about 330 bytes each; a page is at most READ_PAGE_BYTES_MAX.
-    let room = (events * 384).min(READ_PAGE_BYTES_MAX + 64 * 1024);
-    ReadResponse { encoded: EncodedEvents::with_capacity(room), commit_token: token.to_string(), ..Default::default() }
+    ReadResponse { encoded: encoded_room(events), commit_token: token.to_string(), ..Default::default() }
 }
 
 /// Sends `events` as response messages of at most about `READ_PAGE_BYTES_MAX` bytes each,
@@ -135,7 +160,7 @@ async fn send_events(
 ) -> bool {
     let mut message = read_message(token, events.len());
     for (sent, event) in events.iter().enumerate() {
-        message.encoded.push(&recorded_event_ref(event));
+        message.encoded.push(&wire_event(&event.as_event_ref()));
         if message.encoded.byte_len() >= READ_PAGE_BYTES_MAX {
             let full = std::mem::replace(&mut message, read_message(token, events.len() - sent - 1));
             if sender.send(Ok(full)).await.is_err() {
@@ -293,8 +318,9 @@ impl Streams for StreamsService {
         tokio::spawn(async move {
             while remaining > 0 {
                 let page_limit = remaining.min(READ_PAGE_EVENTS_MAX as u64) as usize;
-                let page = events.read_all(from, backwards, page_limit, READ_SCAN_EVENTS_MAX, matches.clone()).await;
-                let (page, next) = match page.map_err(ApiError::from) {
+                let page = WirePage(encoded_room(page_limit));
+                let page = events.read_all_into(from, backwards, page_limit, READ_SCAN_EVENTS_MAX, matches.clone(), page).await;
+                let (WirePage(page), next) = match page.map_err(ApiError::from) {
                     Ok(result) => result,
                     Err(e) => {
                         let _ = sender.send(Err(e.into())).await;
@@ -303,8 +329,11 @@ impl Streams for StreamsService {
                 };
                 remaining -= page.len() as u64;
                 metrics.events_read_total.inc_by(page.len() as u64);
-                if !send_events(&sender, page, &token).await {
-                    return;
+                if !page.is_empty() {
+                    let message = ReadResponse { encoded: page, commit_token: token.clone(), ..Default::default() };
+                    if sender.send(Ok(message)).await.is_err() {
+                        return;
+                    }
                 }
                 match next {
                     Some(next) => from = next,

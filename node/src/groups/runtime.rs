@@ -284,7 +284,7 @@ impl Runtime {
                 let by_stream = settings.clone();
                 let matches = strata_storage::AllFilter {
                     stream: Arc::new(move |stream: &str| !stream.starts_with('$') && by_stream.filter.stream_matches(stream)),
-                    event: Arc::new(move |event: &StoredEvent| settings.filter.event_matches(event)),
+                    event: Arc::new(move |event: &strata_storage::EventRef<'_>| settings.filter.event_matches(event)),
                 };
                 let (page, next) = reader.read_all(from, false, room, READ_SCAN_EVENTS_MAX, matches).await?;
                 let last = page.last().map_or(from, |e| e.position + 1);
