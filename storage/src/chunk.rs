@@ -53,26 +53,90 @@ impl EventChunkRef<'_> {
 /// look at every settled chunk once, and need nothing else of it; reads take the payloads
 /// as slices of the record ([`ChunkView::stored_events`]).
 ///
-/// Field for field the layout of [`EventChunk`] (bincode is not self-describing, so the
-/// unused fields must still be read, as borrowed slices).
-#[derive(Debug, Deserialize)]
+/// Decoded by hand from the bincode encoding of [`EventChunk`] ([`ChunkView::decode`]).
+#[derive(Debug)]
 pub struct ChunkView<'a> {
     pub stream: &'a str,
     pub first_version: u64,
     pub first_position: u64,
     pub created_unix_ms: i64,
-    #[serde(borrow)]
     pub events: Vec<EventView<'a>>,
 }
 
 /// One event of a [`ChunkView`]: its id, and the rest borrowed.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct EventView<'a> {
     pub id: [u8; 16],
     pub event_type: &'a str,
     pub content_type: &'a str,
     pub data: &'a [u8],
     pub metadata: &'a [u8],
+}
+
+/// Fewest bytes an event takes in a chunk's encoding (its id and four lengths): bounds the
+/// events a chunk of a given size can claim to hold.
+const ENCODED_EVENT_BYTES_MIN: usize = 16 + 4 * 8;
+
+/// A reader of bincode's fixed-width encoding (what `bincode::serialize` writes): lengths and
+/// integers as 8 bytes little-endian, strings and byte strings behind their length.
+struct Fixint<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Fixint<'a> {
+    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.rest.split_at_checked(len)?;
+        self.rest = rest;
+        Some(head)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.u64()?).ok()?;
+        self.take(len)
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+}
+
+impl<'a> ChunkView<'a> {
+    /// The chunk encoded in `payload` (an opened record's payload), or None if it is not a
+    /// chunk's encoding. What `bincode::deserialize` gives for [`EventChunk`], borrowed, but
+    /// read by hand: serde's way of reading an id (sixteen one-byte elements) and the rest
+    /// was the largest part of a `$all` read's server (a test compares the two).
+    pub fn decode(payload: &'a [u8]) -> Option<Self> {
+        let mut input = Fixint { rest: payload };
+        let (stream, first_version, first_position) = (input.text()?, input.u64()?, input.u64()?);
+        let created_unix_ms = input.u64()? as i64;
+        let len = usize::try_from(input.u64()?).ok().filter(|len| *len <= input.rest.len() / ENCODED_EVENT_BYTES_MIN)?;
+        let mut events = Vec::with_capacity(len);
+        for _ in 0..len {
+            events.push(EventView {
+                id: input.take(16)?.try_into().ok()?,
+                event_type: input.text()?,
+                content_type: input.text()?,
+                data: input.bytes()?,
+                metadata: input.bytes()?,
+            });
+        }
+        Some(Self { stream, first_version, first_position, created_unix_ms, events })
+    }
+
+    /// [`ChunkView::decode`] of the payload of the chunk record under `key`; undecodable
+    /// is corrupt.
+    pub fn read(key: &[u8], payload: &'a [u8]) -> Result<Self, StorageError> {
+        Self::decode(payload).ok_or_else(|| StorageError::Corrupt { what: "event chunk", key: crate::record::printable_key(key) })
+    }
+
+    /// [`ChunkView::read`] of a sealed record, its checksum verified first.
+    pub fn open(key: &[u8], record: &'a [u8]) -> Result<Self, StorageError> {
+        Self::read(key, crate::record::open("event chunk", key, record)?)
+    }
 }
 
 impl ChunkView<'_> {
@@ -336,7 +400,7 @@ mod tests {
                 .collect(),
         };
         let encoded = bincode::serialize(&chunk).unwrap();
-        let view: ChunkView = bincode::deserialize(&encoded).unwrap();
+        let view = ChunkView::decode(&encoded).unwrap();
         assert_eq!((view.stream, view.first_version, view.first_position, view.created_unix_ms), ("orders-7", 41, 1_000, chunk.created_unix_ms));
         assert_eq!(view.end_position(), chunk.end_position());
         for (seen, stored) in view.events.iter().zip(&chunk.events) {
@@ -353,13 +417,70 @@ mod tests {
         assert_eq!((passed.stream, passed.ids, passed.encoded), (fresh.stream, fresh.ids, fresh.encoded));
         // Read as events, it gives what the owned chunk gives, payloads sliced from the record.
         let shared = Bytes::from(encoded.clone());
-        let view: ChunkView = bincode::deserialize(&shared).unwrap();
+        let view = ChunkView::decode(&shared).unwrap();
         let events = view.stored_events(&shared);
         assert_eq!(events, chunk.clone().into_events());
         assert!(shared.as_ptr_range().contains(&events[1].data.as_ptr()), "a slice of the record, not a copy");
         // Staged from borrowed parts, it is stored byte for byte as the owned chunk.
         assert_eq!(bincode::serialize(&chunk.as_chunk_ref()).unwrap(), encoded);
         assert_eq!(chunk.as_chunk_ref().end_position(), chunk.end_position());
+    }
+
+    /// The chunk `ChunkView::decode` read, as the owned chunk bincode would decode.
+    fn owned(view: &ChunkView<'_>) -> EventChunk {
+        EventChunk {
+            stream: view.stream.into(),
+            first_version: view.first_version,
+            first_position: view.first_position,
+            created_unix_ms: view.created_unix_ms,
+            events: view
+                .events
+                .iter()
+                .map(|e| NewEvent { id: e.id, event_type: e.event_type.into(), content_type: e.content_type.into(), data: e.data.into(), metadata: e.metadata.into() })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_hand_decoder_reads_what_bincode_reads_and_refuses_what_it_refuses() {
+        let chunks = [0usize, 1, 7].map(|n| EventChunk {
+            stream: format!("strëam-{n}"),
+            first_version: n as u64 * 3,
+            first_position: u64::MAX - 10,
+            created_unix_ms: -(n as i64),
+            events: (0..n)
+                .map(|i| NewEvent {
+                    id: [i as u8 ^ 0x5a; 16],
+                    event_type: if i == 2 { String::new() } else { format!("T{i}") },
+                    content_type: "application/json".into(),
+                    data: vec![i as u8; i * 100],
+                    metadata: vec![9; i % 2],
+                })
+                .collect(),
+        });
+        for chunk in &chunks {
+            let encoded = bincode::serialize(chunk).unwrap();
+            assert_eq!(&owned(&ChunkView::decode(&encoded).unwrap()), chunk);
+            // Trailing bytes are ignored, as by bincode::deserialize.
+            let mut longer = encoded.clone();
+            longer.extend_from_slice(b"tail");
+            assert_eq!(&owned(&ChunkView::decode(&longer).unwrap()), chunk);
+            // Every cut short encoding is refused, as bincode refuses it.
+            for cut in 0..encoded.len() {
+                let short = &encoded[..cut];
+                assert!(bincode::deserialize::<EventChunk>(short).is_err());
+                assert!(ChunkView::decode(short).is_none(), "cut at {cut}");
+            }
+        }
+        // Bad UTF-8 in a string, and a count of events the bytes cannot hold.
+        let mut encoded = bincode::serialize(&chunks[1]).unwrap();
+        encoded[8] = 0xff; // the stream name's first byte
+        assert!(bincode::deserialize::<EventChunk>(&encoded).is_err() && ChunkView::decode(&encoded).is_none());
+        let mut encoded = bincode::serialize(&chunks[0]).unwrap();
+        let count_at = encoded.len() - 8;
+        encoded[count_at..].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(ChunkView::decode(&encoded).is_none());
+        assert!(matches!(ChunkView::read(b"k", &encoded), Err(StorageError::Corrupt { .. })));
     }
 
     #[test]

@@ -69,11 +69,6 @@ pub fn scan_values<T: serde::de::DeserializeOwned>(what: &'static str, tree: &sl
     }).collect()
 }
 
-/// Opens a sealed record and bincode-decodes a view that borrows from it.
-pub fn open_view<'a, T: serde::Deserialize<'a>>(what: &'static str, key: &[u8], record: &'a [u8]) -> Result<T, StorageError> {
-    decode_view(what, key, open(what, key, record)?)
-}
-
 /// Bincode-decodes a view that borrows from `payload`, an opened record's payload.
 pub fn decode_view<'a, T: serde::Deserialize<'a>>(what: &'static str, key: &[u8], payload: &'a [u8]) -> Result<T, StorageError> {
     bincode::deserialize(payload).map_err(|_| StorageError::Corrupt { what, key: printable_key(key) })

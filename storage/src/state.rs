@@ -210,7 +210,7 @@ impl EventState {
         let view = home.view();
         for item in chunk_records(&view, floor, next_position)? {
             let (key, value) = item?;
-            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+            let chunk = ChunkView::open(&key, &value)?;
             if chunk.first_position < floor {
                 continue;
             }
@@ -368,7 +368,7 @@ impl EventState {
         let Some(item) = tree.range(keys::event(floor)..=keys::event(watermark)).next_back() else { return Ok(0) };
         let (key, value) = item?;
         let value = view.chunk_bytes(&key, value)?;
-        let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+        let chunk = ChunkView::open(&key, &value)?;
         let new_floor = if chunk.end_position() <= watermark { chunk.end_position() } else { chunk.first_position };
         if new_floor <= floor {
             return Ok(0);
@@ -382,7 +382,7 @@ impl EventState {
         let mut released_ids = Vec::with_capacity((new_floor - floor) as usize);
         for item in chunk_records(&view, floor, new_floor)? {
             let (key, value) = item?;
-            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+            let chunk = ChunkView::open(&key, &value)?;
             released_ids.extend(chunk.ids_with_positions());
         }
         for (id, _) in &released_ids {
@@ -876,7 +876,7 @@ impl EventState {
                 (None, Some(value)) if wanted => Some(&value[record::CHECKSUM_BYTES..]),
                 _ => None,
             };
-            let events: Option<ChunkView<'_>> = payload.map(|payload| record::decode_view("event chunk", &key, payload)).transpose()?;
+            let events = payload.map(|payload| ChunkView::read(&key, payload)).transpose()?;
             let offsets: Box<dyn Iterator<Item = u64>> =
                 if options.backwards { Box::new((0..len).rev()) } else { Box::new(0..len) };
             for offset in offsets {
@@ -1085,7 +1085,7 @@ impl EventState {
             }
             let (key, value) = item?;
             // Only the keys: the payloads are not copied.
-            let chunk: ChunkView = record::open_view("event chunk", &key, &value)?;
+            let chunk = ChunkView::open(&key, &value)?;
             if chunk.end_position() <= from {
                 continue;
             }
@@ -1112,7 +1112,7 @@ impl EventState {
         for item in chunk_records(&view, from, to)? {
             let (key, value) = item?;
             let payload = record::open("event chunk", &key, &value)?;
-            let view: ChunkView = record::decode_view("event chunk", &key, payload)?;
+            let view = ChunkView::read(&key, payload)?;
             if view.end_position() <= from {
                 continue;
             }
@@ -1575,7 +1575,7 @@ fn chunk_records(view: &StateView, from: u64, to: u64) -> Result<impl Iterator<I
 /// verified the record (`record::open`): checksumming it again would cost a second pass.
 fn verified_chunk_events(key: &[u8], value: ChunkBytes<'_>) -> Result<Vec<StoredEvent>, StorageError> {
     let payload = value.into_bytes().slice(record::CHECKSUM_BYTES..);
-    let view: ChunkView<'_> = record::decode_view("event chunk", key, &payload)?;
+    let view = ChunkView::read(key, &payload)?;
     Ok(view.stored_events(&payload))
 }
 
