@@ -82,6 +82,11 @@ pub const OVERLOAD_RETRY_AFTER_MS: u64 = 50;
 /// Events per read response message, and their bytes.
 pub const READ_PAGE_EVENTS_MAX: usize = 2048;
 pub const READ_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// A read's events go out in messages of about this many bytes (a page may take several):
+/// buffers of this size are reused by the allocator, where a page-sized message (megabytes)
+/// was fresh memory at each step (encoding it, copying it into the stream, receiving it),
+/// its pages faulted in on every copy.
+pub const READ_MESSAGE_BYTES: usize = 128 * 1024;
 /// Events a filtered `$all` page may scan before it yields (continues with the next page).
 pub const READ_SCAN_EVENTS_MAX: usize = 16_384;
 /// Read response messages buffered per call: the producer waits for a slow consumer.
@@ -108,6 +113,7 @@ const _: () = assert!(EVENT_BYTES_MAX_CEILING <= APPEND_REQUEST_BYTES_MAX);
 const _: () = assert!(APPEND_REQUEST_BYTES_MAX < GRPC_DECODE_BYTES_MAX);
 const _: () = assert!(BATCH_BYTES_MAX <= strata_raft::RAFT_RPC_MESSAGE_BYTES_MAX);
 const _: () = assert!(READ_PAGE_BYTES_MAX + EVENT_BYTES_MAX_CEILING < GRPC_ENCODE_BYTES_MAX);
+const _: () = assert!(READ_MESSAGE_BYTES <= READ_PAGE_BYTES_MAX);
 const _: () = assert!(BATCH_APPENDS_MAX <= PROPOSAL_QUEUE_APPENDS_MAX);
 const _: () = assert!(APPEND_REQUEST_BYTES_MAX <= PROPOSAL_QUEUE_BYTES_MAX && PROPOSAL_QUEUE_BYTES_MAX <= u32::MAX as usize);
 

@@ -124,24 +124,48 @@ const WIRE_EVENT_BYTES_GUESS: usize = 384;
 
 /// Room for the encoding of `events` events, up to one message's worth.
 fn encoded_room(events: usize) -> EncodedEvents {
-    EncodedEvents::with_capacity(events.saturating_mul(WIRE_EVENT_BYTES_GUESS).min(READ_PAGE_BYTES_MAX + WIRE_EVENT_BYTES_GUESS))
+    EncodedEvents::with_capacity(events.saturating_mul(WIRE_EVENT_BYTES_GUESS).min(READ_MESSAGE_BYTES + WIRE_EVENT_BYTES_GUESS))
 }
 
-/// A `$all` page encoded for the wire as the store reads it, one message: the store never
-/// builds an owned event for it. Full at READ_PAGE_BYTES_MAX (the page then ends early).
-struct WirePage(EncodedEvents);
+/// A `$all` page encoded for the wire as the store reads it, in messages of about
+/// READ_MESSAGE_BYTES: the store never builds an owned event for it. Full at
+/// READ_PAGE_BYTES_MAX (the page then ends early).
+struct WirePage {
+    messages: Vec<EncodedEvents>,
+    /// Events the page may still take (its limit less those taken).
+    room: usize,
+    events: usize,
+    bytes: usize,
+}
+
+impl WirePage {
+    fn new(limit: usize) -> Self {
+        Self { messages: Vec::new(), room: limit, events: 0, bytes: 0 }
+    }
+}
 
 impl PageSink for WirePage {
     fn push(&mut self, event: &EventRef<'_>, _stored: Option<&prost::bytes::Bytes>) {
-        self.0.push(&wire_event(event));
+        let message = match self.messages.last_mut() {
+            Some(message) if message.byte_len() < READ_MESSAGE_BYTES => message,
+            _ => {
+                self.messages.push(encoded_room(self.room));
+                self.messages.last_mut().expect("just pushed")
+            }
+        };
+        let before = message.byte_len();
+        message.push(&wire_event(event));
+        self.bytes += message.byte_len() - before;
+        self.events += 1;
+        self.room = self.room.saturating_sub(1);
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.events
     }
 
     fn is_full(&self) -> bool {
-        self.0.byte_len() >= READ_PAGE_BYTES_MAX
+        self.bytes >= READ_PAGE_BYTES_MAX
     }
 }
 
@@ -150,9 +174,9 @@ fn read_message(token: &str, events: usize) -> ReadResponse {
     ReadResponse { encoded: encoded_room(events), commit_token: token.to_string(), ..Default::default() }
 }
 
-/// Sends `events` as response messages of at most about `READ_PAGE_BYTES_MAX` bytes each,
-/// each event encoded straight from its stored form (see `strata_proto::read_response`).
-/// Returns false when the client went away.
+/// Sends `events` as response messages of about `READ_MESSAGE_BYTES` each, each event
+/// encoded straight from its stored form (see `strata_proto::read_response`). Returns
+/// false when the client went away.
 async fn send_events(
     sender: &mpsc::Sender<Result<ReadResponse, Status>>,
     events: Vec<StoredEvent>,
@@ -161,7 +185,7 @@ async fn send_events(
     let mut message = read_message(token, events.len());
     for (sent, event) in events.iter().enumerate() {
         message.encoded.push(&wire_event(&event.as_event_ref()));
-        if message.encoded.byte_len() >= READ_PAGE_BYTES_MAX {
+        if message.encoded.byte_len() >= READ_MESSAGE_BYTES {
             let full = std::mem::replace(&mut message, read_message(token, events.len() - sent - 1));
             if sender.send(Ok(full)).await.is_err() {
                 return false;
@@ -318,19 +342,18 @@ impl Streams for StreamsService {
         tokio::spawn(async move {
             while remaining > 0 {
                 let page_limit = remaining.min(READ_PAGE_EVENTS_MAX as u64) as usize;
-                let page = WirePage(encoded_room(page_limit));
-                let page = events.read_all_into(from, backwards, page_limit, READ_SCAN_EVENTS_MAX, matches.clone(), page).await;
-                let (WirePage(page), next) = match page.map_err(ApiError::from) {
+                let page = events.read_all_into(from, backwards, page_limit, READ_SCAN_EVENTS_MAX, matches.clone(), WirePage::new(page_limit)).await;
+                let (page, next) = match page.map_err(ApiError::from) {
                     Ok(result) => result,
                     Err(e) => {
                         let _ = sender.send(Err(e.into())).await;
                         return;
                     }
                 };
-                remaining -= page.len() as u64;
-                metrics.events_read_total.inc_by(page.len() as u64);
-                if !page.is_empty() {
-                    let message = ReadResponse { encoded: page, commit_token: token.clone(), ..Default::default() };
+                remaining -= page.events as u64;
+                metrics.events_read_total.inc_by(page.events as u64);
+                for encoded in page.messages {
+                    let message = ReadResponse { encoded, commit_token: token.clone(), ..Default::default() };
                     if sender.send(Ok(message)).await.is_err() {
                         return;
                     }
