@@ -31,13 +31,6 @@ pub struct ReadResponse {
 }
 
 impl ReadResponse {
-    /// How many events this message carries, decoded and encoded.
-    pub fn event_count(&self) -> usize {
-        self.events.len() + self.encoded.count
-    }
-}
-
-impl ReadResponse {
     /// Decodes one `events` entry: through [`decode_canonical_event`] when it has the shape
     /// a Strata server writes, else through prost (which defines the result).
     fn merge_event(&mut self, wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
@@ -348,7 +341,7 @@ mod tests {
 
         assert_eq!(by_hand.encoded_len(), by_prost.encoded_len());
         assert_eq!(by_hand.encode_to_vec(), by_prost.encode_to_vec());
-        assert_eq!(by_hand.event_count(), 3);
+        assert_eq!(by_hand.encoded.len(), 3);
         // A receiver decodes them all into `events`.
         let decoded = ReadResponse::decode(by_hand.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, by_prost);

@@ -152,21 +152,7 @@ impl ChunkView<'_> {
     /// Its events as readers see them, their payloads slices of `encoding` (the bytes this
     /// view was decoded from): no allocation or copy per payload.
     pub fn stored_events(&self, encoding: &Bytes) -> Vec<StoredEvent> {
-        self.events
-            .iter()
-            .enumerate()
-            .map(|(offset, event)| StoredEvent {
-                id: event.id,
-                stream: self.stream.to_owned(),
-                version: self.first_version + offset as u64,
-                position: self.first_position + offset as u64,
-                event_type: event.event_type.to_owned(),
-                content_type: event.content_type.to_owned(),
-                data: encoding.slice_ref(event.data),
-                metadata: encoding.slice_ref(event.metadata),
-                created_unix_ms: self.created_unix_ms,
-            })
-            .collect()
+        (0..self.events.len()).filter_map(|index| self.event_ref(index)).map(|event| event.to_stored(Some(encoding))).collect()
     }
 
     /// Its event at `index`, borrowed (None past its end).

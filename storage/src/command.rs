@@ -185,7 +185,7 @@ pub struct StoredEvent {
 impl StoredEvent {
     /// Whether this is what a scavenge left of an event (never served to readers).
     pub fn is_scavenged(&self) -> bool {
-        self.event_type.is_empty()
+        self.as_event_ref().is_scavenged()
     }
 
     /// Whether this stored event is the same event as `proposed` (for idempotent replays).

@@ -127,9 +127,9 @@ fn encoded_room(events: usize) -> EncodedEvents {
     EncodedEvents::with_capacity(events.saturating_mul(WIRE_EVENT_BYTES_GUESS).min(READ_MESSAGE_BYTES + WIRE_EVENT_BYTES_GUESS))
 }
 
-/// A `$all` page encoded for the wire as the store reads it, in messages of about
-/// READ_MESSAGE_BYTES: the store never builds an owned event for it. Full at
-/// READ_PAGE_BYTES_MAX (the page then ends early).
+/// A read page encoded for the wire, in messages of about READ_MESSAGE_BYTES: a `$all`
+/// page as the store reads it (the store never builds an owned event for it), a stream
+/// page from its events. Full at READ_PAGE_BYTES_MAX (a `$all` page then ends early).
 struct WirePage {
     messages: Vec<EncodedEvents>,
     /// Events the page may still take (its limit less those taken).
@@ -169,33 +169,38 @@ impl PageSink for WirePage {
     }
 }
 
-/// A read message carrying `token`, with room for `events` encoded events.
-fn read_message(token: &str, events: usize) -> ReadResponse {
-    ReadResponse { encoded: encoded_room(events), commit_token: token.to_string(), ..Default::default() }
-}
-
-/// Sends `events` as response messages of about `READ_MESSAGE_BYTES` each, each event
-/// encoded straight from its stored form (see `strata_proto::read_response`). Returns
-/// false when the client went away.
+/// Sends `events` as response messages of about `READ_MESSAGE_BYTES` each (a [`WirePage`]
+/// of them). Returns false when the client went away.
 async fn send_events(
     sender: &mpsc::Sender<Result<ReadResponse, Status>>,
     events: Vec<StoredEvent>,
     token: &str,
 ) -> bool {
-    let mut message = read_message(token, events.len());
-    for (sent, event) in events.iter().enumerate() {
-        message.encoded.push(&wire_event(&event.as_event_ref()));
-        if message.encoded.byte_len() >= READ_MESSAGE_BYTES {
-            let full = std::mem::replace(&mut message, read_message(token, events.len() - sent - 1));
-            if sender.send(Ok(full)).await.is_err() {
-                return false;
-            }
+    let mut page = WirePage::new(events.len());
+    for event in &events {
+        page.push(&event.as_event_ref(), None);
+        // A message goes out as soon as the next one starts: the page's events (up to
+        // 16 MiB each) are not all held twice, stored and encoded.
+        if page.messages.len() > 1 && !send_message(sender, page.messages.remove(0), token).await {
+            return false;
         }
     }
-    if !message.encoded.is_empty() && sender.send(Ok(message)).await.is_err() {
-        return false;
+    send_page(sender, page, token).await
+}
+
+/// Sends the messages of `page`. Returns false when the client went away.
+async fn send_page(sender: &mpsc::Sender<Result<ReadResponse, Status>>, page: WirePage, token: &str) -> bool {
+    for encoded in page.messages {
+        if !send_message(sender, encoded, token).await {
+            return false;
+        }
     }
     true
+}
+
+async fn send_message(sender: &mpsc::Sender<Result<ReadResponse, Status>>, encoded: EncodedEvents, token: &str) -> bool {
+    let message = ReadResponse { encoded, commit_token: token.to_string(), ..Default::default() };
+    sender.send(Ok(message)).await.is_ok()
 }
 
 fn limit_of(max_count: u64) -> u64 {
@@ -352,11 +357,8 @@ impl Streams for StreamsService {
                 };
                 remaining -= page.events as u64;
                 metrics.events_read_total.inc_by(page.events as u64);
-                for encoded in page.messages {
-                    let message = ReadResponse { encoded, commit_token: token.clone(), ..Default::default() };
-                    if sender.send(Ok(message)).await.is_err() {
-                        return;
-                    }
+                if !send_page(&sender, page, &token).await {
+                    return;
                 }
                 match next {
                     Some(next) => from = next,
