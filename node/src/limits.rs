@@ -192,7 +192,3 @@ pub const LOGIN_QUEUE_WAIT_MS: u64 = 2_000;
 /// How long a token from `strata login` is valid by default (`--token-ttl-secs`), and at most.
 pub const TOKEN_TTL_SECS_DEFAULT: u64 = 3_600;
 pub const TOKEN_TTL_SECS_MAX: u64 = 7 * 24 * 3_600;
-/// Worker threads of the runtime Raft runs on, apart from the one serving clients (see
-/// `server::serve`): two, so that one apply or log write in progress never holds back a
-/// heartbeat.
-pub const RAFT_RUNTIME_THREADS: usize = 2;

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
     VoteRequest, VoteResponse,
@@ -30,6 +33,9 @@ use crate::{NodeId, Snapshot, SnapshotFile, TypeConfig, Vote};
 pub const PEER_CONNECT_TIMEOUT_MS: u64 = 500;
 /// Snapshot chunks queued towards the transport: one being sent, one being read.
 const SNAPSHOT_CHUNKS_IN_FLIGHT_MAX: usize = 2;
+/// AppendEntries requests sent on a replication stream and not yet answered; the next one
+/// waits. openraft's follower side buffers as many (its `PIPELINE_BUFFER_SIZE`).
+pub const REPLICATION_PIPELINE_MAX: usize = 64;
 
 /// Lazily connected gRPC channels by peer address, shared by Raft and request forwarding.
 #[derive(Clone, Default)]
@@ -93,7 +99,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        Connection { target, addr: node.addr.clone(), channels: self.channels.clone() }
+        Connection { target, addr: node.addr.clone(), channels: self.channels.clone(), sequential: false }
     }
 }
 
@@ -102,6 +108,9 @@ pub struct Connection {
     target: NodeId,
     addr: String,
     channels: PeerChannels,
+    /// The peer does not serve `StreamAppend` (an older version, mid-upgrade): replicate
+    /// to it one unary AppendEntries at a time, as before.
+    sequential: bool,
 }
 
 type RpcError = RPCError<TypeConfig>;
@@ -137,6 +146,87 @@ fn decode_reply<T: serde::de::DeserializeOwned>(what: &str, reply: tonic::Respon
 
 impl RaftNetworkV2<TypeConfig> for Connection {
     type SnapshotData = SnapshotFile;
+
+    /// Replication over one `StreamAppend` call: requests go out as openraft produces them,
+    /// up to [`REPLICATION_PIPELINE_MAX`] unanswered, so the follower's next entries travel
+    /// while it flushes the last ones, and a request costs a message on an open stream
+    /// instead of a call (headers, a new HTTP/2 stream and a task on each side). Each
+    /// answer must come within `option.hard_ttl()` of its request, as a unary call's
+    /// deadline; otherwise the stream fails and openraft starts another.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RpcError>>, RpcError>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        if self.sequential {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let mut client = self.client()?;
+            let ttl = option.hard_ttl();
+            // One send time per request in flight, in order (the answers come in the same
+            // order), then None when openraft's requests end: the answers end after theirs.
+            let (sent, sent_times) = tokio::sync::mpsc::channel::<Option<tokio::time::Instant>>(REPLICATION_PIPELINE_MAX);
+            let requests = input.map(Some).chain(futures::stream::once(async { None })).filter_map(move |rpc| {
+                let sent = sent.clone();
+                async move {
+                    // Waits while REPLICATION_PIPELINE_MAX requests are unanswered. If the
+                    // answer side is gone, so is the call, and this stream with it.
+                    let _ = sent.send(rpc.as_ref().map(|_| tokio::time::Instant::now())).await;
+                    rpc.map(|rpc| RaftMessage { payload: encode(&rpc).into() })
+                }
+            });
+            let answers = match client.stream_append(requests).await {
+                Ok(answers) => answers.into_inner(),
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::info!(target_node = self.target, "peer has no streaming replication; replicating one call at a time");
+                    self.sequential = true;
+                    return Err(status_error(self.target, status));
+                }
+                Err(status) => return Err(status_error(self.target, status)),
+            };
+            let target = self.target;
+            // Ends after the first failure (openraft ends the session on it), or when the
+            // requests have ended and every one of them is answered.
+            let answers = futures::stream::unfold(Some((answers, sent_times)), move |state| async move {
+                let (mut answers, mut sent_times) = state?;
+                let failed = |e: RpcError| Some((Err(e), None));
+                // Until the next request goes out, watch the answers too: a follower that
+                // stops ends its side of the call, and the call must then end here as well
+                // (a graceful stop of its server waits for that).
+                let sent_at = tokio::select! {
+                    sent_at = sent_times.recv() => sent_at.flatten()?,
+                    unasked = answers.message() => return match unasked {
+                        Ok(None) => None,
+                        Ok(Some(_)) => failed(RPCError::Network(NetworkError::new(&std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the follower answered an append that was not sent",
+                        )))),
+                        Err(status) => failed(status_error(target, status)),
+                    },
+                };
+                match tokio::time::timeout_at(sent_at + ttl, answers.message()).await {
+                    Err(_) => failed(RPCError::Network(NetworkError::new(&std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer to an append within {ttl:?}"),
+                    )))),
+                    Ok(Err(status)) => failed(status_error(target, status)),
+                    Ok(Ok(None)) => failed(RPCError::Network(NetworkError::new(&std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the follower ended the replication stream with requests unanswered",
+                    )))),
+                    Ok(Ok(Some(message))) => match decode::<StreamAppendResult<TypeConfig>>("stream append result", &message.payload) {
+                        Ok(result) => Some((Ok(result), Some((answers, sent_times)))),
+                        Err(e) => failed(RPCError::Network(NetworkError::new(&e))),
+                    },
+                }
+            });
+            Ok(Box::pin(answers) as BoxStream<'s, _>)
+        })
+    }
 
     async fn append_entries(
         &mut self,

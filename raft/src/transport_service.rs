@@ -19,11 +19,27 @@ pub struct RaftTransportService {
     log_store: LogStore,
     state_machine: StateMachine,
     resync: ResyncGate,
+    /// Turns true when the node starts to stop: replication streams end then, since a
+    /// graceful stop of the gRPC server waits for every open call to finish, and the
+    /// leader's stream never does by itself.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftTransportService {
-    pub fn new(node_id: NodeId, raft: Raft, log_store: LogStore, state_machine: StateMachine, resync: ResyncGate) -> Self {
-        Self { node_id, raft, log_store, state_machine, resync }
+    pub fn new(
+        node_id: NodeId,
+        raft: Raft,
+        log_store: LogStore,
+        state_machine: StateMachine,
+        resync: ResyncGate,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self { node_id, raft, log_store, state_machine, resync, stopping }
+    }
+
+    /// Resolves when the node starts to stop.
+    async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+        let _ = stopping.wait_for(|stop| *stop).await;
     }
 
     /// Refuses a vote, pre-vote or leadership hand-over while this node re-syncs.
@@ -64,8 +80,44 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status
     Ok(Response::new(RaftMessage { payload: encode(value).into() }))
 }
 
+/// The responses of a `StreamAppend` call.
+type StreamAppendResponses = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl RaftTransport for RaftTransportService {
+    type StreamAppendStream = StreamAppendResponses;
+
+    /// Hands the leader's stream of AppendEntries to openraft, which answers each once its
+    /// entries are flushed, in order. A request that cannot be read ends the input there;
+    /// its error is the stream's last item, after the answers to the requests before it.
+    async fn stream_append(&self, request: Request<Streaming<RaftMessage>>) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let unreadable: std::sync::Arc<std::sync::Mutex<Option<Status>>> = Default::default();
+        let failure = unreadable.clone();
+        let input = request.into_inner().map_while(move |message| {
+            let decoded = message.and_then(|message| {
+                decode::<openraft::raft::AppendEntriesRequest<crate::TypeConfig>>("append entries request", &message.payload)
+                    .map_err(bad_request)
+            });
+            match decoded {
+                Ok(rpc) => Some(rpc),
+                Err(status) => {
+                    *failure.lock().expect("failure slot is never poisoned") = Some(status);
+                    None
+                }
+            }
+        });
+        // openraft reads the requests on a task of its own, which holds the call open (and
+        // with it the gRPC server's graceful stop) until they end: they end when the node stops.
+        let input = futures::StreamExt::take_until(input, Self::stopped(self.stopping.clone()));
+        let answers = self.raft.stream_append(input).map(|result| match result {
+            Ok(answer) => reply(&answer).map(Response::into_inner),
+            Err(fatal) => Err(Status::unavailable(format!("raft stopped: {fatal}"))),
+        });
+        let last = futures::stream::once(async move { unreadable.lock().expect("failure slot is never poisoned").take() })
+            .filter_map(|status| status.map(Err));
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(answers.chain(last), Self::stopped(self.stopping.clone())))))
+    }
+
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc = decode("append entries request", &request.into_inner().payload).map_err(bad_request)?;
         let response = self.raft.append_entries(rpc).await.map_err(raft_failure)?;
