@@ -196,8 +196,12 @@ impl RaftNetworkV2<TypeConfig> for Connection {
                 let failed = |e: RpcError| Some((Err(e), None));
                 // Until the next request goes out, watch the answers too: a follower that
                 // stops ends its side of the call, and the call must then end here as well
-                // (a graceful stop of its server waits for that).
+                // (a graceful stop of its server waits for that). Send times first: each is
+                // queued before its request goes out, so an answer that finds none queued
+                // was never asked for; polled in random order, one that raced its send time
+                // would look so.
                 let sent_at = tokio::select! {
+                    biased;
                     sent_at = sent_times.recv() => sent_at.flatten()?,
                     unasked = answers.message() => return match unasked {
                         Ok(None) => None,
