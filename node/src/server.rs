@@ -233,11 +233,11 @@ pub async fn serve(mut config: NodeConfig) -> anyhow::Result<()> {
                 strata_security::ConnectionLimits { max: config.max_connections },
                 metrics.connections.clone(),
             ),
-            wait_for(shutdown.clone()),
+            strata_raft::stopped(shutdown.clone()),
         );
     let grpc_task = tokio::spawn(grpc);
     let http_app = http::router(HttpState { ctx: ctx.clone(), committed_at_start });
-    let http_task = tokio::spawn(axum::serve(http_listener, http_app).with_graceful_shutdown(wait_for(shutdown.clone())).into_future());
+    let http_task = tokio::spawn(axum::serve(http_listener, http_app).with_graceful_shutdown(strata_raft::stopped(shutdown.clone())).into_future());
 
     if let Some(tier) = &tier {
         crate::tier::spawn_uploader(ctx.router.clone(), events.clone(), tier.clone(), metrics.clone(), shutdown.clone())?;
@@ -303,10 +303,6 @@ async fn hand_over_leadership(raft: &Raft) {
         Ok(_) => tracing::info!(node_id = metrics.id, to = target, "handed leadership over before stopping"),
         Err(e) => tracing::warn!(node_id = metrics.id, to = target, error = %e, "leadership hand-over failed; stopping anyway"),
     }
-}
-
-async fn wait_for(mut shutdown: watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 async fn shutdown_signal() {

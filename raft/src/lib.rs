@@ -22,7 +22,7 @@ pub use log_store::LogStore;
 pub use network::{Network, PeerChannels};
 pub use resync::{snapshot_applied_state_ahead_of_log, ResyncGate};
 pub use state_machine::{AppliedWatch, SnapshotFile, StateMachine};
-pub use transport_service::{RaftTransportService, node_peers_only};
+pub use transport_service::{RaftTransportService, node_peers_only, stopped};
 
 use strata_storage::{AppendOutcome, Command, ControlOutcome};
 

@@ -140,6 +140,12 @@ fn status_error(target: NodeId, status: tonic::Status) -> RpcError {
     }
 }
 
+/// A replication stream that broke the protocol or its deadline: a network error, which
+/// openraft answers with a new stream.
+fn stream_fault(kind: std::io::ErrorKind, message: impl Into<String>) -> RpcError {
+    RPCError::Network(NetworkError::new(&std::io::Error::new(kind, message.into())))
+}
+
 fn decode_reply<T: serde::de::DeserializeOwned>(what: &str, reply: tonic::Response<RaftMessage>) -> Result<T, RpcError> {
     decode(what, &reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
@@ -205,23 +211,17 @@ impl RaftNetworkV2<TypeConfig> for Connection {
                     sent_at = sent_times.recv() => sent_at.flatten()?,
                     unasked = answers.message() => return match unasked {
                         Ok(None) => None,
-                        Ok(Some(_)) => failed(RPCError::Network(NetworkError::new(&std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            "the follower answered an append that was not sent",
-                        )))),
+                        Ok(Some(_)) => failed(stream_fault(std::io::ErrorKind::InvalidData, "the follower answered an append that was not sent")),
                         Err(status) => failed(status_error(target, status)),
                     },
                 };
                 match tokio::time::timeout_at(sent_at + ttl, answers.message()).await {
-                    Err(_) => failed(RPCError::Network(NetworkError::new(&std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer to an append within {ttl:?}"),
-                    )))),
+                    Err(_) => failed(stream_fault(std::io::ErrorKind::TimedOut, format!("no answer to an append within {ttl:?}"))),
                     Ok(Err(status)) => failed(status_error(target, status)),
-                    Ok(Ok(None)) => failed(RPCError::Network(NetworkError::new(&std::io::Error::new(
+                    Ok(Ok(None)) => failed(stream_fault(
                         std::io::ErrorKind::UnexpectedEof,
                         "the follower ended the replication stream with requests unanswered",
-                    )))),
+                    )),
                     Ok(Ok(Some(message))) => match decode::<StreamAppendResult<TypeConfig>>("stream append result", &message.payload) {
                         Ok(result) => Some((Ok(result), Some((answers, sent_times)))),
                         Err(e) => failed(RPCError::Network(NetworkError::new(&e))),

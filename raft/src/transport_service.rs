@@ -37,11 +37,6 @@ impl RaftTransportService {
         Self { node_id, raft, log_store, state_machine, resync, stopping }
     }
 
-    /// Resolves when the node starts to stop.
-    async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
-        let _ = stopping.wait_for(|stop| *stop).await;
-    }
-
     /// Refuses a vote, pre-vote or leadership hand-over while this node re-syncs.
     fn refuse_while_resyncing(&self, what: &str) -> Result<(), Status> {
         if self.resync.is_resyncing() {
@@ -66,6 +61,12 @@ pub fn node_peers_only(request: Request<()>) -> Result<Request<()>, Status> {
             Err(Status::permission_denied("raft rpcs are for cluster nodes: present a node certificate from the cluster CA"))
         }
     }
+}
+
+/// Resolves when `stopping` turns true (the node starts to stop), or its sender is gone.
+/// The node's servers stop gracefully on it too.
+pub async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
 }
 
 fn bad_request(e: std::io::Error) -> Status {
@@ -108,14 +109,14 @@ impl RaftTransport for RaftTransportService {
         });
         // openraft reads the requests on a task of its own, which holds the call open (and
         // with it the gRPC server's graceful stop) until they end: they end when the node stops.
-        let input = futures::StreamExt::take_until(input, Self::stopped(self.stopping.clone()));
+        let input = futures::StreamExt::take_until(input, stopped(self.stopping.clone()));
         let answers = self.raft.stream_append(input).map(|result| match result {
             Ok(answer) => reply(&answer).map(Response::into_inner),
             Err(fatal) => Err(Status::unavailable(format!("raft stopped: {fatal}"))),
         });
         let last = futures::stream::once(async move { unreadable.lock().expect("failure slot is never poisoned").take() })
             .filter_map(|status| status.map(Err));
-        Ok(Response::new(Box::pin(futures::StreamExt::take_until(answers.chain(last), Self::stopped(self.stopping.clone())))))
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(answers.chain(last), stopped(self.stopping.clone())))))
     }
 
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
