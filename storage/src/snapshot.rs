@@ -29,8 +29,6 @@ const MAGIC: &[u8; 8] = b"STRATASN";
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 const END_MARKER: u32 = u32::MAX;
 const CONTROL_END: u32 = u32::MAX - 1;
-/// Largest event frame accepted when reading a snapshot: an event is at most 16 MiB of
-/// data plus 64 KiB of metadata (SPEC §8), plus its names.
 /// A snapshot being written is pushed to the disk every this many bytes, and the write
 /// waits for it, so that no more than this (plus the write buffer) is ever dirty in the page
 /// cache. Why: a snapshot holds the whole local state (240 MB at 600k events), and every
@@ -40,6 +38,8 @@ const CONTROL_END: u32 = u32::MAX - 1;
 /// 64-writer cells, where the snapshots fell).
 pub const SNAPSHOT_WRITEBACK_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Largest event frame accepted when reading a snapshot: an event is at most 16 MiB of
+/// data plus 64 KiB of metadata (SPEC §8), plus its names.
 const FRAME_BYTES_MAX: u32 = 17 * 1024 * 1024;
 /// Largest id filter frame: the encoded filter is at most 1.5 times its memory.
 const FILTER_FRAME_BYTES_MAX: u32 = (crate::ID_FILTER_BYTES as u32 / 2) * 3 + 64;
@@ -143,16 +143,12 @@ impl EventState {
 
     /// Appends the events below the cutoff and the end frame, and fsyncs the file.
     pub fn finish_snapshot(&self, begun: SnapshotInProgress) -> Result<SnapshotSummary, StorageError> {
-        let result = self.write_snapshot_events(begun);
+        let result = self.write_snapshot_events(begun, SNAPSHOT_WRITEBACK_BYTES);
         self.snapshot_done();
         result
     }
 
-    fn write_snapshot_events(&self, begun: SnapshotInProgress) -> Result<SnapshotSummary, StorageError> {
-        self.write_snapshot_events_paced(begun, SNAPSHOT_WRITEBACK_BYTES)
-    }
-
-    pub(crate) fn write_snapshot_events_paced(&self, begun: SnapshotInProgress, writeback_bytes: u64) -> Result<SnapshotSummary, StorageError> {
+    fn write_snapshot_events(&self, begun: SnapshotInProgress, writeback_bytes: u64) -> Result<SnapshotSummary, StorageError> {
         let SnapshotInProgress { path, cutoff, floor, mut bytes, filter } = begun;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
         let mut out = BufWriter::with_capacity(1 << 20, PacedWriteback::new(file, writeback_bytes)?);
@@ -419,12 +415,31 @@ mod tests {
         source.export_snapshot(&whole, 30).unwrap();
         let paced = dir.path().join("paced");
         let begun = source.begin_snapshot(&paced, 30).unwrap();
-        // A write-out every 64 bytes: dozens of them over this small file.
-        let summary = source.write_snapshot_events_paced(begun, 64);
+        // Paced every 64 bytes (the write buffer hands this small file over in one write).
+        let summary = source.write_snapshot_events(begun, 64);
         source.snapshot_done();
         assert_eq!(summary.unwrap().events, 30);
         assert_eq!(std::fs::read(&paced).unwrap(), std::fs::read(&whole).unwrap());
         assert_eq!(verify_snapshot(&paced).unwrap().events, 30);
+    }
+
+    #[test]
+    fn paced_writeback_never_lets_more_than_its_step_pile_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paced");
+        std::fs::write(&path, b"head").unwrap();
+        let file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut paced = PacedWriteback::new(file, 64).unwrap();
+        assert_eq!((paced.written_out, paced.end), (4, 4), "starts at the end of what is there");
+        let mut expected = b"head".to_vec();
+        for i in 0..40u8 {
+            paced.write_all(&[i; 10]).unwrap();
+            expected.extend_from_slice(&[i; 10]);
+            assert!(paced.end - paced.written_out < 64, "written out every 64 bytes");
+        }
+        assert_eq!(paced.end, expected.len() as u64);
+        drop(paced);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
     }
 
     #[test]
