@@ -68,6 +68,7 @@ impl std::fmt::Display for ExpectedVersion {
 /// An event as proposed, already validated and with its id fixed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
+    #[serde(with = "id_bytes")]
     pub id: [u8; 16],
     pub event_type: String,
     pub content_type: String,
@@ -167,6 +168,7 @@ pub struct EntryOutcome {
 /// An applied event as stored under its position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredEvent {
+    #[serde(with = "id_bytes")]
     pub id: [u8; 16],
     pub stream: String,
     pub version: u64,
@@ -312,6 +314,23 @@ impl PageSink for Vec<StoredEvent> {
     }
 }
 
+/// An event id in one piece: what bincode writes for a `[u8; 16]` (its sixteen bytes, no
+/// length), written and read as one little-endian `u128` instead of sixteen `u8`s. The
+/// encoding is byte for byte the same under `bincode::serialize`'s fixed-width little-endian
+/// integers, the only format these types are stored or sent in; a follower spent about 4 %
+/// of its CPU reading ids a byte at a time.
+pub(crate) mod id_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &[u8; 16], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u128(u128::from_le_bytes(*id))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[u8; 16], D::Error> {
+        Ok(u128::deserialize(deserializer)?.to_le_bytes())
+    }
+}
+
 /// Byte vectors as one length-prefixed blob (bincode writes `Vec<u8>` element by element
 /// otherwise, which is several times slower to encode and decode).
 pub(crate) mod serde_bytes_compat {
@@ -430,5 +449,28 @@ mod tests {
         };
         let bytes = bincode::serialize(&event).unwrap();
         assert_eq!(bincode::deserialize::<StoredEvent>(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn an_id_encodes_exactly_as_a_byte_array_does() {
+        // What earlier versions wrote (the derived `[u8; 16]` encoding): stored chunks, Raft
+        // logs and snapshots must read the same, and a mixed-version cluster must agree.
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct ArrayId {
+            id: [u8; 16],
+            rest: u64,
+        }
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct OnePiece {
+            #[serde(with = "id_bytes")]
+            id: [u8; 16],
+            rest: u64,
+        }
+        let id: [u8; 16] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(1));
+        let as_array = bincode::serialize(&ArrayId { id, rest: 9 }).unwrap();
+        assert_eq!(bincode::serialize(&OnePiece { id, rest: 9 }).unwrap(), as_array);
+        assert_eq!(bincode::deserialize::<OnePiece>(&as_array).unwrap(), OnePiece { id, rest: 9 });
+        // Too short is an error, not a guess.
+        assert!(bincode::deserialize::<OnePiece>(&as_array[..10]).is_err());
     }
 }
